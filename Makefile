@@ -1,0 +1,60 @@
+# Pumice: `make demo` and `make test` work on a fresh Debian 12 machine (run as root for apt).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PUMICE_CACHE ?= $(HOME)/.cache/pumice
+export PUMICE_CACHE
+
+APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
+	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
+	python3-venv
+
+.PHONY: setup apt venv compile images test demo bench lint golden clean
+
+setup: apt venv compile images
+
+# apt packages, only when root and only what is missing (idempotent, quiet when all is there)
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing: $$missing"; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+				--no-install-recommends $$missing; \
+		else echo "missing Debian packages (run as root or install them): $$missing"; exit 1; fi; \
+	fi
+
+$(VENV)/.installed: setup.py pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[master,postgres,dev]' --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+# byte-compile: imports stay fast even where PYTHONDONTWRITEBYTECODE is set
+compile: venv
+	$(PY) -m compileall -q agent results master sitegen tools
+
+images: venv
+	$(PY) tools/build_dut_images.py --cache $(PUMICE_CACHE)
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+demo: setup
+	$(PY) tools/demo.py
+
+bench: setup
+	$(PY) tools/bench.py $(AREAS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+golden: venv
+	PUMICE_GOLDEN=update $(PY) -m pytest -q tests -k golden
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,252 @@
+"""Downloads: http(s) and file URLs, with checksums and decompression, retried as LAVA does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import voluptuous as v
+
+from agent.errors import InfrastructureError, JobError
+from agent.pipeline import Action, RetryAction
+from agent.timeout import Deadline
+
+CHECKSUMS = ("md5sum", "sha256sum", "sha512sum")
+#: compression -> module whose open() decompresses (imported when a download needs it)
+DECOMPRESSORS = {"gz": "gzip", "xz": "lzma", "bz2": "bz2"}
+CHUNK = 1 << 20
+
+#: what an image entry of a deploy block may carry
+IMAGE_KEYS = {
+    v.Required("url"): str,
+    v.Optional("headers"): {str: str},
+    v.Optional("compression"): v.Any("gz", "xz", "bz2", "zip", "zstd", None),
+    v.Optional("archive"): "tar",
+    v.Optional("image_arg"): str,
+    v.Optional("md5sum"): str,
+    v.Optional("sha256sum"): str,
+    v.Optional("sha512sum"): str,
+    v.Optional("format"): v.Any("cpio.newc", "ext4", "tar", "qcow2"),
+    v.Optional("partition"): int,
+    v.Optional("sparse"): bool,
+    v.Optional("overlays"): {v.Optional("lava"): bool, str: dict},
+    v.Optional("type"): str,
+    v.Optional("install_modules"): bool,
+    v.Optional("install_overlay"): bool,
+    v.Optional("header"): str,
+}
+
+
+class DownloaderAction(RetryAction):
+    """Fetch one image of a deploy block, retrying up to three times."""
+
+    name = "download-retry"
+    description = "download with retry"
+    summary = "download-retry"
+
+    def __init__(self, key: str, params: dict, directory: str = "") -> None:
+        super().__init__()
+        self.key = key
+        self.params = params
+        self.directory = directory
+
+    def populate(self, parameters: dict) -> None:
+        self.max_retries = 3
+        url = self.params.get("url", "")
+        scheme = urlparse(url).scheme
+        handler = {"http": HttpDownloadAction, "https": HttpDownloadAction, "file": FileDownloadAction}.get(scheme)
+        pipeline = self.child_pipeline(parameters)
+        if handler is None:
+            raise JobError(f"images.{self.key}.url: unsupported URL scheme {scheme!r} in {url!r}; "
+                           "known: http, https, file")
+        pipeline.add(handler(self.key, self.params, self.directory))
+        if (self.params.get("overlays") or {}).get("lava"):
+            from agent.actions.deploy.overlay import AppendOverlays
+
+            pipeline.add(AppendOverlays(self.key, self.params))
+
+
+class DownloadHandler(Action):
+    """Common part of the download actions: checksums, decompression, where the file lands."""
+
+    timeout_exception = InfrastructureError
+
+    def __init__(self, key: str, params: dict, directory: str = "") -> None:
+        super().__init__()
+        self.key = key
+        self.params = params
+        self.url = params.get("url", "")
+        self.directory = directory
+
+    def validate(self) -> None:
+        compression = self.params.get("compression")
+        if compression and compression not in DECOMPRESSORS:
+            self.errors.append(f"images.{self.key}.compression: {compression!r} is not supported; "
+                               f"known: {', '.join(DECOMPRESSORS)}")
+        for name in CHECKSUMS:
+            value = self.params.get(name)
+            if value is not None and not _is_hex(value, name):
+                self.errors.append(f"images.{self.key}.{name}: not a hexadecimal {name[:-3]} digest")
+        if self.params.get("archive"):
+            self.errors.append(f"images.{self.key}.archive: unpacking archives at deploy is not supported")
+        for overlay in self.params.get("overlays") or {}:
+            if overlay != "lava":
+                self.errors.append(f"images.{self.key}.overlays.{overlay}: only the 'lava' overlay is supported; "
+                                   "file and tar overlays are not")
+
+    def destination(self) -> Path:
+        name = Path(urlparse(self.url).path).name or self.key
+        compression = self.params.get("compression")
+        if compression and name.endswith("." + compression):
+            name = name[: -len(compression) - 1]
+        folder = self.job.workdir / "images" / self.directory / self.key
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def open_source(self, deadline: Deadline):
+        raise NotImplementedError
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        import hashlib
+        import importlib
+        import lzma
+
+        dest = self.destination()
+        hashes = {name: hashlib.new(name[:-3]) for name in CHECKSUMS if self.params.get(name)}
+        size = 0
+        with self.open_source(deadline) as source:
+            raw = _Hashing(source, hashes, deadline, self)
+            compression = self.params.get("compression")
+            stream = importlib.import_module(DECOMPRESSORS[compression]).open(raw) if compression else raw
+            try:
+                with open(dest, "wb") as out:
+                    while chunk := stream.read(CHUNK):
+                        out.write(chunk)
+                        size += len(chunk)
+            except InfrastructureError:
+                raise
+            except (OSError, EOFError, lzma.LZMAError) as exc:
+                raise JobError(f"{self.url}: cannot decompress as {compression}: {exc}") from None
+        for name, digest in hashes.items():
+            expected = self.params[name].lower()
+            if digest.hexdigest() != expected:
+                raise JobError(f"{self.key}: {name[:-3]} checksum mismatch for {self.url}: "
+                               f"expected {expected}, got {digest.hexdigest()}")
+        self.logger.info(f"{self.key}: downloaded {raw.count} bytes from {self.url}"
+                         + (f", {size} bytes after decompression" if raw.count != size else ""))
+        self.job.state.downloads[self.key] = dest
+        self.results.update({"label": self.key, "size": size, "url": self.url})
+        return connection
+
+
+class HttpDownloadAction(DownloadHandler):
+    """Download an image over http or https."""
+
+    name = "http-download"
+    description = "use http to download the file"
+    summary = "http download"
+
+    def open_source(self, deadline: Deadline):
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url, headers=self.params.get("headers") or {})
+        try:
+            return urllib.request.urlopen(request, timeout=deadline.within(30.0))
+        except urllib.error.HTTPError as exc:
+            # a 4xx is the job's fault (a wrong URL); a 5xx is the server's
+            error = JobError if 400 <= exc.code < 500 else InfrastructureError
+            raise error(f"cannot download {self.url}: HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise InfrastructureError(f"cannot download {self.url}: {reason}") from None
+
+
+class FileDownloadAction(DownloadHandler):
+    """Copy an image from a file:// URL on the worker."""
+
+    name = "file-download"
+    description = "use file to download the file"
+    summary = "file download"
+
+    def open_source(self, deadline: Deadline):
+        path = urlparse(self.url).path
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise JobError(f"cannot read {self.url}: {exc.strerror}") from None
+
+
+class _Hashing:
+    """A read-through wrapper that hashes what passes and checks the deadline."""
+
+    def __init__(self, source, hashes: dict, deadline: Deadline, action: Action) -> None:
+        self.source = source
+        self.hashes = hashes
+        self.deadline = deadline
+        self.action = action
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self.deadline.expired():
+            raise self.action.timed_out(f"downloading {self.action.url}")
+        try:
+            chunk = self.source.read(size if size and size > 0 else CHUNK)
+        except OSError as exc:  # a timeout, a reset connection
+            raise InfrastructureError(f"download of {self.action.url} failed: {exc}") from None
+        for digest in self.hashes.values():
+            digest.update(chunk)
+        self.count += len(chunk)
+        return chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def _is_hex(value: str, name: str) -> bool:
+    sizes = {"md5sum": 32, "sha256sum": 64, "sha512sum": 128}
+    try:
+        int(value, 16)
+    except (TypeError, ValueError):
+        return False
+    return len(value) == sizes[name]
+
+
+
+
+class QCowConversionAction(Action):
+    """Convert a downloaded qcow2 image to raw with ``qemu-img`` (as LAVA does for ``format: qcow2``)."""
+
+    name = "qcow2-convert"
+    description = "convert qcow2 image using qemu-img"
+    summary = "qcow conversion"
+    timeout_exception = InfrastructureError
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def validate(self) -> None:
+        self.require_tool("qemu-img", why="qemu-utils converts qcow2 images")
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        import subprocess
+
+        source = self.job.state.downloads[self.key]
+        dest = source.with_name(source.name + ".img")
+        command = ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(dest)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=deadline.remaining())
+        except subprocess.TimeoutExpired:
+            raise self.timed_out("qemu-img convert") from None
+        if done.returncode:
+            raise JobError(f"{self.key}: not a valid qcow2 image: {done.stderr.strip()}")
+        source.unlink()
+        self.job.state.downloads[self.key] = dest
+        return connection

@@ -1,0 +1,57 @@
+"""The test overlay as a separate disk for QEMU boards whose root file system is an image."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import PurePosixPath
+from typing import Any
+
+from agent.actions.deploy.overlay import results_dir
+from agent.errors import InfrastructureError
+from agent.overlay import results_path
+from agent.pipeline import Action
+from agent.timeout import Deadline
+
+GUEST_LABEL = "LAVA"
+
+
+class ApplyOverlayGuest(Action):
+    """Put the overlay on an ext4 disk image attached to QEMU as the device's guest drive."""
+
+    name = "apply-overlay-guest"
+    description = "prepare a qcow2 drive containing the overlay"
+    summary = "build a guest filesystem with the overlay"
+    timeout_exception = InfrastructureError
+
+    def guest(self) -> dict:
+        methods = ((self.job.device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
+        return ((methods.get("image") or {}).get("parameters") or {}).get("guest") or {}
+
+    def validate(self) -> None:
+        self.require_tool("mke2fs", "mkfs.ext4", why="e2fsprogs builds the guest disk of the test overlay")
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        root = self.job.state.overlay_root
+        if root is None:
+            return connection
+        guest = self.guest()
+        size_mb = int(guest.get("size") or 512)
+        image = self.job.workdir / "lava-guest.img"
+        # the disk holds what /lava-<job id> holds: the test shell mounts it there
+        content = root / PurePosixPath(results_path(self.job.job_id, results_dir(self.job))).name
+        command = [shutil.which("mke2fs") or "mkfs.ext4", "-q", "-F", "-t", "ext4", "-L", GUEST_LABEL,
+                   "-d", str(content), str(image), f"{size_mb}M"]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=deadline.remaining())
+        except subprocess.TimeoutExpired:
+            raise self.timed_out("mke2fs") from None
+        if done.returncode:
+            raise InfrastructureError(f"cannot build the guest overlay disk: {done.stderr.strip()}")
+        interface = guest.get("interface") or "ide"
+        driveid = guest.get("driveid") or "lavatest"
+        self.job.state.qemu_extra += ["-drive", f"format=raw,file={image},media=disk,if={interface},"
+                                                f"id={driveid}"]
+        self.job.state.guest_label = GUEST_LABEL
+        self.logger.info(f"test overlay on a {size_mb} MB guest disk ({interface}, label {GUEST_LABEL})")
+        return connection

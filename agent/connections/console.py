@@ -1,0 +1,176 @@
+"""The board's console: a pexpect session whose output is logged line by line as ``target``."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from typing import Any
+
+import pexpect
+
+from agent.errors import InfrastructureError
+from agent.timeout import Deadline
+
+# pexpect reads at most this much per call; LAVA's devices set spawn_maxread (default 4092)
+DEFAULT_MAXREAD = 4092
+# C0 controls other than tab/newline, DEL and C1 make unreadable log lines; they are kept, escaped,
+# by the log record, but terminal escape sequences are stripped as noise
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+class LineLogger:
+    """pexpect's ``logfile_read``: turns console output into one ``target`` record per line."""
+
+    def __init__(self, logger) -> None:
+        self.logger = logger
+        self.partial = ""
+
+    def write(self, data: str) -> None:
+        text = self.partial + data
+        *lines, self.partial = text.split("\n")
+        for line in lines:
+            self.logger.target(_ANSI.sub("", line).rstrip("\r"))
+        if len(self.partial) > 4096:  # a console that never sends a newline
+            self.flush_partial()
+
+    def flush(self) -> None:
+        """pexpect calls this after every read: a partial line waits for its end."""
+
+    def flush_partial(self) -> None:
+        """Log the line in progress (a prompt, the last words before an expect returns)."""
+        if self.partial:
+            self.logger.target(_ANSI.sub("", self.partial).rstrip("\r"))
+            self.partial = ""
+
+
+class Console:
+    """A console (serial line, telnet, QEMU stdio) behind pexpect, with the job's prompts."""
+
+    def __init__(self, spawn: pexpect.spawn, logger, name: str = "console",
+                 prompts: list[str] | None = None, character_delay: float = 0.0) -> None:
+        self.spawn = spawn
+        self.logger = logger
+        self.name = name
+        self.prompts = list(prompts or [])
+        self.character_delay = character_delay
+        self.lines = LineLogger(logger)
+        spawn.logfile_read = self.lines
+        self.closed = False
+
+    @classmethod
+    def spawn_command(cls, argv: list[str], logger, name: str, env: dict | None = None,
+                      maxread: int = DEFAULT_MAXREAD, **kwargs: Any) -> Console:
+        """Start ``argv`` on a pty and talk to it (QEMU -nographic, telnet, a connection command)."""
+        from agent.process import die_with_parent
+
+        try:
+            spawn = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
+                                  maxread=maxread, env=env, dimensions=(24, 250),
+                                  preexec_fn=die_with_parent, searchwindowsize=None)
+        except pexpect.ExceptionPexpect as exc:
+            raise InfrastructureError(f"cannot start {argv[0]}: {exc}") from None
+        # pexpect sleeps 0.1 s before each close and after each kill "for slow systems":
+        # close() below waits for the process itself, so the sleeps are pure job overhead
+        for holder in (spawn, spawn.ptyproc):
+            holder.delayafterclose = 0
+            holder.delayafterterminate = 0
+        return cls(spawn, logger, name, **kwargs)
+
+    # -- writing ---------------------------------------------------------------------------------------
+    def sendline(self, line: str = "", delay: float | None = None) -> None:
+        self.lines.flush_partial()
+        self.logger.input(line + "\n")
+        self._send(line + "\n", delay)
+
+    def send(self, text: str, delay: float | None = None, log: bool = True) -> None:
+        if log:
+            self.logger.input(text)
+        self._send(text, delay)
+
+    def sendcontrol(self, char: str) -> None:
+        self.logger.input(f"^{char.upper()}")
+        self.spawn.sendcontrol(char)
+
+    def _send(self, text: str, delay: float | None) -> None:
+        delay = self.character_delay if delay is None else delay
+        try:
+            if delay:
+                for char in text:
+                    self.spawn.send(char)
+                    time.sleep(delay)
+            else:
+                self.spawn.send(text)
+        except OSError as exc:
+            raise InfrastructureError(f"{self.name}: cannot write to the console: {exc}") from None
+
+    # -- reading ---------------------------------------------------------------------------------------
+    def expect(self, patterns: list, deadline: Deadline, timeout: float | None = None) -> int | None:
+        """Index of the first pattern seen before the deadline (or ``timeout``), None on timeout.
+
+        A closed console (the process died, the link dropped) is an InfrastructureError.
+        """
+        wait = deadline.remaining() if timeout is None else deadline.within(timeout)
+        try:
+            index = self.spawn.expect(list(patterns), timeout=wait)
+        except pexpect.TIMEOUT:
+            return None
+        except pexpect.EOF:
+            self.lines.flush_partial()
+            raise InfrastructureError(f"{self.name}: the console connection closed"
+                                      f"{self._exit_detail()}") from None
+        return index
+
+    def expect_exact(self, patterns: list, deadline: Deadline) -> int | None:
+        try:
+            return self.spawn.expect_exact(list(patterns), timeout=deadline.remaining())
+        except pexpect.TIMEOUT:
+            return None
+        except pexpect.EOF:
+            raise InfrastructureError(f"{self.name}: the console connection closed") from None
+
+    def wait_for_prompt(self, deadline: Deadline) -> bool:
+        """True when one of the prompts shows before the deadline."""
+        if not self.prompts:
+            raise InfrastructureError("no prompts to wait for")
+        found = self.expect(self.prompts, deadline) is not None
+        self.lines.flush_partial()
+        return found
+
+    @property
+    def before(self) -> str:
+        return self.spawn.before or ""
+
+    @property
+    def match(self):
+        return self.spawn.match
+
+    def _exit_detail(self) -> str:
+        try:
+            self.spawn.wait()
+        except pexpect.ExceptionPexpect:
+            return ""
+        if self.spawn.exitstatus is not None:
+            return f" ({self.spawn.args[0].decode() if isinstance(self.spawn.args[0], bytes) else ''} " \
+                   f"exited with status {self.spawn.exitstatus})"
+        if self.spawn.signalstatus is not None:
+            return f" (killed by signal {self.spawn.signalstatus})"
+        return ""
+
+    # -- closing ---------------------------------------------------------------------------------------
+    def close(self, grace: float = 2.0) -> None:
+        """Stop the console process: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.closed:
+            return
+        self.closed = True
+        self.lines.flush_partial()
+        spawn = self.spawn
+        if spawn.isalive():
+            spawn.kill(15)
+            end = time.monotonic() + grace
+            while spawn.isalive() and time.monotonic() < end:
+                time.sleep(0.02)
+            if spawn.isalive():
+                spawn.kill(9)
+        with contextlib.suppress(pexpect.ExceptionPexpect):
+            spawn.close(force=True)

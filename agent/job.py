@@ -1,0 +1,320 @@
+"""A job: its definition, the device it runs on, its pipeline, and what it leaves behind.
+
+``validate_job()`` is what the master calls at submission; ``Job`` is what ``pumice-run`` runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import voluptuous as v
+
+import agent.actions  # noqa: F401  (registers the strategies)
+from agent import __version__
+from agent.errors import Bug, Canceled, Fault, JobDefinitionError, PumiceError
+from agent.logger import JobLogger
+from agent.pipeline import Action, Pipeline, strategy
+from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml
+from agent.timeout import Deadline, parse_duration
+from results.record import Result, action_result, job_result
+
+#: how long finalize may take when the job's own deadline is already gone (LAVA: 30 s)
+CLEANUP_TIMEOUT = 30.0
+
+SECTIONS = ("deploy", "boot", "test", "command")
+
+
+@dataclass
+class JobState:
+    """What actions hand to each other while a job runs (one namespace)."""
+
+    #: image key -> local file after download (and decompression)
+    downloads: dict[str, Path] = field(default_factory=dict)
+    #: the directory that holds ``lava-<job id>/`` (the test overlay), once built
+    overlay_root: Path | None = None
+    #: the console of the booted board
+    connection: Any = None
+    #: kernel/ramdisk/dtb placed for the bootloader: key -> path relative to the TFTP root
+    tftp_files: dict[str, str] = field(default_factory=dict)
+    #: ``undo`` commands of user commands, run at finalize
+    undo_commands: list[str] = field(default_factory=list)
+    #: extra QEMU arguments added by deploy actions (e.g. a guest drive)
+    qemu_extra: list[str] = field(default_factory=list)
+    #: the label of the guest disk that carries the overlay, when it is not in a ramdisk
+    guest_label: str | None = None
+    #: fetched test definitions: stage -> [(index in the block, TestDefinition)]
+    testdefs: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
+
+
+def method_of(section: str, params: dict) -> str:
+    """The strategy key of an action block: deploy ``to``, boot ``method``, the kind of test."""
+    if section == "deploy":
+        return str(params.get("to", ""))
+    if section == "boot":
+        return str(params.get("method", ""))
+    if section == "test":
+        for kind in ("definitions", "monitors", "interactive"):
+            if kind in params:
+                return kind
+        return ""
+    if section == "command":
+        return "command"
+    return ""
+
+
+class Job:
+    """One job on one device."""
+
+    def __init__(self, job_id: str, definition: dict, device: dict, output_dir: Path | None = None,
+                 logger: JobLogger | None = None, env: dict[str, str] | None = None,
+                 doc: YamlDocument | None = None, dispatcher: dict | None = None,
+                 on_worker: bool = True) -> None:
+        self.job_id = str(job_id)
+        self.definition = definition
+        self.device = device or {}
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.logger = logger or JobLogger(None)
+        self.env = dict(env or {})
+        #: the worker's dispatcher configuration (e.g. dispatcher_ip, tftp root)
+        self.dispatcher = dict(dispatcher or {})
+        self.doc = doc
+        #: False when the master validates: the worker's tools are not checked there
+        self.on_worker = on_worker
+        self.state = JobState()
+        self.results: list[Result] = []
+        self.pipeline = Pipeline(self)
+        self.faults: list[Fault] = []
+        self.canceled = False
+        self.cleaning = False
+        self._workdir: Path | None = None
+        self.timeout = parse_duration(definition["timeouts"]["job"], "timeouts.job")
+        self.action_paths: dict[int, tuple] = {}
+        #: the index in ``actions`` of the block being built (strategies look ahead from it)
+        self.building = 0
+
+    # -- building -------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Build the pipeline; collect a Fault for each unknown method or malformed action block."""
+        from agent.actions.finalize import FinalizeAction
+
+        for protocol in self.definition.get("protocols") or {}:
+            self._fault(("protocols", protocol), f"the {protocol} protocol is not supported by Pumice")
+        test_stage = 0
+        for index, block in enumerate(self.definition.get("actions") or []):
+            (section, params), = block.items()
+            path = ("actions", index, section)
+            if section not in SECTIONS:
+                self._fault(path[:2] + (section,), f"unknown action {section!r}; known: {', '.join(SECTIONS)}")
+                continue
+            if not isinstance(params, dict):
+                self._fault(path, "an action block is a mapping")
+                continue
+            method = method_of(section, params)
+            try:
+                cls = strategy(section, method)
+            except PumiceError as exc:
+                key = {"deploy": "to", "boot": "method"}.get(section)
+                self._fault(path + ((key,) if key and key in params else ()), str(exc))
+                continue
+            try:
+                params = block_schema(cls)(params)
+            except v.MultipleInvalid as exc:
+                self.faults.extend(faults_from(exc, self.doc, path) if self.doc else
+                                   [Fault(format_path(path + tuple(e.path)), e.msg) for e in exc.errors])
+                continue
+            refusal = cls.accepts(self.device, params)
+            if refusal:
+                self._fault(path, refusal)
+                continue
+            if section == "test":
+                params = {**params, "stage": test_stage}
+                test_stage += 1
+            self.building = index
+            try:
+                action = self.pipeline.add(cls(), params)
+            except PumiceError as exc:
+                self._fault(path, str(exc))
+                continue
+            self.action_paths[id(action)] = path
+        self.finalize = self.pipeline.add(FinalizeAction(), {})
+
+    def _fault(self, path: tuple, message: str) -> None:
+        line = self.doc.line(path) if self.doc else None
+        self.faults.append(Fault(format_path(path), message, line))
+
+    def tests_after(self, index: int) -> list[tuple[int, dict]]:
+        """(stage, block) of each test block after action ``index`` up to the next deploy: what the
+        overlay built by that deploy must hold. Stages count the job's test blocks from 0."""
+        found, stage = [], 0
+        for position, block in enumerate(self.definition.get("actions") or []):
+            (section, params), = block.items()
+            if position > index and section == "deploy":
+                break
+            if section == "test":
+                if position > index and isinstance(params, dict) and "definitions" in params:
+                    found.append((stage, params))
+                stage += 1
+        return found
+
+    def validate(self) -> list[Fault]:
+        """Every fault of the job: building, then each action's own checks."""
+        self.pipeline.validate()
+        for action, message in self.pipeline.errors():
+            top = self._top_of(action)
+            path = self.action_paths.get(id(top), ())
+            line = self.doc.line(path) if self.doc and path else None
+            self.faults.append(Fault(format_path(path) or action.name, f"{action.name}: {message}", line))
+        return self.faults
+
+    def _top_of(self, action: Action) -> Action:
+        top_level = action.level.split(".")[0]
+        for candidate in self.pipeline.actions:
+            if candidate.level == top_level:
+                return candidate
+        return action
+
+    def describe(self) -> dict:
+        return {
+            "job": {"id": self.job_id, "name": self.definition.get("job_name"),
+                    "timeout": self.timeout, "dispatcher": f"pumice {__version__}"},
+            "device": {"hostname": self.device.get("hostname"),
+                       "device_type": self.device.get("device_type")},
+            "pipeline": self.pipeline.describe(),
+        }
+
+    # -- running --------------------------------------------------------------------------------------
+    @property
+    def workdir(self) -> Path:
+        """A private scratch directory for downloads and overlays, removed at the end."""
+        if self._workdir is None:
+            base = self.dispatcher.get("tmp_dir")
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"pumice-{self.job_id}-", dir=base))
+        return self._workdir
+
+    def check_canceled(self) -> None:
+        if self.canceled and not self.cleaning:
+            raise Canceled("The job was canceled")
+
+    def run(self) -> str:
+        """Run the pipeline, always finalize, and return the job's health."""
+        error: PumiceError | None = None
+        deadline = Deadline.after(self.timeout, owner="job")
+        actions = [a for a in self.pipeline.actions if a is not self.finalize]
+        try:
+            self.pipeline.run(None, deadline, actions)
+        except PumiceError as exc:
+            error = exc
+        except BaseException as exc:  # anything else is our bug, reported as such
+            self.logger.exception(traceback.format_exc())
+            error = Bug(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.cleaning = True
+            try:
+                self.pipeline.run(self.state.connection, Deadline.after(CLEANUP_TIMEOUT, "finalize"),
+                                  [self.finalize])
+            except PumiceError as exc:
+                error = error or exc
+            except Exception as exc:
+                self.logger.exception(traceback.format_exc())
+                error = error or Bug(f"finalize: {exc}")
+            self.pipeline.cleanup(self.state.connection)
+            if self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+        return self.finish(error)
+
+    def finish(self, error: PumiceError | None) -> str:
+        """Record the final ``lava/job`` result and return the health it means."""
+        extra: dict[str, Any] = {}
+        if error is None:
+            health = "Complete"
+            self.logger.info("Job finished correctly")
+        else:
+            health = error.health
+            extra = {"error_type": error.error_type, "error_msg": str(error)}
+            self.logger.error(f"{error.error_type} error: {error}")
+        self.record(job_result(self.job_id, "pass" if error is None else "fail",
+                               extra.get("error_type"), extra.get("error_msg")))
+        self.health = health
+        self.error = error
+        return health
+
+    # -- results --------------------------------------------------------------------------------------
+    def record(self, result: Result) -> None:
+        """Keep a result and log it as a ``results`` record (LAVA's shape)."""
+        self.results.append(result)
+        msg: dict[str, Any] = {"definition": result.suite, "case": result.case, "result": result.result,
+                               "level": result.level}
+        if result.measurement is not None:
+            msg["measurement"] = result.measurement
+        if result.units:
+            msg["units"] = result.units
+        if result.set:
+            msg["set"] = result.set
+        if result.duration is not None:
+            msg["duration"] = f"{result.duration:.2f}"
+        if result.extra:
+            if result.is_job_result:
+                msg.update(result.extra)  # LAVA logs error_type and error_msg beside the result
+            else:
+                msg["extra"] = result.extra
+        self.logger.results(msg)
+
+    def action_result(self, action: Action, failed: bool) -> None:
+        """The ``lava`` suite result of one action: pass/fail, duration, level and timeout."""
+        extra = dict(action.results)
+        if action.connection_timeout != action.timeout:
+            extra["connection-timeout"] = action.connection_timeout
+        self.record(action_result(self.job_id, action.level, action.name,
+                                  "fail" if failed or action.errors else "pass",
+                                  action.elapsed, action.timeout, **extra))
+
+
+@functools.cache
+def block_schema(cls: type[Action]) -> v.Schema:
+    """The compiled schema of a strategy's action block (built once per strategy)."""
+    return v.Schema(cls.schema(), extra=v.PREVENT_EXTRA)
+
+
+def parse_job(text: str) -> tuple[dict, YamlDocument]:
+    """Parse and schema-check job YAML; raise JobDefinitionError with every fault."""
+    doc = load_yaml(text)
+    if not isinstance(doc.data, dict):
+        raise JobDefinitionError([Fault("", "a job definition is a YAML mapping", 1)])
+    try:
+        data = job_schema()(doc.data)
+    except v.MultipleInvalid as exc:
+        raise JobDefinitionError(faults_from(exc, doc)) from None
+    return data, doc
+
+
+def load_job(text: str, device: dict, job_id: str = "0", **kwargs: Any) -> Job:
+    """A built and validated Job, or JobDefinitionError with every fault."""
+    data, doc = parse_job(text)
+    try:
+        job = Job(job_id, data, device, doc=doc, **kwargs)
+    except PumiceError as exc:
+        raise JobDefinitionError([Fault("timeouts.job", str(exc), doc.line(("timeouts", "job")))]) from None
+    job.build()
+    faults = job.validate()
+    if faults:
+        raise JobDefinitionError(faults)
+    return job
+
+
+def validate_job(text: str, device: dict | None = None) -> list[Fault]:
+    """Every fault of the job YAML ``text`` against the rendered ``device`` configuration.
+
+    An empty list means the job would run on that device. Checks the YAML syntax, the schema,
+    then builds the real pipeline and validates every action, without side effects.
+    """
+    try:
+        load_job(text, device or {}, on_worker=False)
+    except JobDefinitionError as exc:
+        return exc.faults
+    return []

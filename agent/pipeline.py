@@ -1,0 +1,298 @@
+"""Actions and pipelines: the shape of every job, with LAVA's level strings and timeout precedence.
+
+A job is a pipeline of top-level actions (deploy, boot, test, finalize), each with its own pipeline
+of children. Levels are assigned by the pipeline (``1``, ``1.2``, ``2.4.1``); an action never sets its
+own. Every action is validated before anything touches a board, and ``run()`` gets a
+:class:`~agent.timeout.Deadline` (no SIGALRM): a child's deadline is the earlier of its own and its
+parent's.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import Bug, Canceled, JobError, JobTimeout, PumiceError
+from agent.timeout import Deadline, format_duration, parse_duration
+
+if TYPE_CHECKING:
+    from agent.job import Job
+
+#: LAVA's default action timeout (seconds) when neither device nor job names one
+ACTION_TIMEOUT = 30.0
+
+_REGISTRY: dict[tuple[str, str], type[Action]] = {}
+
+
+def register(section: str, method: str) -> Callable[[type[Action]], type[Action]]:
+    """Register a strategy: the top-level action for ``section`` (deploy, boot, test, command)
+    and ``method`` (the deploy ``to:``, the boot ``method:``, the kind of test)."""
+
+    def wrap(cls: type[Action]) -> type[Action]:
+        key = (section, method)
+        if key in _REGISTRY:
+            raise Bug(f"strategy {section} {method!r} registered twice: "
+                      f"{_REGISTRY[key].__name__} and {cls.__name__}")
+        _REGISTRY[key] = cls
+        return cls
+
+    return wrap
+
+
+def known_methods(section: str) -> list[str]:
+    return sorted(method for (sec, method) in _REGISTRY if sec == section)
+
+
+def strategy(section: str, method: str) -> type[Action]:
+    """The registered strategy for (section, method), or a JobError naming the known ones."""
+    try:
+        return _REGISTRY[(section, method)]
+    except KeyError:
+        known = ", ".join(known_methods(section)) or "none"
+        noun = {"deploy": "deploy to", "boot": "boot method", "test": "test kind"}.get(section, section)
+        raise JobError(f"unknown {noun} {method!r}; known: {known}") from None
+
+
+class Action:
+    """One step of a job.
+
+    Subclasses set ``name`` (LAVA's action name, so ``timeouts: actions: NAME`` applies),
+    ``description`` and ``summary``; they may override ``populate()`` to add children,
+    ``validate()`` to report problems (append to ``self.errors``), ``run()`` and ``cleanup()``.
+    """
+
+    name = "action"
+    description = ""
+    summary = ""
+    #: what a timeout of this action raises
+    timeout_exception: type[PumiceError] = JobTimeout
+
+    def __init__(self) -> None:
+        self.level = ""
+        self.job: Job | None = None
+        self.parameters: dict[str, Any] = {}
+        self.pipeline: Pipeline | None = None
+        self.timeout = ACTION_TIMEOUT
+        self.connection_timeout = ACTION_TIMEOUT
+        self.max_retries = 1
+        self.errors: list[str] = []
+        #: extra data for this action's result in the lava suite
+        self.results: dict[str, Any] = {}
+        self.elapsed = 0.0
+        self.started = False
+
+    # -- the contract ---------------------------------------------------------------------------------
+    def populate(self, parameters: dict) -> None:
+        """Add child actions (called once, when the action joins a pipeline)."""
+
+    def validate(self) -> None:
+        """Check parameters and configuration; append every problem to ``self.errors``."""
+        if self.pipeline is not None:
+            self.pipeline.validate()
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        """Do the work before ``deadline``; return the (possibly new) connection."""
+        if self.pipeline is not None:
+            return self.pipeline.run(connection, deadline)
+        return connection
+
+    def cleanup(self, connection: Any) -> None:
+        """Undo side effects; runs at the end of every job that got past validation."""
+        if self.pipeline is not None:
+            self.pipeline.cleanup(connection)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    @property
+    def logger(self):
+        return self.job.logger
+
+    def require_tool(self, *names: str, why: str = "") -> None:
+        """An error unless one of the commands ``names`` is installed. Only checked on the worker
+        that runs the job: the master validates jobs without the worker's tools."""
+        if self.job is not None and not self.job.on_worker:
+            return
+        import shutil
+
+        if not any(shutil.which(name) for name in names):
+            self.errors.append(f"{' or '.join(names)} is not installed on this worker" + (f": {why}" if why else ""))
+
+    def child_pipeline(self, parameters: dict) -> Pipeline:
+        self.pipeline = Pipeline(self.job, parent=self, parameters=parameters)
+        return self.pipeline
+
+    def timed_out(self, what: str = "") -> PumiceError:
+        """The error to raise when this action's deadline passes."""
+        detail = f" ({what})" if what else ""
+        return self.timeout_exception(f"{self.name} timed out after {format_duration(self.timeout)}{detail}")
+
+    def describe(self) -> dict:
+        data = {
+            "name": self.name,
+            "level": self.level,
+            "description": self.description,
+            "summary": self.summary,
+            "timeout": self.timeout,
+            "max_retries": self.max_retries,
+            "class": f"{type(self).__module__.removeprefix('agent.')}.{type(self).__name__}",
+        }
+        if self.pipeline is not None:
+            data["pipeline"] = self.pipeline.describe()
+        return data
+
+
+class RetryAction(Action):
+    """Runs its children again, up to ``failure_retry`` times, when they fail (not when canceled)."""
+
+    def populate(self, parameters: dict) -> None:
+        self.max_retries = int(parameters.get("failure_retry", self.max_retries))
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return super().run(connection, deadline)
+            except (Canceled, Bug):
+                raise
+            except PumiceError as exc:
+                if attempt >= self.max_retries or deadline.expired():
+                    raise
+                self.logger.warning(f"{self.name} failed: {exc} ({attempt}/{self.max_retries}), retrying")
+                self.results.setdefault("retries", 0)
+                self.results["retries"] += 1
+                if self.pipeline is not None:
+                    self.pipeline.cleanup(connection)
+
+
+class Pipeline:
+    """An ordered list of actions at one level of the job."""
+
+    def __init__(self, job: Job | None, parent: Action | None = None, parameters: dict | None = None) -> None:
+        self.job = job
+        self.parent = parent
+        self.parameters = parameters or {}
+        self.actions: list[Action] = []
+
+    def add(self, action: Action, parameters: dict | None = None) -> Action:
+        """Append ``action``: give it its level, let it populate its children, then set its timeouts
+        in LAVA's order (device then job ``action``, ``actions.NAME``, the block's ``timeout``,
+        the block's ``timeouts.NAME``; connection timeouts likewise)."""
+        self.actions.append(action)
+        action.job = self.job
+        action.level = f"{self.parent.level}.{len(self.actions)}" if self.parent else str(len(self.actions))
+        if parameters is None:
+            parameters = self.parameters
+        action.parameters = parameters
+        action.populate(parameters)
+        self._set_timeouts(action, parameters)
+        return action
+
+    def _set_timeouts(self, action: Action, parameters: dict) -> None:
+        layers = []
+        if self.job is not None:
+            layers = [self.job.device.get("timeouts") or {}, self.job.definition.get("timeouts") or {}]
+
+        def merged(key: str, name: str | None = None):
+            value = None
+            for layer in layers:
+                entry = layer.get(key)
+                if name is not None:
+                    entry = entry.get(name) if isinstance(entry, dict) else None
+                if entry is not None:
+                    value = entry
+            return value
+
+        where = f"{action.level} {action.name}"
+        for value in (merged("action"), merged("actions", action.name), parameters.get("timeout"),
+                      (parameters.get("timeouts") or {}).get(action.name)):
+            if value is not None:
+                action.timeout = parse_duration(_strip_skip(value), f"timeout of {where}")
+        for value in (merged("connection"), merged("connections", action.name)):
+            if value is not None:
+                action.connection_timeout = parse_duration(_strip_skip(value), f"connection timeout of {where}")
+
+    def validate(self) -> None:
+        for action in self.actions:
+            try:
+                action.validate()
+            except PumiceError as exc:
+                action.errors.append(str(exc))
+
+    def errors(self) -> list[tuple[Action, str]]:
+        """Every (action, message) of this pipeline and its children, in level order."""
+        found = []
+        for action in self.actions:
+            found.extend((action, message) for message in action.errors)
+            if action.pipeline is not None:
+                found.extend(action.pipeline.errors())
+        return found
+
+    def walk(self):
+        for action in self.actions:
+            yield action
+            if action.pipeline is not None:
+                yield from action.pipeline.walk()
+
+    def run(self, connection: Any, deadline: Deadline, actions: list[Action] | None = None) -> Any:
+        """Run ``actions`` (default: all) in order, each under its own deadline within ``deadline``."""
+        top = self.parent is None
+        for action in self.actions if actions is None else actions:
+            job = self.job
+            job.check_canceled()
+            own = Deadline.after(action.timeout, owner=action.name, parent=deadline)
+            log = job.logger.info if top else job.logger.debug
+            log(f"start: {action.level} {action.name} (timeout {format_duration(own.remaining())}) [common]")
+            start = time.monotonic()
+            failed = False
+            action.started = True
+            try:
+                new = action.run(connection, own)
+                if new is not None:
+                    connection = new
+            except JobTimeout as exc:
+                failed = True
+                action.results.setdefault("fail", str(exc))
+                if not getattr(exc, "logged", False):
+                    job.logger.error(str(exc))
+                    exc.logged = True
+                if (action.parameters.get("timeout") or {}).get("skip") and top:
+                    job.logger.warning(f"skip_timeout is set for {action.name}: continuing with the next action")
+                    connection = None
+                    continue
+                raise
+            except PumiceError as exc:
+                failed = True
+                action.results.setdefault("fail", str(exc))
+                if not getattr(exc, "logged", False):  # log an error once, where it happened
+                    job.logger.error(f"{action.name} failed: {exc}")
+                    exc.logged = True
+                raise
+            except Exception as exc:
+                failed = True
+                action.results.setdefault("fail", str(exc))
+                job.logger.exception(traceback.format_exc())
+                raise Bug(f"{action.name}: {type(exc).__name__}: {exc}") from exc
+            finally:
+                action.elapsed = time.monotonic() - start
+                log(f"end: {action.level} {action.name} (duration {format_duration(action.elapsed)}) [common]")
+                job.action_result(action, failed)
+        return connection
+
+    def cleanup(self, connection: Any) -> None:
+        """Clean up in reverse order; one action's failure does not stop the others'."""
+        for action in reversed(self.actions):
+            try:
+                action.cleanup(connection)
+            except Exception as exc:  # cleanup must reach every action
+                self.job.logger.error(f"cleanup of {action.name} failed: {exc}")
+
+    def describe(self) -> list[dict]:
+        return [action.describe() for action in self.actions]
+
+
+def _strip_skip(value: Any) -> Any:
+    if isinstance(value, dict) and "skip" in value:
+        return {k: v for k, v in value.items() if k != "skip"}
+    return value

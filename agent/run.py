@@ -1,0 +1,136 @@
+"""``pumice-run``: run one job on one device, standalone, like ``lava-run``.
+
+Writes ``output.yaml`` (the log), ``results.yaml`` (the bundle) and ``description.yaml`` (the pipeline
+with its levels) into the output directory. Exit status: 0 Complete, 1 Incomplete, 2 Canceled.
+SIGTERM (or SIGINT) cancels: the current action stops, finalize powers the board off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from agent import __version__
+from agent.errors import EXIT_STATUS, Canceled, JobDefinitionError
+from agent.logger import JobLogger
+
+# libyaml when present: a device configuration is large, the pure-Python parser takes tens of ms
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pumice-run", description="Run one LAVA-format job on one device.")
+    p.add_argument("job", type=Path, help="the job definition (YAML)")
+    p.add_argument("--device", type=Path, required=True, help="the device configuration (rendered YAML)")
+    p.add_argument("--output-dir", type=Path, help="where output.yaml, results.yaml and description.yaml go")
+    p.add_argument("--job-id", default="0", help="the job id (default 0)")
+    p.add_argument("--validate", action="store_true", help="only validate the job against the device")
+    p.add_argument("--dispatcher", type=Path, help="the worker's configuration (YAML: dispatcher_ip, ...)")
+    p.add_argument("--env-dut", type=Path, help="environment for the board's test shell (YAML mapping)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the log to stdout")
+    p.add_argument("--version", action="version", version=f"pumice-run {__version__}")
+    return p
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
+    except OSError as exc:
+        raise SystemExit(f"pumice-run: cannot read the {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"pumice-run: the {what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"pumice-run: the {what} {path} is not a YAML mapping")
+    return data
+
+
+class Canceller:
+    """SIGTERM/SIGINT cancel the job once; during finalize they are noted and ignored."""
+
+    def __init__(self) -> None:
+        self.job = None
+
+    def __call__(self, signum: int, frame) -> None:
+        job = self.job
+        if job is None:
+            raise Canceled("The job was canceled before it started")
+        first = not job.canceled
+        job.canceled = True
+        if first and not job.cleaning:
+            job.logger.warning(f"received signal {signal.Signals(signum).name}: canceling the job")
+            raise Canceled("The job was canceled")
+        job.logger.warning(f"received signal {signal.Signals(signum).name} again: finishing the cleanup")
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parser().parse_args(argv)
+    canceller = Canceller()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, canceller)
+
+    from agent.job import load_job  # after the signal handlers: a cancel is never lost
+
+    text = options.job.read_bytes().decode("utf-8", errors="replace") if options.job.exists() else None
+    if text is None:
+        print(f"pumice-run: no such job file: {options.job}", file=sys.stderr)
+        return EXIT_STATUS["Incomplete"]
+    device = read_yaml(options.device, "device configuration")
+    dispatcher = read_yaml(options.dispatcher, "dispatcher configuration") if options.dispatcher else {}
+    env_dut = read_yaml(options.env_dut, "board environment") if options.env_dut else {}
+
+    output = options.output_dir
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+    logger = JobLogger(output / "output.yaml" if output else None,
+                       echo=sys.stdout if options.verbose or output is None else None)
+    logger.info(f"pumice-run, installed at version: {__version__}")
+    logger.info("start: 0 validate")
+
+    try:
+        job = load_job(text, device, job_id=options.job_id, logger=logger, output_dir=output,
+                       env=dict(os.environ), dispatcher=dispatcher)
+    except JobDefinitionError as exc:
+        for fault in exc.faults:
+            logger.error(str(fault))
+            print(f"pumice-run: {fault}", file=sys.stderr)
+        logger.results({"definition": "lava", "case": "validate", "result": "fail"})
+        logger.results({"definition": "lava", "case": "job", "result": "fail",
+                        "error_type": exc.error_type, "error_msg": str(exc)})
+        _write_fallback_description(output)
+        return EXIT_STATUS["Incomplete"]
+    canceller.job = job
+    if env_dut:
+        job.definition.setdefault("environment", {}).update(env_dut)
+    logger.results({"definition": "lava", "case": "validate", "result": "pass"})
+    if output is not None:
+        (output / "description.yaml").write_text(
+            yaml.dump(job.describe(), Dumper=_DUMPER, sort_keys=False, width=120), encoding="utf-8")
+    if options.validate:
+        print("pumice-run: the job is valid for this device", file=sys.stderr)
+        return 0
+
+    health = job.run()
+    if output is not None:
+        from results.bundle import write_bundle
+
+        write_bundle(output / "results.yaml", options.job_id, job.results)
+    logger.close()
+    print(f"pumice-run: job {options.job_id} {health}"
+          + (f": {job.error.error_type} error: {job.error}" if job.error else ""), file=sys.stderr)
+    return EXIT_STATUS[health]
+
+
+def _write_fallback_description(output: Path | None) -> None:
+    """An invalid job still leaves a description.yaml (empty pipeline) next to its log."""
+    if output is not None:
+        (output / "description.yaml").write_text(yaml.safe_dump({"pipeline": []}), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Loading LAVA job YAML with line numbers, and the job schema (voluptuous).
+
+Every fault names its YAML path (``actions[1].boot.method``) and line, so a user can find it.
+The top-level schema lives here; each strategy carries the schema of its own action block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import voluptuous as v
+import yaml
+
+from agent.errors import Fault, JobDefinitionError
+
+try:  # libyaml when present: several times faster
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover - pure Python fallback
+    from yaml import SafeLoader as _Loader
+
+#: device-type template variables a job's ``context:`` may set (LAVA 2023.01's list)
+CONTEXT_VARIABLES = frozenset((
+    "arch", "boot_console", "boot_root", "cpu", "extra_options", "guestfs_driveid", "guestfs_interface",
+    "guestfs_size", "machine", "memory", "model", "monitor", "netdevice", "no_kvm", "serial", "vga",
+    "booti_dtb_addr", "booti_kernel_addr", "booti_ramdisk_addr", "bootm_dtb_addr", "bootm_kernel_addr",
+    "bootm_ramdisk_addr", "bootz_dtb_addr", "bootz_kernel_addr", "bootz_ramdisk_addr", "boot_character_delay",
+    "boot_retry", "bootloader_prompt", "console_device", "custom_kernel_args", "extra_kernel_args",
+    "extra_nfsroot_args", "failure_retry", "kernel_loglevel", "kernel_start_message", "lava_test_results_dir",
+    "menu_interrupt_prompt", "mustang_menu_list", "test_character_delay", "tftp_mac_address",
+    "uboot_extra_error_message", "uboot_needs_interrupt", "uboot_altbank",
+))
+
+
+class YamlDocument:
+    """A parsed YAML document that can tell the line of any path in it."""
+
+    def __init__(self, text: str, source: str = "job") -> None:
+        self.source = source
+        loader = _Loader(text)
+        try:
+            self.node = loader.get_single_node()
+            self.data = loader.construct_document(self.node) if self.node is not None else None
+        finally:
+            loader.dispose()
+
+    def line(self, path: tuple | list) -> int | None:
+        """1-based line of the deepest node along ``path`` that exists."""
+        node = self.node
+        if node is None:
+            return None
+        line = node.start_mark.line + 1
+        for key in path:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    if key_node.value == str(key):
+                        child = value_node
+                        break
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                child = node.value[key]
+            if child is None:
+                break
+            node = child
+            line = node.start_mark.line + 1
+        return line
+
+
+def load_yaml(text: str, source: str = "job") -> YamlDocument:
+    """Parse ``text``; a syntax error becomes a JobDefinitionError with the line and column."""
+    if not isinstance(text, str):
+        text = text.decode("utf-8", errors="replace")
+    try:
+        return YamlDocument(text, source)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        where = f", column {mark.column + 1}" if mark else ""
+        problem = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise JobDefinitionError([Fault("", f"invalid YAML{where}: {problem}", line)]) from None
+    except yaml.YAMLError as exc:
+        raise JobDefinitionError([Fault("", f"invalid YAML: {exc}")]) from None
+
+
+def format_path(path: list | tuple) -> str:
+    """``['actions', 1, 'boot', 'method']`` -> ``actions[1].boot.method``."""
+    out = ""
+    for key in path:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        else:
+            out += f".{key}" if out else str(key)
+    return out
+
+
+def faults_from(error: v.MultipleInvalid, doc: YamlDocument, prefix: tuple = ()) -> list[Fault]:
+    """voluptuous errors as Faults, with paths relative to the document."""
+    faults = []
+    for err in error.errors:
+        path = list(prefix) + [getattr(p, "schema", p) for p in err.path]
+        faults.append(Fault(format_path(path), _message(err), doc.line(path)))
+    return sorted(faults, key=lambda f: (f.line or 0, f.path))
+
+
+def _message(err: v.Invalid) -> str:
+    msg = err.msg
+    if msg == "extra keys not allowed":
+        return "unknown key"
+    if msg.startswith("required key not provided"):
+        return "required key missing"
+    return msg
+
+
+def _positive_duration(value: dict) -> dict:
+    if not any(value.get(unit) for unit in ("days", "hours", "minutes", "seconds")):
+        raise v.Invalid("a timeout needs days, hours, minutes or seconds greater than 0")
+    return value
+
+
+def timeout_schema() -> Any:
+    """A LAVA duration: ``{minutes: 5}`` (units may be combined), optionally ``skip: true``."""
+    units = {v.Optional(u): v.All(int, v.Range(min=0)) for u in ("days", "hours", "minutes", "seconds")}
+    return v.All({**units, v.Optional("skip"): bool}, _positive_duration)
+
+
+def action_base() -> dict:
+    """Keys every action block may carry."""
+    return {
+        v.Optional("namespace"): str,
+        v.Optional("connection-namespace"): str,
+        v.Optional("protocols"): object,
+        v.Optional("role"): v.Any(str, [str]),
+        v.Optional("timeout"): timeout_schema(),
+        v.Optional("timeouts"): {str: timeout_schema()},
+        v.Optional("repeat"): v.All(int, v.Range(min=1)),
+        v.Optional("failure_retry"): v.All(int, v.Range(min=1)),
+        v.Optional("failure_retry_interval"): v.All(int, v.Range(min=1)),
+    }
+
+
+_CONTEXT_VALUE = v.Any(int, float, str, bool, [v.Any(int, str)])
+
+
+@functools.cache
+def job_schema() -> v.Schema:
+    """The top level of a LAVA job (action blocks are checked by their strategies)."""
+    return v.Schema({
+        v.Required("job_name"): v.All(str, v.Length(min=1, max=200)),
+        v.Optional("device_type"): v.All(str, v.Length(min=1, max=200)),
+        v.Required("timeouts"): {
+            v.Required("job"): timeout_schema(),
+            v.Optional("action"): timeout_schema(),
+            v.Optional("actions"): {str: timeout_schema()},
+            v.Optional("connection"): timeout_schema(),
+            v.Optional("connections"): {str: timeout_schema()},
+            v.Optional("queue"): timeout_schema(),
+        },
+        v.Required("visibility"): v.Any("public", "personal", {"group": [str]},
+                                        msg="expected public, personal or {group: [names]}"),
+        v.Optional("context"): {v.In(CONTEXT_VARIABLES, msg="not a known context variable"): _CONTEXT_VALUE},
+        v.Optional("metadata"): {str: object},
+        v.Optional("priority"): v.Any("high", "medium", "low", v.All(int, v.Range(min=0, max=100)),
+                                      msg="expected high, medium, low or 0-100"),
+        v.Optional("tags"): [str],
+        v.Optional("secrets"): {str: str},
+        v.Optional("environment"): {str: object},
+        v.Optional("protocols"): {str: object},
+        v.Optional("notify"): dict,
+        v.Optional("reboot_to_fastboot"): bool,
+        v.Required("actions"): v.All([v.All(dict, v.Length(min=1, max=1, msg="an action is a mapping "
+                                                                             "with one key"))],
+                                     v.Length(min=1, msg="a job needs at least one action")),
+    })

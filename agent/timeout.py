@@ -1,0 +1,66 @@
+"""Deadlines on the monotonic clock (no SIGALRM) and LAVA's duration format."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from agent.errors import JobError, JobTimeout
+
+_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+
+
+def parse_duration(value: dict | int | float, where: str = "timeout") -> float:
+    """Seconds in a LAVA duration (``{minutes: 5}``, ``{hours: 1, seconds: 30}``) or a bare number."""
+    if isinstance(value, bool):
+        raise JobError(f"{where}: expected a duration, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, dict) and value and set(value) <= set(_UNITS):
+        seconds = 0.0
+        for unit, amount in value.items():
+            if isinstance(amount, bool) or not isinstance(amount, int | float):
+                raise JobError(f"{where}.{unit}: expected a number, got {amount!r}")
+            seconds += amount * _UNITS[unit]
+    else:
+        raise JobError(f"{where}: expected a mapping of {', '.join(_UNITS)}, got {value!r}")
+    if seconds <= 0:
+        raise JobError(f"{where}: a duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``HH:MM:SS`` as LAVA prints timeouts in ``start:`` lines."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """A point on the monotonic clock by which something must be done, and whose it is."""
+
+    at: float
+    owner: str = "job"
+
+    @classmethod
+    def after(cls, seconds: float, owner: str = "job", parent: Deadline | None = None) -> Deadline:
+        """A deadline ``seconds`` from now, never later than ``parent``'s."""
+        at = time.monotonic() + seconds
+        if parent is not None and parent.at < at:
+            return parent
+        return cls(at, owner)
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def check(self) -> None:
+        """Raise JobTimeout when the deadline has passed."""
+        if self.expired():
+            raise JobTimeout(f"{self.owner} timed out")
+
+    def within(self, seconds: float) -> float:
+        """``seconds``, capped to what is left: the timeout to give one blocking call."""
+        return min(seconds, self.remaining())

@@ -1,0 +1,675 @@
+"""``pumice-agent``: the daemon on a lab box. It connects to the master, runs each job it is given
+as a ``pumice-run`` subprocess in its own spool directory and streams the job's log back.
+
+    pumice-agent --master tcp://HOST:5556 [--logger tcp://HOST:5555] --hostname NAME
+                 [--encrypt --master-cert master.key --worker-cert NAME.key_secret] [--spool DIR]
+    pumice-agent create-certificate NAME [--directory DIR]
+
+Settings come from the command line, else the environment (``PUMICE_MASTER_URL`` or LAVA's
+``MASTER_URL``, ``PUMICE_LOGGER_URL`` or ``LOGGER_URL``, ``PUMICE_HOSTNAME``, ``PUMICE_SPOOL``,
+``PUMICE_ENCRYPT``, ``PUMICE_MASTER_CERT``, ``PUMICE_WORKER_CERT``), else the config file
+(``--config``, default ``/etc/pumice/agent.yaml``: the same names in lower case, ``master``,
+``logger``, ``hostname``, ``spool``, ``encrypt``, ``master_cert``, ``worker_cert``, ``cancel_grace``).
+
+The agent knows nothing of its devices: each START carries the device YAML the master rendered.
+Spool layout, one directory per job (``SPOOL/jobs/<id>/``): ``job.yaml``, ``device.yaml``,
+``dispatcher.yaml``, ``state.json`` (what the daemon must remember across its own restarts),
+``runner.log`` (pumice-run's stderr) and pumice-run's ``output.yaml``/``output.idx``,
+``results.yaml``, ``description.yaml``. The log is streamed by line number from ``output.yaml``, so
+a restarted daemon (or master) resumes where the master's acknowledgements stopped.
+
+If the daemon dies, its jobs' runners get SIGTERM (the board is powered off); the restarted
+daemon reports those jobs Incomplete with an infrastructure error, after sending the rest of
+their logs. The daemon imports neither yaml (unless a config file is read) nor master code, to stay
+small on a Raspberry-Pi-class worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.messages import (
+    JOB_FINISHED,
+    JOB_RUNNING,
+    JOB_UNKNOWN,
+    Cancel,
+    End,
+    EndOk,
+    Log,
+    LogOk,
+    Message,
+    Start,
+    StartOk,
+    Status,
+    StatusReply,
+    Welcome,
+)
+from agent.transport import CertificateError, CurveKeys, Transport, create_certificate
+from results.log import LogRecord, now_dt
+from results.logfile import LogFile
+
+log = logging.getLogger("pumice.worker")
+
+DEFAULT_CONFIG = "/etc/pumice/agent.yaml"
+DEFAULT_SPOOL = "/var/lib/pumice-agent"
+#: pumice-run's exit status -> the job's health
+EXIT_HEALTH = {0: "Complete", 1: "Incomplete", 2: "Canceled"}
+#: log lines per LOG message, and lines sent but not yet acknowledged per job
+BATCH_LINES = 1000
+BATCH_BYTES = 512 * 1024
+WINDOW_LINES = 4 * BATCH_LINES
+#: after the job timeout, how long pumice-run may take to finish before it is stopped
+OVERRUN_GRACE = 300.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+# ---- configuration ----
+
+
+@dataclass
+class AgentConfig:
+    """Everything ``pumice-agent`` needs to run."""
+
+    master: str
+    hostname: str
+    spool: Path
+    logger: str | None = None
+    encrypt: bool = False
+    master_cert: str | None = None
+    worker_cert: str | None = None
+    #: seconds between SIGTERM and SIGKILL when a job is canceled
+    cancel_grace: float = 60.0
+    #: finished job directories kept in the spool (the oldest are removed)
+    keep_jobs: int = 20
+    #: heartbeat interval until the master's WELCOME sets it
+    heartbeat: float = 5.0
+    #: the command that runs one job (``pumice-run``)
+    runner: list[str] = field(default_factory=lambda: [sys.executable, "-m", "agent.run"])
+
+
+_SETTINGS = {
+    # name: (environment variables, type)
+    "master": (("PUMICE_MASTER_URL", "MASTER_URL"), str),
+    "logger": (("PUMICE_LOGGER_URL", "LOGGER_URL"), str),
+    "hostname": (("PUMICE_HOSTNAME",), str),
+    "spool": (("PUMICE_SPOOL",), str),
+    "encrypt": (("PUMICE_ENCRYPT",), bool),
+    "master_cert": (("PUMICE_MASTER_CERT",), str),
+    "worker_cert": (("PUMICE_WORKER_CERT",), str),
+    "cancel_grace": (("PUMICE_CANCEL_GRACE",), float),
+    "keep_jobs": (("PUMICE_KEEP_JOBS",), int),
+}
+
+
+def _convert(name: str, value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise SystemExit(f"pumice-agent: {where}: {name} must be true or false, not {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise SystemExit(f"pumice-agent: {where}: {name} must be a {kind.__name__}, not {value!r}") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings of an agent config file (YAML mapping); unknown keys are refused."""
+    import yaml  # only when there is a file: the idle daemon stays small
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise SystemExit(f"pumice-agent: cannot read the config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"pumice-agent: the config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"pumice-agent: the config file {path} must be a YAML mapping")
+    unknown = sorted(set(map(str, data)) - set(_SETTINGS))
+    if unknown:
+        raise SystemExit(f"pumice-agent: {path}: unknown setting(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(_SETTINGS)}")
+    return {key: _convert(key, value, _SETTINGS[key][1], path)
+            for key, value in data.items() if value is not None}
+
+
+def build_config(options: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> AgentConfig:
+    """Command line, then environment, then config file, then defaults."""
+    config_path = options.config or environ.get("PUMICE_AGENT_CONFIG")
+    from_file: dict[str, Any] = {}
+    if config_path or os.path.exists(DEFAULT_CONFIG):
+        from_file = read_config_file(config_path or DEFAULT_CONFIG)
+    values: dict[str, Any] = {}
+    for name, (variables, kind) in _SETTINGS.items():
+        value = getattr(options, name, None)
+        if value is None:
+            for variable in variables:
+                if environ.get(variable):
+                    value = _convert(name, environ[variable], kind, f"${variable}")
+                    break
+        if value is None:
+            value = from_file.get(name)
+        if value is not None:
+            values[name] = value
+    if not values.get("master"):
+        raise SystemExit("pumice-agent: no master: give --master tcp://HOST:5556, set MASTER_URL, or set "
+                         f"'master:' in {config_path or DEFAULT_CONFIG}")
+    values.setdefault("hostname", socket.gethostname())
+    values["spool"] = Path(values.get("spool") or DEFAULT_SPOOL)
+    if values.get("encrypt") and not (values.get("master_cert") and values.get("worker_cert")):
+        raise SystemExit("pumice-agent: --encrypt needs --master-cert (the master's public key, "
+                         "master.key) and --worker-cert (this worker's NAME.key_secret)")
+    config = AgentConfig(**values)
+    if options.heartbeat:
+        config.heartbeat = options.heartbeat
+    return config
+
+
+# ---- the job's environment ----
+
+
+def job_environment(spec: Mapping[str, Any], base: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The environment of a job's ``pumice-run`` from the worker's env held by the master, in
+    LAVA's env.yaml shape: ``purge`` (start empty; PATH is kept so tools are found unless
+    overridden), ``removes`` (names to drop), ``overrides`` (names to set: http_proxy...)."""
+    env = dict(base)
+    if spec.get("purge"):
+        env = {"PATH": base["PATH"]} if "PATH" in base else {}
+    for name in spec.get("removes") or ():
+        env.pop(str(name), None)
+    for name, value in (spec.get("overrides") or {}).items():
+        env[str(name)] = "" if value is None else str(value)
+    return env
+
+
+# ---- processes ----
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None if it is gone (or a
+    zombie): with the pid it names one process, even after pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+_prctl: Any = None
+
+
+def _runner_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # SIGTERM (not SIGKILL) when the daemon dies: pumice-run then cancels and powers the board off
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _prepare_runner_setup() -> None:
+    """Resolve prctl in the daemon, once: the child only calls it (loading libc between fork and
+    exec would cost milliseconds on every job start)."""
+    global _prctl
+    if _prctl is None:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _final_result(logfile: LogFile) -> tuple[str | None, str | None, str | None]:
+    """``(result, error_type, error_msg)`` of the ``lava/job`` result near the end of the log
+    (all None when there is none)."""
+    count = logfile.count()
+    for line in reversed(logfile.read(max(0, count - 500), count)):
+        if '"results"' not in line or '"job"' not in line:
+            continue
+        try:
+            record = LogRecord.from_line(line)
+        except ValueError:
+            continue
+        msg = record.msg
+        if record.lvl == "results" and isinstance(msg, dict) and msg.get("definition") == "lava" \
+                and msg.get("case") == "job":
+            return msg.get("result"), msg.get("error_type"), msg.get("error_msg")
+    return None, None, None
+
+
+class LocalJob:
+    """One job in the spool: its runner process, its state file and its log stream."""
+
+    def __init__(self, directory: Path, state: dict[str, Any]) -> None:
+        self.dir = directory
+        self.state = state
+        self.job_id: int = int(state["job_id"])
+        self.proc: subprocess.Popen | None = None
+        self.logfile = LogFile(directory / "output.yaml")
+        #: lines the master acknowledged, lines sent (streaming position)
+        self.acked = 0
+        self.sent = 0
+        self.progress_at = time.monotonic()
+        self.end_sent_at = 0.0
+        self.term_at: float | None = None
+
+    # -- state file --
+
+    @property
+    def status(self) -> str:
+        """running (the runner may run), exited (END to deliver), ended (the master has it all)."""
+        return self.state["status"]
+
+    def save(self) -> None:
+        _write_json(self.dir / "state.json", self.state)
+
+    def update(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.save()
+
+    # -- the runner --
+
+    def alive(self) -> bool:
+        """Whether the runner process still exists."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        pid = self.state.get("pid")
+        started = _start_time(pid) if pid else None
+        return started is not None and started == self.state.get("pid_start")
+
+    def signal(self, signum: int) -> None:
+        pid = self.state.get("pid")
+        if pid and self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def exited(self, exit_code: int | None, *, lost: str | None = None) -> None:
+        """The runner is gone: record the job's outcome (``lost``: why it ended without a status)."""
+        _, error_type, error_msg = _final_result(self.logfile)
+        cancel = self.state.get("cancel")
+        if lost:
+            health, error_type, error_msg = "Incomplete", "Infrastructure", lost
+        elif exit_code in EXIT_HEALTH:
+            health = EXIT_HEALTH[exit_code]
+            if self.state.get("overrun") and health != "Complete":
+                health, error_type, error_msg = "Incomplete", "Infrastructure", self.state["overrun"]
+        elif cancel:
+            health = "Canceled"
+            error_type, error_msg = "Canceled", "the job was canceled (its runner was killed)"
+        else:
+            health, error_type = "Incomplete", "Infrastructure"
+            error_msg = self.state.get("overrun") or (
+                f"pumice-run was killed by signal {signal.Signals(-exit_code).name}"
+                if exit_code and exit_code < 0
+                else f"pumice-run ended with the unexpected exit status {exit_code}")
+        if health != "Complete" and (lost or self.state.get("overrun") or exit_code not in EXIT_HEALTH):
+            # pumice-run could not say it: the daemon does, in the job's own log (streamed like any line)
+            self.logfile.append([LogRecord(now_dt(), "error", f"{error_type} error: {error_msg}")])
+        self.update(status="exited", exit_code=exit_code, health=health, error_type=error_type,
+                    error_msg=error_msg)
+        log.info("job %d: pumice-run ended (%s): %s%s", self.job_id,
+                 "lost" if lost else f"exit status {exit_code}", health,
+                 f", {error_type}: {error_msg}" if error_type and health != "Complete" else "")
+
+    def end_message(self) -> End:
+        description = self.dir / "description.yaml"
+        return End(job_id=self.job_id, health=self.state["health"], lines=self.logfile.count(),
+                   error_type=self.state.get("error_type"), error_msg=self.state.get("error_msg"),
+                   description=description.read_text(encoding="utf-8", errors="replace")
+                   if description.exists() else None)
+
+
+class Worker:
+    """The daemon's state and loop: ``loop_once()`` handles messages, runners and log streams."""
+
+    def __init__(self, config: AgentConfig, transport: Transport | None = None) -> None:
+        self.config = config
+        self.jobs_dir = config.spool / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[int, LocalJob] = {}
+        self.stopping = False
+        self._load_spool()
+        if transport is None:
+            curve = CurveKeys.load(config.master_cert, config.worker_cert) if config.encrypt else None
+            transport = Transport(config.master, config.hostname, logger=config.logger, curve=curve,
+                                  heartbeat=config.heartbeat, jobs=self.unfinished)
+        self.transport = transport
+
+    # -- spool --
+
+    def _load_spool(self) -> None:
+        """Pick up the jobs of a previous run of the daemon."""
+        for directory in sorted(self.jobs_dir.iterdir(), key=lambda p: p.name):
+            state_file = directory / "state.json"
+            if not directory.name.isdigit() or not state_file.exists():
+                continue
+            try:
+                state = json.loads(state_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                log.error("ignoring %s: unreadable state (%s)", directory, exc)
+                continue
+            job = LocalJob(directory, state)
+            self.jobs[job.job_id] = job
+            if job.status == "running":
+                log.warning("job %d was running when the daemon stopped%s", job.job_id,
+                            "; its runner is still finishing" if job.alive() else "")
+                # a runner that survived (no PDEATHSIG?) is stopped: the job cannot be trusted
+                job.signal(signal.SIGTERM)
+                job.term_at = time.monotonic()
+                job.update(lost_at=time.time())
+
+    def unfinished(self) -> list[int]:
+        """Jobs the master has not acknowledged the end of."""
+        return [job_id for job_id, job in self.jobs.items() if job.status != "ended"]
+
+    def _prune(self) -> None:
+        ended = sorted((j for j in self.jobs.values() if j.status == "ended"),
+                       key=lambda j: j.state.get("ended_at", 0))
+        for job in ended[:max(0, len(ended) - self.config.keep_jobs)]:
+            job.logfile.close()
+            shutil.rmtree(job.dir, ignore_errors=True)
+            del self.jobs[job.job_id]
+
+    # -- messages --
+
+    def handle(self, msg: Message) -> None:
+        if isinstance(msg, Welcome):
+            for job in self.jobs.values():  # resend what the master may not have
+                job.sent = job.acked
+                job.end_sent_at = 0.0
+        elif isinstance(msg, Start):
+            self.start(msg)
+        elif isinstance(msg, LogOk):
+            job = self.jobs.get(msg.job_id)
+            if job is not None:
+                if msg.rewind:
+                    log.info("job %d: the master has %d lines, resending from there", job.job_id, msg.lines)
+                    job.acked = job.sent = msg.lines
+                elif msg.lines > job.acked:
+                    job.acked = msg.lines
+                    job.sent = max(job.sent, job.acked)
+                job.progress_at = time.monotonic()
+        elif isinstance(msg, EndOk):
+            job = self.jobs.get(msg.job_id)
+            if job is not None and job.status == "exited":
+                job.update(status="ended", ended_at=time.time())
+                job.logfile.close()
+                log.info("job %d: the master recorded its end", job.job_id)
+                self._prune()
+        elif isinstance(msg, Cancel):
+            self.cancel(msg.job_id)
+        elif isinstance(msg, Status):
+            self.transport.send(StatusReply(jobs=[self.job_status(job_id) for job_id in msg.job_ids]))
+        else:
+            log.warning("unexpected message from the master: %s", type(msg).__name__)
+
+    def job_status(self, job_id: int) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return {"job_id": job_id, "state": JOB_UNKNOWN, "lines": 0}
+        state = JOB_RUNNING if job.status == "running" else JOB_FINISHED
+        return {"job_id": job_id, "state": state, "lines": job.logfile.count()}
+
+    def start(self, msg: Start) -> None:
+        """Run a job (a START seen before is acknowledged again, never run twice)."""
+        if msg.job_id in self.jobs:
+            self.transport.send(StartOk(job_id=msg.job_id))
+            return
+        if self.stopping:
+            log.info("job %d: not started, the daemon is stopping (the master sends it again)", msg.job_id)
+            return
+        directory = self.jobs_dir / str(msg.job_id)
+        if directory.exists():  # leftovers without a state file: a start that never happened
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        (directory / "job.yaml").write_text(msg.definition, encoding="utf-8")
+        (directory / "device.yaml").write_text(msg.device, encoding="utf-8")
+        # JSON is YAML: pumice-run reads it with its YAML loader, the daemon needs no yaml
+        (directory / "dispatcher.yaml").write_text(json.dumps(msg.dispatcher, indent=1), encoding="utf-8")
+        state = {"job_id": msg.job_id, "status": "running", "device": msg.device_name, "timeout": msg.timeout,
+                 "started_at": time.time()}
+        job = LocalJob(directory, state)
+        command = [*self.config.runner, "--device", str(directory / "device.yaml"),
+                   "--output-dir", str(directory), "--job-id", str(msg.job_id),
+                   "--dispatcher", str(directory / "dispatcher.yaml"), str(directory / "job.yaml")]
+        _prepare_runner_setup()
+        try:
+            with open(directory / "runner.log", "ab") as runner_log:
+                # its own session: a Ctrl-C meant for the daemon does not reach the job
+                job.proc = subprocess.Popen(command, cwd=directory, env=job_environment(msg.env),
+                                            stdin=subprocess.DEVNULL, stdout=runner_log,
+                                            stderr=subprocess.STDOUT, preexec_fn=_runner_setup,
+                                            start_new_session=True, close_fds=True)
+        except OSError as exc:
+            state.update(pid=None)
+            job.save()
+            self.jobs[msg.job_id] = job
+            job.exited(None, lost=f"cannot start pumice-run ({command[0]}): {exc.strerror or exc}")
+        else:
+            state.update(pid=job.proc.pid, pid_start=_start_time(job.proc.pid))
+            job.save()
+            self.jobs[msg.job_id] = job
+            log.info("job %d: started on %s (pumice-run pid %d)", msg.job_id, msg.device_name or "its device",
+                     job.proc.pid)
+        self.transport.send(StartOk(job_id=msg.job_id))
+
+    def cancel(self, job_id: int) -> None:
+        """SIGTERM the job's runner (pumice-run cancels and powers off), SIGKILL after the grace."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            # never started here: it ends at once, canceled, with an empty log
+            directory = self.jobs_dir / str(job_id)
+            directory.mkdir(parents=True, exist_ok=True)
+            job = LocalJob(directory, {"job_id": job_id, "status": "exited", "health": "Canceled",
+                                       "error_type": "Canceled", "cancel": True,
+                                       "error_msg": "the job was canceled before it started"})
+            job.save()
+            self.jobs[job_id] = job
+            log.info("job %d: canceled before it started", job_id)
+            return
+        if job.status != "running" or job.term_at is not None:
+            return
+        log.info("job %d: canceling (SIGTERM to pumice-run, SIGKILL in %.0f s)", job_id,
+                 self.config.cancel_grace)
+        job.update(cancel=True)
+        job.term_at = time.monotonic()
+        job.signal(signal.SIGTERM)
+
+    # -- the loop --
+
+    def _check_runner(self, job: LocalJob, now: float) -> None:
+        if job.status != "running":
+            return
+        if job.alive():
+            if job.term_at is not None and now - job.term_at > self.config.cancel_grace:
+                log.warning("job %d: pumice-run ignored SIGTERM for %.0f s: SIGKILL", job.job_id,
+                            self.config.cancel_grace)
+                job.signal(signal.SIGKILL)
+                job.term_at = now + 3600  # once
+            timeout = float(job.state.get("timeout") or 0)
+            started = float(job.state.get("started_at") or time.time())
+            if timeout and job.term_at is None and time.time() - started > timeout + OVERRUN_GRACE:
+                job.update(overrun=f"pumice-run overran the job timeout ({timeout:.0f} s) by more than "
+                                   f"{OVERRUN_GRACE:.0f} s and was stopped")
+                log.error("job %d: %s", job.job_id, job.state["overrun"])
+                job.term_at = now
+                job.signal(signal.SIGTERM)
+            return
+        if job.proc is not None:
+            job.exited(job.proc.returncode)
+            job.proc = None
+            return
+        # a runner of the previous daemon: its exit status is lost, its log is not
+        result, error_type, _ = _final_result(job.logfile)
+        # pumice-run writes results.yaml last: if it is there, the job ended on its own, unless it
+        # was canceled by the SIGTERM the daemon's death sent it
+        finished = (job.dir / "results.yaml").exists()
+        if finished and result == "pass":
+            job.exited(0)
+        elif finished and error_type == "Canceled" and job.state.get("cancel"):
+            job.exited(2)
+        elif finished and result == "fail" and error_type != "Canceled":
+            job.exited(1)
+        else:
+            device = job.state.get("device") or "its device"
+            job.exited(None, lost=f"pumice-agent was restarted while the job ran on {device}: the job's "
+                                  f"runner (pid {job.state.get('pid')}) was stopped with it")
+
+    def _stream(self, job: LocalJob, now: float) -> None:
+        if job.status == "ended" or not self.transport.online:
+            return
+        if job.sent > job.acked and now - job.progress_at > max(self.transport.heartbeat, 1.0):
+            log.debug("job %d: no acknowledgement for lines %d-%d: resending", job.job_id, job.acked,
+                      job.sent)
+            job.sent = job.acked
+            job.progress_at = now
+        count = job.logfile.count()
+        while job.sent < count and job.sent - job.acked < WINDOW_LINES:
+            lines = job.logfile.read(job.sent, min(count, job.sent + BATCH_LINES))
+            size = 0
+            for index, line in enumerate(lines):
+                size += len(line)
+                if size > BATCH_BYTES and index:
+                    lines = lines[:index]
+                    break
+            if job.sent == job.acked:
+                job.progress_at = now
+            if not self.transport.send(Log(job_id=job.job_id, seq=job.sent, lines=lines)):
+                return
+            job.sent += len(lines)
+        resend = now - job.end_sent_at > max(self.transport.heartbeat, 1.0)
+        if job.status == "exited" and job.acked >= count and resend \
+                and self.transport.send(job.end_message()):
+            job.end_sent_at = now
+
+    def busy(self) -> bool:
+        return any(job.status != "ended" for job in self.jobs.values())
+
+    def loop_once(self, timeout: float = 1.0) -> None:
+        """Handle what arrived within ``timeout`` seconds, then runners and streams."""
+        if self.busy():
+            timeout = min(timeout, 0.05)  # tailing logs: a line reaches the master within ~50 ms
+        for msg in self.transport.poll(timeout):
+            self.handle(msg)
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            self._check_runner(job, now)
+            self._stream(job, now)
+
+    def run(self) -> None:
+        """Loop until SIGTERM/SIGINT, then stop the running jobs and say BYE."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        log.info("pumice-agent %s: worker %s, spool %s", __version__, self.config.hostname, self.config.spool)
+        while not self.stopping:
+            self.loop_once()
+        self.shutdown()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop running jobs (they end Incomplete: the worker stopped), deliver what can be
+        delivered within ``grace`` seconds, and close."""
+        running = [job for job in self.jobs.values() if job.status == "running"]
+        for job in running:
+            job.update(overrun=f"pumice-agent was stopped on {self.config.hostname} while the job ran")
+            job.term_at = time.monotonic()
+            job.signal(signal.SIGTERM)
+        deadline = time.monotonic() + (self.config.cancel_grace if grace is None else grace)
+        while running and time.monotonic() < deadline and any(j.alive() for j in running):
+            self.loop_once(0.1)
+        flush = time.monotonic() + 2.0
+        while self.busy() and self.transport.online and time.monotonic() < flush:
+            self.loop_once(0.05)
+        self.transport.close()
+        for job in self.jobs.values():
+            job.logfile.close()
+
+
+# ---- command line ----
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pumice-agent",
+        description="The Pumice worker daemon: runs jobs from the master on this box's boards. "
+                    "'pumice-agent create-certificate NAME' writes a CURVE key pair.")
+    p.add_argument("--master", help="the master's broker, e.g. tcp://master:5556 (env MASTER_URL)")
+    p.add_argument("--logger", help="a separate endpoint for logs, e.g. tcp://master:5555 (env LOGGER_URL)")
+    p.add_argument("--hostname", help="this worker's name on the master (default: the host name)")
+    p.add_argument("--spool", help=f"where jobs run and logs wait for the master (default {DEFAULT_SPOOL})")
+    p.add_argument("--encrypt", action="store_true", default=None, help="CURVE-encrypt the connection")
+    p.add_argument("--master-cert", help="the master's public key file (master.key)")
+    p.add_argument("--worker-cert", help="this worker's key pair (NAME.key_secret)")
+    p.add_argument("--cancel-grace", type=float,
+                   help="seconds from SIGTERM to SIGKILL on cancel (default 60)")
+    p.add_argument("--keep-jobs", type=int, help="finished job directories kept in the spool (default 20)")
+    p.add_argument("--heartbeat", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--config", help=f"config file (default {DEFAULT_CONFIG} when it exists)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"pumice-agent {__version__}")
+    return p
+
+
+def certificate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pumice-agent create-certificate",
+                                description="Write NAME.key (public: give it to the master) and "
+                                            "NAME.key_secret (keep it on this worker) for CURVE encryption.")
+    p.add_argument("name", help="the key pair's name (the worker's hostname, or 'master')")
+    p.add_argument("--directory", default=".", help="where to write the files (default: here)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["create-certificate"]:
+        options = certificate_parser().parse_args(argv[1:])
+        try:
+            public, secret = create_certificate(options.name, options.directory)
+        except CertificateError as exc:
+            print(f"pumice-agent: {exc}", file=sys.stderr)
+            return 1
+        print(f"public key: {public}\nsecret key: {secret} (keep it on this machine)")
+        return 0
+    options = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if options.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(options)
+    try:
+        worker = Worker(config)
+    except CertificateError as exc:
+        print(f"pumice-agent: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pumice-agent: cannot use the spool {config.spool}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

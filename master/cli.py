@@ -1,0 +1,323 @@
+"""``pumice-master``: run the master and manage the lab from the master's host.
+
+    pumice-master serve [--http 127.0.0.1:8000]
+    pumice-master db migrate
+    pumice-master workers add|update|list
+    pumice-master devices add|update|list
+    pumice-master device-types add|list
+    pumice-master device-dictionary --hostname X --import F | --export | --review
+    pumice-master tokens create --user U [--admin]
+
+Every command takes ``--data DIR`` (default ``$PUMICE_DATA`` or ``/var/lib/pumice``) and
+``--database URL`` (default ``$PUMICE_DATABASE``, else SQLite in the data directory). Commands act
+as the local admin through the same service layer as the REST API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from master import lab
+from master.errors import ServiceError
+from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
+from master.users import SYSTEM
+
+log = logging.getLogger("pumice.cli")
+
+
+def _read(path: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SystemExit(f"pumice-master: cannot read {path}: {exc.strerror}") from None
+
+
+def _tags(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [tag.strip() for tag in value.split(",") if tag.strip()]
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned table (what an admin reads in a terminal)."""
+    cells = [[", ".join(map(str, v)) if isinstance(v, list) else ("" if v is None else str(v))
+              for v in (row.get(c) for c in columns)] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _show(rows: list[dict[str, Any]], columns: Sequence[str], as_yaml: bool) -> None:
+    sys.stdout.write(yaml.safe_dump(rows, sort_keys=False) if as_yaml else _table(rows, columns))
+
+
+# ---- commands ----
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from master.server import MasterServer
+
+    host, _, port = args.http.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"pumice-master: bad --http {args.http!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    from master.broker import start_from_args
+
+    server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval)
+    print(f"pumice master on {server.url} (data {args.data})", flush=True)
+    broker = start_from_args(args)
+    try:
+        server.serve_forever()
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def cmd_db_migrate(args: argparse.Namespace) -> int:
+    from master.migrations import LATEST, current_version, migrate
+
+    applied = migrate()
+    for number, name in applied:
+        print(f"applied migration {number}: {name}")
+    print(f"schema version {current_version()} (latest {LATEST})")
+    return 0
+
+
+def cmd_workers_add(args: argparse.Namespace) -> int:
+    record = lab.add_worker(SYSTEM, args.hostname, description=args.description or "", disabled=args.disable,
+                            job_limit=args.job_limit)
+    print(f"worker {record['hostname']} added ({record['health']})")
+    return 0
+
+
+def cmd_workers_update(args: argparse.Namespace) -> int:
+    record = lab.update_worker(SYSTEM, args.hostname, description=args.description, health=args.health,
+                               job_limit=args.job_limit)
+    print(f"worker {record['hostname']}: {record['health']}, job limit {record['job_limit'] or 'none'}")
+    return 0
+
+
+def cmd_workers_list(args: argparse.Namespace) -> int:
+    _show(lab.list_workers(), ("hostname", "state", "health", "last_seen", "version", "job_limit",
+                               "description"), args.yaml)
+    return 0
+
+
+def cmd_devices_add(args: argparse.Namespace) -> int:
+    record = lab.add_device(SYSTEM, args.hostname, args.device_type, worker=args.worker,
+                            tags=_tags(args.tags) or [], description=args.description or "",
+                            health=args.health, dictionary=_read(args.dictionary) if args.dictionary else None)
+    print(f"device {record['hostname']} added ({record['device_type']}, {record['health']})")
+    return 0
+
+
+def cmd_devices_update(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {"health": args.health, "tags": _tags(args.tags), "description": args.description,
+                               "device_type": args.device_type}
+    if args.no_worker:
+        changes["worker"] = None
+    elif args.worker:
+        changes["worker"] = args.worker
+    record = lab.update_device(SYSTEM, args.hostname, **changes)
+    print(f"device {record['hostname']}: {record['health']} on {record['worker'] or 'no worker'}, "
+          f"tags: {', '.join(record['tags']) or 'none'}")
+    return 0
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    rows = lab.list_devices(device_type=args.device_type, worker=args.worker, health=args.health)
+    _show(rows, ("hostname", "device_type", "worker", "state", "health", "tags", "current_job"), args.yaml)
+    return 0
+
+
+def cmd_device_types_add(args: argparse.Namespace) -> int:
+    record = lab.add_device_type(
+        SYSTEM, args.name, description=args.description or "",
+        template=_read(args.template) if args.template else None,
+        health_check=_read(args.health_check) if args.health_check else None,
+        health_frequency=args.health_frequency, health_denominator=args.health_denominator)
+    print(f"device type {record['name']} added (template from {record['template']}"
+          f"{', with a health check' if record['health_check'] else ''})")
+    return 0
+
+
+def cmd_device_types_list(args: argparse.Namespace) -> int:
+    _show(lab.list_device_types(), ("name", "devices", "health_check", "health_frequency",
+                                    "health_denominator", "template", "description"), args.yaml)
+    return 0
+
+
+def cmd_device_dictionary(args: argparse.Namespace) -> int:
+    if args.import_file:
+        lab.set_dictionary(SYSTEM, args.hostname, _read(args.import_file))
+        print(f"device dictionary of {args.hostname} updated")
+    elif args.export:
+        sys.stdout.write(lab.get_dictionary(args.hostname))
+    else:
+        sys.stdout.write(lab.review_dictionary(args.hostname))
+    return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    from master.users import create_token
+
+    print(create_token(args.user, admin=True if args.admin else None, description=args.description or ""))
+    return 0
+
+
+# ---- parser ----
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", default=argparse.SUPPRESS,
+                        help="data directory (default: $PUMICE_DATA or /var/lib/pumice)")
+    common.add_argument("--database", default=argparse.SUPPRESS,
+                        help="postgresql://... URL (default: $PUMICE_DATABASE, else DATA/pumice.db)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging")
+
+    parser = argparse.ArgumentParser(prog="pumice-master", parents=[common],
+                                     description="The Pumice master: REST API, scheduler and lab admin.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def leaf(group: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str):
+        p = group.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = leaf(sub, "serve", cmd_serve, "run the REST API (waitress) and the scheduler")
+    p.add_argument("--http", default="127.0.0.1:8000", help="listen address HOST:PORT (default %(default)s)")
+    p.add_argument("--threads", type=int, default=8, help="HTTP worker threads (default %(default)s)")
+    p.add_argument("--instance", default=os.environ.get("PUMICE_INSTANCE", "pumice"),
+                   help="this instance's name, written in results bundles")
+    p.add_argument("--url", default=os.environ.get("PUMICE_URL", ""),
+                   help="the public URL of the published site (job links in bundles)")
+    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
+                   help="largest request body in bytes (default %(default)s)")
+    p.add_argument("--scheduler-interval", type=float, default=20.0,
+                   help="seconds between safety-net scheduling passes (events trigger passes at once)")
+    from master import broker
+
+    broker.add_arguments(p)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    leaf(db, "migrate", cmd_db_migrate, "apply pending schema migrations")
+
+    workers = sub.add_parser("workers", help="lab boxes running pumice-agent").add_subparsers(
+        dest="workers_command", required=True)
+    p = leaf(workers, "add", cmd_workers_add, "add a worker")
+    p.add_argument("hostname")
+    p.add_argument("--description")
+    p.add_argument("--disable", action="store_true", help="add it Retired (no jobs until updated)")
+    p.add_argument("--job-limit", type=int, default=0, help="most jobs at once (0: no limit)")
+    p = leaf(workers, "update", cmd_workers_update, "change a worker")
+    p.add_argument("hostname")
+    p.add_argument("--description")
+    p.add_argument("--health", help="Active, Maintenance or Retired")
+    p.add_argument("--job-limit", type=int)
+    p = leaf(workers, "list", cmd_workers_list, "list workers")
+    p.add_argument("--yaml", action="store_true")
+
+    devices = sub.add_parser("devices", help="boards").add_subparsers(dest="devices_command", required=True)
+    p = leaf(devices, "add", cmd_devices_add, "add a device")
+    p.add_argument("hostname")
+    p.add_argument("--type", dest="device_type", required=True, help="its device type")
+    p.add_argument("--worker", help="the worker it is attached to")
+    p.add_argument("--tags", help="comma-separated tags")
+    p.add_argument("--health", default="Unknown", help="initial health (default %(default)s)")
+    p.add_argument("--description")
+    p.add_argument("--dictionary", metavar="FILE", help="its device dictionary")
+    p = leaf(devices, "update", cmd_devices_update, "change a device")
+    p.add_argument("hostname")
+    p.add_argument("--health", help="Good, Unknown, Looping, Bad, Maintenance or Retired")
+    p.add_argument("--worker")
+    p.add_argument("--no-worker", action="store_true", help="detach it from its worker")
+    p.add_argument("--tags", help="comma-separated tags (replaces them; '' removes all)")
+    p.add_argument("--description")
+    p.add_argument("--type", dest="device_type", help="change its device type")
+    p = leaf(devices, "list", cmd_devices_list, "list devices")
+    p.add_argument("--type", dest="device_type")
+    p.add_argument("--worker")
+    p.add_argument("--health")
+    p.add_argument("--yaml", action="store_true")
+
+    types = sub.add_parser("device-types", help="kinds of boards").add_subparsers(
+        dest="types_command", required=True)
+    p = leaf(types, "add", cmd_device_types_add, "add a device type")
+    p.add_argument("name")
+    p.add_argument("--description")
+    p.add_argument("--template", metavar="FILE",
+                   help="store this template (default: the packaged or site file NAME.jinja2)")
+    p.add_argument("--health-check", metavar="FILE", help="the health-check job definition")
+    p.add_argument("--health-frequency", type=int, default=24)
+    p.add_argument("--health-denominator", default="hours", choices=("hours", "jobs"))
+    p = leaf(types, "list", cmd_device_types_list, "list device types")
+    p.add_argument("--yaml", action="store_true")
+
+    p = leaf(sub, "device-dictionary", cmd_device_dictionary, "import, export or review a device dictionary")
+    p.add_argument("--hostname", required=True)
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--import", dest="import_file", metavar="FILE", help="set it from FILE ('-': stdin)")
+    action.add_argument("--export", action="store_true", help="print the dictionary")
+    action.add_argument("--review", action="store_true", help="print the rendered device YAML")
+
+    tokens = sub.add_parser("tokens", help="API tokens").add_subparsers(dest="tokens_command", required=True)
+    p = leaf(tokens, "create", cmd_tokens_create, "create an API token (printed once; only its hash is kept)")
+    p.add_argument("--user", required=True, help="the user (created if missing)")
+    p.add_argument("--admin", action="store_true", help="make the user an admin")
+    p.add_argument("--description")
+    return parser
+
+
+def _check_schema(command: str) -> None:
+    """A fresh database is created by any command; an outdated one is migrated by ``serve`` and
+    ``db migrate`` only (an admin command must not change the schema behind the admin's back)."""
+    from master.migrations import current_version, migrate, pending
+
+    if command == "db":
+        return
+    todo = pending()
+    if not todo:
+        return
+    if command == "serve" or current_version() == 0:
+        for number, name in migrate():
+            log.info("applied migration %d: %s", number, name)
+        return
+    raise SystemExit(f"pumice-master: the database schema is not up to date ({len(todo)} migration(s) "
+                     "pending): run 'pumice-master db migrate'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data = getattr(args, "data", None) or str(default_data_dir())
+    args.database = getattr(args, "database", None) or os.environ.get("PUMICE_DATABASE") or None
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO if args.command == "serve"
+                        else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        options: dict[str, Any] = {}
+        if args.command == "serve":
+            options = {"name": args.instance, "url": args.url, "max_body": args.max_body}
+        open_instance(args.data, args.database, migrate=False, **options)
+        _check_schema(args.command)
+        return args.func(args)
+    except ServiceError as exc:
+        print(f"pumice-master: error: {exc.message}", file=sys.stderr)
+        for fault in exc.faults:
+            print(f"  {fault}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:
+        print(f"pumice-master: {exc}: use --data DIR or set PUMICE_DATA", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

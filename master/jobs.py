@@ -1,0 +1,607 @@
+"""Jobs (service layer): submit, cancel, resubmit, list, show, logs, results; and what the agent reports.
+
+Plain functions over the models, called by every front door (REST now, LAVA XML-RPC later) and by
+the ZeroMQ broker (``job_started``, ``append_logs``, ``append_results``, ``job_finished``). Legal
+transitions and their consequences come from :mod:`master.states`. Every state change rewrites the
+job's ``meta.yaml`` in the artifact store; events wake the scheduler and the broker after commit.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from peewee import JOIN, PostgresqlDatabase
+
+from agent.errors import Fault
+from master import events
+from master.db import db, is_postgres
+from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from master.instance import current
+from master.models import Device, DeviceType, Job, JobTag, Tag, TestCase, TestSuite, User, Worker, iso, utcnow
+from master.states import DeviceState, JobHealth, JobState, cancel_target, check_job_transition, finish_outcome
+from master.store import META_FIELDS
+from master.validation import JobRequest, check_definition
+from results.log import LogRecord
+from results.record import Result
+
+log = logging.getLogger("pumice.jobs")
+
+#: what ``list_jobs`` may filter on (query parameter -> column)
+JOB_FILTERS = ("state", "health", "device_type", "device", "submitter", "health_check")
+MAX_PAGE = 1000
+
+
+# ---- visibility and permissions ----
+
+def can_view(job: Job, user: User | None) -> bool:
+    """Public jobs are for everyone; personal and group jobs for their submitter and admins."""
+    if job.visibility == "public":
+        return True
+    return user is not None and (user.is_admin or job.submitter_id == user.id)
+
+
+def can_manage(job: Job, user: User | None) -> bool:
+    """The submitter and admins may cancel or resubmit a job."""
+    return user is not None and (user.is_admin or job.submitter_id == user.id)
+
+
+def get_job(job_id: int | str, user: User | None) -> Job:
+    """The job ``job_id`` if ``user`` may see it (an invisible job is reported as missing)."""
+    try:
+        number = int(job_id)
+    except (TypeError, ValueError):
+        raise NotFound(f"bad job id {job_id!r}: a job id is a number") from None
+    job = Job.get_or_none(Job.id == number)
+    if job is None or not can_view(job, user):
+        raise NotFound(f"no job {number}")
+    return job
+
+
+# ---- records (API bodies and meta.yaml share one shape) ----
+
+def job_records(job_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The records of ``job_ids`` (in that order): the API's job body and the store's meta.yaml."""
+    if not job_ids:
+        return []
+    submitter = User.alias("submitter_user")
+    query = (Job.select(Job.id, Job.name, Job.priority, Job.visibility, Job.state, Job.health,
+                        Job.submit_time, Job.start_time, Job.end_time, Job.failure_comment,
+                        Job.health_check, Job.source, submitter.username.alias("submitter"),
+                        DeviceType.name.alias("device_type"), Device.hostname.alias("device"),
+                        Worker.hostname.alias("worker"))
+             .join(submitter, on=(Job.submitter == submitter.id))
+             .switch(Job).join(DeviceType, JOIN.LEFT_OUTER, on=(Job.requested_device_type == DeviceType.id))
+             .switch(Job).join(Device, JOIN.LEFT_OUTER, on=(Job.actual_device == Device.id))
+             .switch(Job).join(Worker, JOIN.LEFT_OUTER, on=(Job.worker == Worker.id))
+             .where(Job.id.in_(list(job_ids))).dicts())
+    rows = {row["id"]: row for row in query}
+    tags: dict[int, list[str]] = {}
+    for job_id, name in (JobTag.select(JobTag.job, Tag.name).join(Tag)
+                         .where(JobTag.job.in_(list(job_ids))).order_by(Tag.name).tuples()):
+        tags.setdefault(job_id, []).append(name)
+    return [_record(rows[job_id], tags.get(job_id, [])) for job_id in job_ids if job_id in rows]
+
+
+_RECORD_COLUMNS = ("id", "name", "priority", "visibility", "state", "health", "submit_time", "start_time",
+                   "end_time", "failure_comment", "health_check", "source")
+
+
+def _record(row: dict[str, Any], tags: list[str]) -> dict[str, Any]:
+    """The job record from a row of :func:`job_records`' query (or the same fields from a new job)."""
+    return {
+        "id": row["id"], "name": row["name"], "description": row["name"],
+        "submitter": row["submitter"], "device_type": row["device_type"], "device": row["device"],
+        "worker": row["worker"], "tags": tags, "priority": row["priority"],
+        "visibility": row["visibility"], "state": row["state"], "health": row["health"],
+        "submit_time": iso(row["submit_time"]), "start_time": iso(row["start_time"]),
+        "end_time": iso(row["end_time"]), "failure_comment": row["failure_comment"],
+        "health_check": bool(row["health_check"]), "source": row["source"],
+    }
+
+
+#: meta.yaml writers read the database and write the files under this lock, after their commit:
+#: whatever the interleaving of threads, the last write reflects the last committed state
+_meta_lock = threading.Lock()
+
+
+def write_meta(job_ids: Sequence[int]) -> None:
+    """Rewrite ``meta.yaml`` of each job from the database (call after the change is committed)."""
+    with _meta_lock:
+        for record in job_records(job_ids):
+            _write_record(record)
+
+
+def _write_record(record: dict[str, Any]) -> None:
+    current().store.write_meta(record["id"], {key: record[key] for key in META_FIELDS})
+
+
+# ---- submission ----
+
+def _tag_ids(names: Iterable[str]) -> list[int]:
+    names = sorted(set(names))
+    if not names:
+        return []
+    found = dict(Tag.select(Tag.name, Tag.id).where(Tag.name.in_(names)).tuples())
+    for name in names:
+        if name not in found:  # only reachable if a tag vanished since validation
+            found[name] = Tag.create(name=name).id
+    return [found[name] for name in names]
+
+
+#: the columns a new job row gets, all given explicitly (no defaults computed by the ORM)
+_INSERT_FIELDS = (Job.name, Job.definition, Job.submitter, Job.requested_device_type, Job.requested_device,
+                  Job.priority, Job.visibility, Job.state, Job.health, Job.submit_time, Job.health_check,
+                  Job.source)
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(database: Any) -> str:
+    """The INSERT of one job row for ``database``: written once, not rebuilt by the ORM for every
+    submission (building it cost a tenth of a submission)."""
+    columns = ", ".join(f'"{field.column_name}"' for field in _INSERT_FIELDS)
+    params = ", ".join([database.param] * len(_INSERT_FIELDS))
+    returning = ' RETURNING "id"' if isinstance(database, PostgresqlDatabase) else ""
+    return f'INSERT INTO "{Job._meta.table_name}" ({columns}) VALUES ({params}){returning}'
+
+
+def _insert_job(**values: Any) -> Job:
+    """Insert a job row with ``values`` (every field of :data:`_INSERT_FIELDS`); the Job, unread."""
+    params = [field.db_value(values[field.name]) for field in _INSERT_FIELDS]
+    cursor = db.execute_sql(_insert_sql(db.obj), params)
+    job_id = cursor.fetchone()[0] if is_postgres() else cursor.lastrowid
+    return Job(id=job_id, **values)
+
+
+def create_job(request: JobRequest, submitter: User, *, health_check: bool = False,
+               device: Device | None = None, store: bool = True) -> Job:
+    """Insert one job (inside the caller's transaction) and, unless ``store`` is False, write its
+    definition to the store (then the caller must, after its commit)."""
+    job = _insert_job(name=request.name, definition=request.definition, submitter=submitter.id,
+                      requested_device_type=request.device_type.id, requested_device=device.id if device else None,
+                      priority=request.priority, visibility=request.visibility, state=JobState.SUBMITTED,
+                      health=JobHealth.UNKNOWN, submit_time=utcnow(), health_check=health_check, source=None)
+    tag_ids = _tag_ids(request.tags)
+    if tag_ids:
+        JobTag.insert_many([(job.id, tag_id) for tag_id in tag_ids], fields=[JobTag.job, JobTag.tag]).execute()
+    if store:
+        current().store.write_definition(job.id, request.definition)
+    return job
+
+
+def submit_job(definition: str, user: User | None) -> list[int]:
+    """Validate ``definition`` fully and queue it; returns the new job ids (one per job).
+
+    Raises Invalid with every fault (YAML path, line, message), TooLarge, or Unauthorized.
+    """
+    if user is None:
+        raise Unauthorized("submitting a job needs a token: 'Authorization: Token <token>'")
+    request = check_definition(definition)
+    with db.atomic():
+        job = create_job(request, user, store=False)
+    # The files are written after the commit, so the database's write lock is held for the inserts
+    # only. The record is known without reading it back (a submission is a hot path).
+    store = current().store
+    store.write_definition(job.id, definition)
+    row = {name: getattr(job, name) for name in _RECORD_COLUMNS}
+    record = _record({**row, "submitter": user.username, "device_type": request.device_type.name,
+                      "device": None, "worker": None}, request.tags)
+    with _meta_lock:
+        # the scheduler may have claimed the job meanwhile and written a newer meta.yaml: keep it
+        if not (store.job_dir(job.id) / "meta.yaml").exists():
+            _write_record(record)
+    log.info("job %d submitted by %s for %s", job.id, user.username, request.device_type.name)
+    events.publish("job_submitted", job_ids=[job.id])
+    return [job.id]
+
+
+def validate_definition(definition: str) -> list[Fault]:
+    """The faults of ``definition`` (empty: it would be accepted), without queuing anything."""
+    try:
+        check_definition(definition)
+    except Invalid as exc:
+        return exc.faults or [Fault("", exc.message)]
+    return []
+
+
+def resubmit_job(job_id: int | str, user: User | None) -> list[int]:
+    """Submit the definition of job ``job_id`` again (validated against today's lab)."""
+    job = get_job(job_id, user)
+    if not can_manage(job, user):
+        raise Forbidden(f"only {job.submitter.username} or an admin may resubmit job {job.id}")
+    if job.health_check:
+        raise Conflict(f"job {job.id} is a health check: the scheduler runs health checks itself")
+    if job.source:
+        raise Conflict(f"job {job.id} was imported from {job.source.get('url') or 'another instance'}: a "
+                       "results bundle has no job definition to run again")
+    return submit_job(job.definition, user)
+
+
+def cancel_job(job_id: int | str, user: User | None) -> dict[str, Any]:
+    """Cancel a job: a queued one at once (Finished/Canceled), one holding a device goes to
+    Canceling until the agent confirms. Only the submitter and admins may. Returns the record."""
+    job = get_job(job_id, user)
+    if user is None:
+        raise Unauthorized("canceling a job needs a token: 'Authorization: Token <token>'")
+    if not can_manage(job, user):
+        raise Forbidden(f"job {job.id} belongs to {job.submitter.username}: only its submitter or an "
+                        "admin may cancel it")
+    # The scheduler may claim the job between our read and our write: retry on a lost race.
+    for _ in range(5):
+        state, health = cancel_target(job.id, job.state)
+        if state == job.state:
+            break  # already Canceling
+        fields: dict[Any, Any] = {Job.state: state, Job.health: health}
+        if state == JobState.FINISHED:
+            fields[Job.end_time] = utcnow()
+            fields[Job.failure_comment] = f"canceled by {user.username}"
+        changed = Job.update(fields).where((Job.id == job.id) & (Job.state == job.state)).execute()
+        if changed:
+            write_meta([job.id])
+            log.info("job %d %s by %s", job.id, "canceled" if state == JobState.FINISHED else "canceling",
+                     user.username)
+            events.publish("job_finished" if state == JobState.FINISHED else "job_canceling", job_ids=[job.id])
+            break
+        job = Job.get_by_id(job.id)
+    else:
+        raise Conflict(f"job {job.id} kept changing state; try again")
+    return job_records([job.id])[0]
+
+
+# ---- queries ----
+
+def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: str = "-id",
+              **filters: Any) -> tuple[int, list[dict[str, Any]]]:
+    """``(count, records)`` of the jobs ``user`` may see, newest first by default.
+
+    Filters: state, health, device_type, device, submitter, health_check. Ordering: ``id``,
+    ``-id``, ``submit_time``, ``-submit_time``, ``priority``, ``-priority``.
+    """
+    query = Job.select(Job.id)
+    if user is None:
+        query = query.where(Job.visibility == "public")
+    elif not user.is_admin:
+        query = query.where((Job.visibility == "public") | (Job.submitter == user.id))
+    for key, value in filters.items():
+        if value is None or value == "":
+            continue
+        if key == "state":
+            query = query.where(Job.state == _choice("state", value, JobState.ALL))
+        elif key == "health":
+            query = query.where(Job.health == _choice("health", value, JobHealth.ALL))
+        elif key == "device_type":
+            query = query.where(Job.requested_device_type.in_(
+                DeviceType.select(DeviceType.id).where(DeviceType.name == value)))
+        elif key == "device":
+            query = query.where(Job.actual_device.in_(Device.select(Device.id).where(Device.hostname == value)))
+        elif key == "submitter":
+            query = query.where(Job.submitter.in_(User.select(User.id).where(User.username == value)))
+        elif key == "health_check":
+            query = query.where(Job.health_check == (str(value).lower() in ("1", "true", "yes")))
+        else:
+            raise Invalid(f"unknown job filter {key!r}; allowed: {', '.join(JOB_FILTERS)}")
+    orderings = {"id": Job.id, "submit_time": Job.submit_time, "priority": Job.priority}
+    field = orderings.get(ordering.lstrip("-"))
+    if field is None:
+        raise Invalid(f"unknown ordering {ordering!r}; allowed: {', '.join(orderings)} (prefix - to reverse)")
+    order = [field.desc() if ordering.startswith("-") else field.asc()]
+    if field is not Job.id:
+        order.append(Job.id.desc() if ordering.startswith("-") else Job.id.asc())
+    limit = max(0, min(int(limit), MAX_PAGE))
+    count = query.count()
+    ids = [row for (row,) in query.order_by(*order).limit(limit).offset(max(0, int(offset))).tuples()]
+    return count, job_records(ids)
+
+
+def _choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
+    for choice in allowed:
+        if choice.lower() == str(value).lower():
+            return choice
+    raise Invalid(f"unknown job {what} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def show_job(job_id: int | str, user: User | None) -> dict[str, Any]:
+    return job_records([get_job(job_id, user).id])[0]
+
+
+def job_definition(job_id: int | str, user: User | None) -> str:
+    return get_job(job_id, user).definition
+
+
+def job_logs(job_id: int | str, user: User | None, start: int = 0, end: int | None = None) -> list[str]:
+    """Lines ``start`` to ``end`` (0-based, end excluded) of the job's log, as LAVA output.yaml lines
+    (without their newlines)."""
+    job = get_job(job_id, user)
+    path = current().store.job_dir(job.id) / "output.yaml"
+    if not path.exists():
+        return []
+    with current().store.log(job.id) as logfile:
+        return logfile.read(max(0, start), end)
+
+
+def job_results(job_id: int | str, user: User | None) -> list[Result]:
+    """Every result of the job, by level then insertion order."""
+    job = get_job(job_id, user)
+    return _results_of(job.id)
+
+
+def _results_of(job_id: int) -> list[Result]:
+    query = (TestCase.select(TestCase, TestSuite.name.alias("suite_name")).join(TestSuite)
+             .where(TestCase.job == job_id).order_by(TestCase.id).objects())
+    return [Result(job=str(job_id), level=case.level, suite=case.suite_name, case=case.name,
+                   result=case.result, measurement=case.measurement, units=case.units, set=case.test_set,
+                   duration=case.duration, extra=case.extra or {}) for case in query]
+
+
+def job_suites(job_id: int | str, user: User | None) -> list[dict[str, Any]]:
+    """The job's test suites with their pass/fail/skip/unknown counts."""
+    job = get_job(job_id, user)
+    suites: dict[str, dict[str, Any]] = {}
+    for result in _results_of(job.id):
+        entry = suites.setdefault(result.suite, {"name": result.suite, "pass": 0, "fail": 0, "skip": 0,
+                                                 "unknown": 0})
+        entry[result.result] += 1
+    return list(suites.values())
+
+
+# ---- what the agent reports (through the broker) ----
+
+def job_started(job_id: int) -> bool:
+    """The agent started the job: Scheduled -> Running, its device Reserved -> Running.
+
+    Returns False (and changes nothing) when the job is not Scheduled any more: a resent START
+    acknowledgement, or a job canceled meanwhile (it stays Canceling).
+    """
+    with db.atomic():
+        job = Job.get_or_none(Job.id == job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.state != JobState.SCHEDULED:
+            return False
+        check_job_transition(job.id, job.state, JobState.RUNNING)
+        changed = (Job.update(state=JobState.RUNNING, start_time=utcnow())
+                   .where((Job.id == job_id) & (Job.state == JobState.SCHEDULED)).execute())
+        if changed and job.actual_device_id:
+            Device.update(state=DeviceState.RUNNING).where(Device.id == job.actual_device_id).execute()
+    if changed:
+        # an (empty) log from the start: the site links it when it publishes the running job, and
+        # its live tail reads what the agent appends through that link
+        with current().store.log(job_id) as logfile:
+            logfile.append_lines([])
+        write_meta([job_id])
+        events.publish("job_started", job_ids=[job_id])
+    return bool(changed)
+
+
+def start_data(job_id: int) -> dict[str, Any]:
+    """What the broker sends in START: the job id, its definition, the device YAML (the device's
+    dictionary rendered with the job's ``context:``), the device and worker names, the worker's env."""
+    from agent.schema import load_yaml
+    from master.validation import bare_dictionary, render_device
+
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    if job.actual_device_id is None:
+        raise Conflict(f"job {job_id} is {job.state}: it has no device")
+    device = Device.get_by_id(job.actual_device_id)
+    data = load_yaml(job.definition).data
+    context = (data.get("context") if isinstance(data, dict) else None) or {}
+    worker = Worker.get_or_none(Worker.id == job.worker_id) if job.worker_id else None
+    return {
+        "job_id": job.id,
+        "definition": job.definition,
+        "device": device.hostname,
+        "device_yaml": render_device(device.dictionary or bare_dictionary(device.device_type.name), context),
+        "worker": worker.hostname if worker else None,
+        "env": worker.env if worker else None,
+    }
+
+
+def active_jobs(worker: str | None = None) -> list[dict[str, Any]]:
+    """Jobs holding a device (Scheduled, Running, Canceling), optionally on one worker: what the
+    broker asks the agents about after a restart."""
+    query = (Job.select(Job.id, Job.state, Device.hostname.alias("device"), Worker.hostname.alias("worker"))
+             .join(Device, JOIN.LEFT_OUTER, on=(Job.actual_device == Device.id))
+             .switch(Job).join(Worker, JOIN.LEFT_OUTER, on=(Job.worker == Worker.id))
+             .where(Job.state.in_(JobState.ACTIVE)))
+    if worker is not None:
+        query = query.where(Worker.hostname == worker)
+    return list(query.order_by(Job.id).dicts())
+
+
+def append_logs(job_id: int, lines: Iterable[LogRecord | str]) -> int:
+    """Append log records (or already formatted output.yaml lines) to the job's log file.
+
+    Returns the number of lines in the log afterwards. Deduplication of resent batches is the
+    broker's job (batches carry sequence numbers).
+    """
+    records: list[LogRecord] = []
+    raw: list[str] = []
+    for line in lines:
+        if isinstance(line, LogRecord):
+            records.append(line)
+        else:
+            raw.append(line)
+    with current().store.log(job_id) as logfile:
+        if records:
+            logfile.append(records)
+        if raw:
+            logfile.append_lines(raw)
+        return logfile.count()
+
+
+def append_results(job_id: int, results: Iterable[Result | dict]) -> int:
+    """Record results of a running job (test cases keyed by job, level and name). Returns how many."""
+    rows: list[Result] = [r if isinstance(r, Result) else Result.from_dict(r, job=str(job_id)) for r in results]
+    if not rows:
+        return 0
+    with db.atomic():
+        if not Job.select().where(Job.id == job_id).exists():
+            raise NotFound(f"no job {job_id}")
+        names = sorted({r.suite for r in rows})
+        suites = dict(TestSuite.select(TestSuite.name, TestSuite.id)
+                      .where((TestSuite.job == job_id) & TestSuite.name.in_(names)).tuples())
+        for name in names:
+            if name not in suites:
+                suites[name] = TestSuite.create(job=job_id, name=name).id
+        now = utcnow()
+        TestCase.insert_many([
+            {"suite": suites[r.suite], "job": job_id, "level": r.level or "", "name": r.case,
+             "result": r.result, "measurement": r.measurement, "units": r.units, "test_set": r.set,
+             "duration": r.duration, "extra": r.extra or None, "logged": now}
+            for r in rows
+        ]).execute()
+    return len(rows)
+
+
+def job_finished(job_id: int, health: str, error: str | None = None, error_type: str | None = None) -> bool:
+    """The agent reports the end of a job: record its health and free its device.
+
+    ``health`` is what the agent says (Complete, Incomplete, Canceled); a job that was Canceling ends
+    Canceled. A health check sets its device's health; an infrastructure error (``error_type``
+    Infrastructure/Configuration/Bug) puts a Good device to Unknown. Idempotent: an END resent for a
+    finished job returns False and changes nothing.
+    """
+    with db.atomic():
+        query = Job.select().where(Job.id == job_id)
+        if is_postgres():
+            query = query.for_update()
+        job = query.first()
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.state == JobState.FINISHED:
+            return False
+        check_job_transition(job.id, job.state, JobState.FINISHED)
+        device = Device.get_or_none(Device.id == job.actual_device_id) if job.actual_device_id else None
+        outcome = finish_outcome(job.state, health, health_check=job.health_check,
+                                 device_health=device.health if device else "Unknown", error_type=error_type)
+        comment = job.failure_comment
+        if error:
+            comment = f"{error_type}: {error}" if error_type and not error.startswith(error_type) else error
+        Job.update(state=JobState.FINISHED, health=outcome.job_health, end_time=utcnow(),
+                   failure_comment=comment).where(Job.id == job.id).execute()
+        if device is not None:
+            fields: dict[Any, Any] = {Device.state: DeviceState.IDLE, Device.current_job_id: None}
+            if outcome.device_health:
+                fields[Device.health] = outcome.device_health
+            if job.health_check:
+                fields[Device.last_health_check] = utcnow()
+                fields[Device.jobs_since_check] = 0
+            else:
+                fields[Device.jobs_since_check] = Device.jobs_since_check + 1
+            (Device.update(fields)
+             .where((Device.id == device.id) & (Device.current_job_id == job.id)).execute())
+    write_meta([job.id])
+    store = current().store
+    _write_bundle(job.id)
+    if device is not None:
+        if outcome.device_health:
+            log.warning("device %s health %s -> %s after job %d (%s)", device.hostname, device.health,
+                        outcome.device_health, job.id, "health check" if job.health_check else error_type)
+        from master.lab import write_lab
+
+        write_lab()
+    log.info("job %d finished: %s", job.id, outcome.job_health)
+    events.publish("job_finished", job_ids=[job.id], store=str(store.root))
+    if device is not None:
+        events.publish("device_freed", devices=[device.hostname])
+    return True
+
+
+def _bundle_text(job_id: int) -> str:
+    """The job's bundle: the very text the site publishes as its ``results.yaml`` (same header and
+    uuid), so a bundle downloaded from the API or from the site is recognised as one on upload."""
+    from sitegen.bundles import site_base_url, site_bundle
+
+    instance = current()
+    (submit_time,) = Job.select(Job.submit_time).where(Job.id == job_id).tuples().get()
+    return site_bundle(job_id, _results_of(job_id), {"submit_time": iso(submit_time)}, instance.name,
+                       site_base_url(instance.name, instance.url))
+
+
+def job_bundle(job_id: int | str, user: User | None) -> str:
+    """The job's results bundle (YAML keyed by level, with a header naming this instance)."""
+    return _bundle_text(get_job(job_id, user).id)
+
+
+def _write_bundle(job_id: int) -> None:
+    current().store.write_file(job_id, "results.yaml", _bundle_text(job_id))
+
+
+# ---- bundles from other instances ----
+
+_BUNDLE_HEALTH = {"complete": JobHealth.COMPLETE, "incomplete": JobHealth.INCOMPLETE,
+                  "canceled": JobHealth.CANCELED}
+
+
+def _upload_reply(job_id: int, created: bool) -> dict[str, Any]:
+    (source,) = Job.select(Job.source).where(Job.id == job_id).tuples().get()
+    return {"job": job_id, "created": created, "url": current().job_url(job_id), "source": source}
+
+
+def upload_bundle(text: str, user: User | None) -> dict[str, Any]:
+    """Import a results bundle downloaded from another instance (a job page's ``results.yaml``) as a
+    finished job of this instance, with a new job id here, its results in the database and its
+    ``source`` kept; then publish its pages.
+
+    Returns ``{job, created, url, source}``: ``created`` is False when this bundle (by its uuid) was
+    imported before, and ``job`` is then the job it became. Raises Invalid (message and line) for
+    a text that is not a bundle, Unauthorized without a token.
+    """
+    from sitegen.bundles import BundleImportError, find_import, import_bundle, read_bundle
+
+    if user is None:
+        raise Unauthorized("uploading a bundle needs a token: 'Authorization: Token <token>'")
+
+    def invalid(exc: BundleImportError) -> Invalid:
+        line = getattr(exc.__cause__, "line", 0) or None
+        return Invalid(f"invalid results bundle: {exc}", [Fault("", str(exc), line)])
+
+    try:
+        bundle, info = read_bundle(text)
+    except BundleImportError as exc:
+        raise invalid(exc) from None
+    instance = current()
+    existing = find_import(instance.store, info.uuid)
+    if existing is not None:
+        return _upload_reply(existing, False)
+    source = {"instance": info.instance, "url": info.url, "job": info.job, "uuid": info.uuid}
+    now = utcnow()
+    with db.atomic() as transaction:
+        job = Job.create(name=info.name[:200], definition="", submitter=user, state=JobState.FINISHED,
+                         health=_BUNDLE_HEALTH.get(info.health, JobHealth.UNKNOWN), submit_time=now,
+                         end_time=now, source=source)
+        append_results(job.id, bundle.results)
+        # last: its files (and the uuid marker) are written only once the rows are in place, and
+        # a failure here rolls the rows back
+        try:
+            imported = import_bundle(instance.store, text, job_id=job.id, submitter=user.username)
+        except BundleImportError as exc:
+            raise invalid(exc) from None
+        if not imported.created:  # a concurrent upload of the same bundle got there first
+            transaction.rollback()
+            return _upload_reply(imported.job_id, False)
+    write_meta([job.id])  # the master's record (with source) replaces the importer's meta.yaml
+    log.info("bundle %s from %s imported by %s as job %d", info.uuid, info.url or info.instance,
+             user.username, job.id)
+    publish_pages(job.id)
+    return _upload_reply(job.id, True)
+
+
+def publish_pages(job_id: int) -> None:
+    """Publish the job's pages on this instance's site now (sitegen, incremental). A failure is
+    logged, not raised: the job is recorded, and ``pumice-site build`` catches up."""
+    instance = current()
+    if instance.site_dir is None:
+        return
+    try:
+        from sitegen import publish_job
+
+        publish_job(instance.store.root, instance.site_dir, job_id, instance=instance.name,
+                    base_url=instance.url)
+    except Exception:
+        log.exception("publishing job %d failed; 'pumice-site build' will catch up", job_id)

@@ -1,0 +1,70 @@
+"""Schema migrations: an ordered list of steps, each applied once and recorded in ``schema_version``.
+
+A new release that changes the schema appends a step (using ``playhouse.migrate`` operations for
+columns) and never edits an old one. ``pumice-master db migrate`` applies what is pending;
+``pumice-master serve`` does too, so a fresh data directory just works.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from peewee import Database
+from playhouse.migrate import SchemaMigrator
+from playhouse.migrate import migrate as migrate_columns
+
+from master.db import db
+from master.models import MODELS, Job, SchemaVersion
+
+log = logging.getLogger("pumice.migrations")
+
+
+def _initial(database: Database) -> None:
+    database.create_tables(MODELS)
+
+
+def _job_source(database: Database) -> None:
+    # A database created by this release already has the column (step 1 creates today's tables).
+    if "source" in {column.name for column in database.get_columns(Job._meta.table_name)}:
+        return
+    migrator = SchemaMigrator.from_database(database)
+    migrate_columns(migrator.add_column(Job._meta.table_name, "source", Job.source))
+
+
+#: (version, name, step); versions are consecutive from 1
+MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
+    (1, "initial schema", _initial),
+    (2, "jobs.source: where an imported job comes from", _job_source),
+]
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version() -> int:
+    """The schema version of the bound database (0: empty)."""
+    if not db.table_exists(SchemaVersion._meta.table_name):
+        return 0
+    last = SchemaVersion.select(SchemaVersion.version).order_by(SchemaVersion.version.desc()).first()
+    return last.version if last else 0
+
+
+def pending() -> list[tuple[int, str]]:
+    """The migrations not applied yet, as (version, name)."""
+    version = current_version()
+    return [(number, name) for number, name, _ in MIGRATIONS if number > version]
+
+
+def migrate() -> list[tuple[int, str]]:
+    """Apply every pending migration, each in its own transaction; return what was applied."""
+    db.create_tables([SchemaVersion])
+    applied = []
+    for number, name, step in MIGRATIONS:
+        if number <= current_version():
+            continue
+        with db.atomic():
+            step(db.obj)
+            SchemaVersion.create(version=number, name=name)
+        log.info("schema migration %d applied: %s", number, name)
+        applied.append((number, name))
+    return applied

@@ -1,0 +1,258 @@
+"""Peewee models of the lab: device types, devices, workers, jobs, results, tags, users and tokens.
+
+All bound to :data:`master.db.db` (a DatabaseProxy), so the same models serve SQLite and PostgreSQL.
+States and healths are stored as the words of :mod:`master.states` (readable in SQL and in dumps).
+Logs never go to the database: they live in the artifact store (:mod:`master.store`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+
+from peewee import (
+    AutoField,
+    BooleanField,
+    CharField,
+    DateTimeField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+from master.db import db
+from master.states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
+
+
+def utcnow() -> _dt.datetime:
+    """Now, in UTC, without tzinfo (what the database stores)."""
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
+
+
+def iso(value: _dt.datetime | None) -> str | None:
+    """A stored time as ISO 8601 UTC (``2024-05-01T10:00:00.123456Z``), None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite hands back text for raw queries
+        value = _dt.datetime.fromisoformat(value)
+    return value.isoformat(timespec="microseconds") + "Z"
+
+
+class JSONField(TextField):
+    """A small JSON document (extra fields of a test case) stored as text on every backend."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, sort_keys=True)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    """Someone who submits jobs (and, if admin, manages the lab). Authenticates with API tokens."""
+
+    username = CharField(max_length=150, unique=True)
+    email = CharField(max_length=254, default="")
+    is_admin = BooleanField(default=False)
+    created = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "users"
+
+
+class Token(BaseModel):
+    """An API token; only the SHA-256 of the secret is stored, never the token itself."""
+
+    user = ForeignKeyField(User, backref="tokens", on_delete="CASCADE")
+    digest = CharField(max_length=64, unique=True)
+    description = CharField(max_length=200, default="")
+    created = DateTimeField(default=utcnow)
+    last_used = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "tokens"
+
+
+class Tag(BaseModel):
+    """A device capability (``usb-stick``, ``hdmi``); a job's tags must all be on its device."""
+
+    name = CharField(max_length=100, unique=True)
+    description = TextField(default="")
+
+    class Meta:
+        table_name = "tags"
+
+
+class DeviceType(BaseModel):
+    """A kind of board; its template renders each device's dictionary to the device YAML.
+
+    ``template`` holds a template stored through the API (it overrides the packaged file of the same
+    name); ``health_check`` a job definition run on devices of this type when their health is
+    Unknown/Looping or their check is due (every ``health_frequency`` hours or jobs).
+    """
+
+    name = CharField(max_length=100, unique=True)
+    description = TextField(default="")
+    template = TextField(null=True)
+    health_check = TextField(null=True)
+    health_frequency = IntegerField(default=24)
+    health_denominator = CharField(max_length=10, default="hours")
+    display = BooleanField(default=True)
+
+    class Meta:
+        table_name = "device_types"
+
+
+class Worker(BaseModel):
+    """A lab box running ``pumice-agent``; it owns devices and connects out to the master."""
+
+    hostname = CharField(max_length=200, unique=True)
+    description = TextField(default="")
+    state = CharField(max_length=20, default=WorkerState.OFFLINE)
+    health = CharField(max_length=20, default=WorkerHealth.ACTIVE)
+    last_seen = DateTimeField(null=True)
+    version = CharField(max_length=50, null=True)
+    public_key = TextField(null=True)
+    #: YAML: environment for jobs on this worker (proxy settings: overrides, purge)
+    env = TextField(null=True)
+    #: YAML: the worker's dispatcher configuration
+    config = TextField(null=True)
+    #: at most this many jobs at once on the worker's devices (0: no limit)
+    job_limit = IntegerField(default=0)
+
+    class Meta:
+        table_name = "workers"
+
+
+class Device(BaseModel):
+    """One board: its type, its worker, its tags, its dictionary, its state and health."""
+
+    hostname = CharField(max_length=200, unique=True)
+    device_type = ForeignKeyField(DeviceType, backref="devices")
+    worker = ForeignKeyField(Worker, backref="devices", null=True, on_delete="SET NULL")
+    description = TextField(default="")
+    state = CharField(max_length=20, default=DeviceState.IDLE)
+    health = CharField(max_length=20, default=DeviceHealth.UNKNOWN)
+    #: the device dictionary (``{% extends 'TYPE.jinja2' %}`` + ``{% set %}``); None: the bare type
+    dictionary = TextField(null=True)
+    #: the job holding the device while Reserved/Running (a plain id: jobs also point at devices)
+    current_job_id = IntegerField(null=True)
+    #: when the last health check ended, and how many jobs ran since (for health_frequency)
+    last_health_check = DateTimeField(null=True)
+    jobs_since_check = IntegerField(default=0)
+
+    class Meta:
+        table_name = "devices"
+
+
+class DeviceTag(BaseModel):
+    device = ForeignKeyField(Device, backref="device_tags", on_delete="CASCADE", index=False)
+    tag = ForeignKeyField(Tag, on_delete="CASCADE")
+
+    class Meta:
+        table_name = "device_tags"
+        indexes = ((("device", "tag"), True),)
+
+
+class Job(BaseModel):
+    """A test job: its definition, what it asks for, where it ran and how it ended.
+
+    ``id`` is the instance's sequence number (the job id in URLs, logs and bundles).
+    """
+
+    id = AutoField()
+    name = CharField(max_length=200, default="")
+    definition = TextField()
+    # FK indexes that composite indexes below cover are left out: every index costs time when the
+    # scheduler updates a thousand jobs at once
+    submitter = ForeignKeyField(User, backref="jobs", index=False)
+    requested_device_type = ForeignKeyField(DeviceType, backref="jobs", null=True)
+    #: set for health checks: the one device the job must run on
+    requested_device = ForeignKeyField(Device, null=True, backref="+", on_delete="SET NULL", index=False)
+    priority = IntegerField(default=50)
+    visibility = CharField(max_length=20, default="public")
+    state = CharField(max_length=20, default=JobState.SUBMITTED)
+    health = CharField(max_length=20, default=JobHealth.UNKNOWN)
+    submit_time = DateTimeField(default=utcnow)
+    start_time = DateTimeField(null=True)
+    end_time = DateTimeField(null=True)
+    actual_device = ForeignKeyField(Device, null=True, backref="+", on_delete="SET NULL", index=False)
+    worker = ForeignKeyField(Worker, null=True, backref="+", on_delete="SET NULL", index=False)
+    failure_comment = TextField(null=True)
+    health_check = BooleanField(default=False)
+    #: where an imported job comes from (``{instance, url, job, uuid}`` of an uploaded bundle); None
+    #: for jobs that ran here. Kept in the database so every meta.yaml rewrite carries it through.
+    source = JSONField(null=True)
+
+    class Meta:
+        table_name = "jobs"
+        indexes = (
+            (("state", "priority", "submit_time"), False),
+            (("submitter", "state"), False),
+            (("actual_device", "state"), False),
+        )
+
+
+class JobTag(BaseModel):
+    job = ForeignKeyField(Job, backref="job_tags", on_delete="CASCADE", index=False)
+    tag = ForeignKeyField(Tag, on_delete="CASCADE")
+
+    class Meta:
+        table_name = "job_tags"
+        indexes = ((("job", "tag"), True),)
+
+
+class TestSuite(BaseModel):
+    """The results of one test definition run (``0_smoke-tests``) or the ``lava`` suite of a job."""
+
+    job = ForeignKeyField(Job, backref="suites", on_delete="CASCADE", index=False)
+    name = CharField(max_length=200)
+
+    class Meta:
+        table_name = "test_suites"
+        indexes = ((("job", "name"), True),)
+
+
+class TestCase(BaseModel):
+    """One result, identified by its job, its level (pipeline position) and its name."""
+
+    suite = ForeignKeyField(TestSuite, backref="cases", on_delete="CASCADE")
+    job = ForeignKeyField(Job, backref="+", on_delete="CASCADE", index=False)
+    level = CharField(max_length=50, default="")
+    name = CharField(max_length=200)
+    result = CharField(max_length=10)
+    measurement = FloatField(null=True)
+    units = CharField(max_length=100, null=True)
+    test_set = CharField(max_length=200, null=True)
+    duration = FloatField(null=True)
+    extra = JSONField(null=True)
+    logged = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "test_cases"
+        indexes = ((("job", "level", "name"), False),)
+
+
+class SchemaVersion(BaseModel):
+    """One row per applied migration (see :mod:`master.migrations`)."""
+
+    version = IntegerField(primary_key=True)
+    name = CharField(max_length=200)
+    applied = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "schema_version"
+
+
+#: every table, in creation order (referenced before referencing)
+MODELS: tuple[type[BaseModel], ...] = (
+    User, Token, Tag, DeviceType, Worker, Device, DeviceTag, Job, JobTag, TestSuite, TestCase,
+)

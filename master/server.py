@@ -1,0 +1,150 @@
+"""The running master: the REST API on waitress (threads), the scheduler thread, the site publisher.
+
+``MasterServer(...).start()`` runs everything in background threads (tests, tools);
+``serve_forever()`` is ``pumice-master serve``. The ZeroMQ broker plugs in next to these through
+:mod:`master.events` and the service layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import signal
+import threading
+from typing import Any
+
+import waitress
+from waitress import wasyncore
+
+from master import events
+from master.api import make_app
+from master.instance import current
+from master.scheduler import Scheduler
+
+log = logging.getLogger("pumice.server")
+
+
+class SitePublisher:
+    """Publishes a job's pages when it starts and when it finishes (sitegen, incremental), off the
+    request path."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def on_event(self, event: str, data: dict[str, Any]) -> None:
+        # a running job too: its log page tails output.yaml live
+        if event in ("job_started", "job_finished"):
+            for job_id in data.get("job_ids", ()):
+                self._queue.put(job_id)
+
+    def _run(self) -> None:
+        try:
+            from sitegen import publish_job
+        except ImportError:
+            log.warning("sitegen.publish_job is not available: finished jobs are not published")
+            return
+        while (job_id := self._queue.get()) is not None:
+            instance = current()
+            try:
+                publish_job(instance.store.root, instance.site_dir, job_id, instance=instance.name,
+                            base_url=instance.url)
+            except Exception:
+                log.exception("publishing job %s failed; 'pumice-site build' will catch up", job_id)
+
+    def start(self) -> None:
+        events.subscribe(self.on_event)
+        self._thread = threading.Thread(target=self._run, name="pumice-site", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        events.unsubscribe(self.on_event)
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class MasterServer:
+    """The REST API on ``host:port`` (port 0: any free port) plus the scheduler and site publisher."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
+                 scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True) -> None:
+        self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
+        self.publisher = SitePublisher() if publish_site else None
+        self._server = waitress.create_server(
+            make_app(), host=host, port=port, threads=threads, ident="pumice",
+            # the API refuses bodies over max_body itself, with a JSON error; waitress only stops
+            # absurd ones (its own 413 is plain text)
+            max_request_body_size=max(64 << 20, 4 * current().max_body), clear_untrusted_proxy_headers=True)
+        self.host = host
+        self.port = self._server.effective_port
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _start_helpers(self) -> None:
+        if self.scheduler:
+            self.scheduler.start()
+        if self.publisher:
+            self.publisher.start()
+
+    def start(self) -> MasterServer:
+        """Serve in background threads; returns at once."""
+        self._start_helpers()
+        self._thread = threading.Thread(target=self._run, name="pumice-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except OSError:
+            if not self._stopping:  # closing the socket under the poll loop is how it stops
+                raise
+
+    def stop(self) -> None:
+        """Stop serving; the scheduler and the site publisher stop even if the HTTP side fails to."""
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            if self._thread is not None:
+                # close every channel from inside the poll loop (a thunk run by its trigger): the loop
+                # then finds its map empty and returns; closing sockets from here would race its poll
+                server_map = self._server._map
+                # OSError: the loop already closed its trigger, it is stopping or stopped
+                with contextlib.suppress(OSError):
+                    self._server.trigger.pull_trigger(lambda: wasyncore.close_all(server_map))
+                self._thread.join(10)
+            else:
+                self._server.close()
+        finally:
+            if self.scheduler:
+                self.scheduler.stop()
+            if self.publisher:
+                self.publisher.stop()
+            self._server.task_dispatcher.shutdown()
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGTERM or SIGINT."""
+        self._start_helpers()
+
+        def stop(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
+        log.info("pumice master listening on %s (data %s)", self.url, current().data_dir)
+        try:
+            self._server.run()
+        except KeyboardInterrupt:
+            log.info("stopping")
+        finally:
+            self._server.close()
+            if self.scheduler:
+                self.scheduler.stop()
+            if self.publisher:
+                self.publisher.stop()

@@ -1,0 +1,209 @@
+"""The results bundle: one YAML file with all the results of a job, keyed by level.
+
+Shape (what ``dump_bundle`` writes; ``load_bundle`` also reads any equivalent YAML, e.g. block
+style written by hand)::
+
+    # Pumice results bundle
+    # instance: lab-a
+    # job: https://lab-a.example.org/jobs/12
+    # uuid: 4f1c2a9e-...
+    job: "12"
+    source: {"instance": "lab-a", "url": "https://lab-a.example.org/jobs/12", "uuid": "4f1c2a9e-..."}
+    results:
+      "0":
+      - {"suite": "lava", "case": "job", "result": "pass"}
+      "1.1":
+      - {"suite": "lava", "case": "http-download", "result": "pass", "duration": 0.12, "extra": {...}}
+      "3.1":
+      - {"suite": "0_smoke-tests", "case": "pwd", "result": "pass", "set": "basic", "duration": 0.01}
+
+- ``source`` repeats the header comment as data, so it survives an upload to another
+  instance; the uuid tells bundles apart there. Without a header there is no ``source``.
+- Levels are sorted numerically ("1.2" < "1.10" < "2") and written quoted, so YAML never reads
+  them as numbers. Level "0" (``results.record.JOB_LEVEL``) holds the final ``lava``/``job``
+  result: no pipeline action has level 0, so the job's outcome is always the first entry.
+- Each result is one line of JSON-compatible flow YAML (the log line encoder): fast to write,
+  easy to grep and diff. Result fields are those of ``Result.to_dict()`` less job and level.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid as uuidlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from results.log import encode_value
+from results.record import Result, level_key
+
+MAGIC = "# Pumice results bundle"
+
+
+class BundleError(ValueError):
+    """A malformed bundle; ``line`` is the 1-based line of the fault (0 if unknown)."""
+
+    def __init__(self, message: str, line: int = 0) -> None:
+        super().__init__(f"line {line}: {message}" if line else message)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class BundleHeader:
+    """Where a bundle comes from: the source instance's name, the job's URL there, a UUID."""
+
+    instance: str
+    url: str
+    uuid: str
+
+    @classmethod
+    def new(cls, instance: str, url: str) -> BundleHeader:
+        """A header with a fresh random UUID (for a bundle being downloaded)."""
+        return cls(instance, url, str(uuidlib.uuid4()))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle: the job id, its header (None if it has no ``source``) and results."""
+
+    job: str
+    header: BundleHeader | None
+    results: list[Result] = field(default_factory=list)
+
+
+def _comment(value: str) -> str:
+    return encode_value(value)[1:-1]  # JSON escapes keep a comment on one line
+
+
+def dump_bundle(job: str, results: Iterable[Result], header: BundleHeader | None = None) -> str:
+    """The bundle text for ``results`` of ``job`` (every result must belong to that job)."""
+    job = str(job)
+    by_level: dict[str, list[Result]] = {}
+    for result in results:
+        if result.job != job:
+            raise ValueError(
+                f"result {result.suite}/{result.case} at level {result.level} belongs "
+                f"to job {result.job}, not to job {job}"
+            )
+        by_level.setdefault(result.level, []).append(result)
+    out = [MAGIC]
+    if header is not None:
+        out += [
+            f"# instance: {_comment(header.instance)}",
+            f"# job: {_comment(header.url)}",
+            f"# uuid: {_comment(header.uuid)}",
+        ]
+    else:
+        out.append(f"# job: {_comment(job)}")
+    out.append(f"job: {encode_value(job)}")
+    if header is not None:
+        source = {"instance": header.instance, "url": header.url, "uuid": header.uuid}
+        out.append(f"source: {encode_value(source)}")
+    if not by_level:
+        out.append("results: {}")
+    else:
+        out.append("results:")
+        for level in sorted(by_level, key=level_key):
+            out.append(f"  {encode_value(level)}:")
+            for result in by_level[level]:
+                data = result.to_dict()
+                del data["job"], data["level"]
+                out.append(f"  - {encode_value(data)}")
+    return "\n".join(out) + "\n"
+
+
+def write_bundle(
+    path: str | os.PathLike[str], job: str, results: Iterable[Result], header: BundleHeader | None = None
+) -> None:
+    """Write the bundle to ``path`` atomically (readers see the old file or the new one)."""
+    text = dump_bundle(job, results, header)
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_bundle(text: str) -> Bundle:
+    """Parse a bundle. Raises BundleError saying what is wrong and on which line."""
+    import yaml  # not needed by the agent's fast paths
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            raise BundleError(f"not valid YAML: {exc.problem or exc}", mark.line + 1 if mark else 0) from None
+        except yaml.YAMLError as exc:
+            raise BundleError(f"not valid YAML: {exc}") from None
+        return _bundle(loader, root)
+    finally:
+        loader.dispose()
+
+
+def _line(node: Any) -> int:
+    return node.start_mark.line + 1
+
+
+def _bundle(loader: Any, root: Any) -> Bundle:
+    import yaml
+
+    if not isinstance(root, yaml.MappingNode):
+        raise BundleError("a bundle is a mapping with job, source and results", _line(root) if root is not None else 1)
+    keys = {}
+    for key_node, value_node in root.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            keys[key_node.value] = value_node
+    if "job" not in keys:
+        raise BundleError("the bundle has no 'job' (the job id)", _line(root))
+    job_node = keys["job"]
+    if not isinstance(job_node, yaml.ScalarNode) or not job_node.value:
+        raise BundleError("'job' must be the job id", _line(job_node))
+    job = job_node.value
+    header = _header(loader, keys["source"]) if "source" in keys else None
+    if "results" not in keys:
+        raise BundleError("the bundle has no 'results' (a mapping of level to results)", _line(root))
+    results_node = keys["results"]
+    if isinstance(results_node, yaml.ScalarNode) and results_node.tag.endswith(":null"):
+        return Bundle(job, header, [])
+    if not isinstance(results_node, yaml.MappingNode):
+        raise BundleError("'results' must be a mapping of level to a list of results", _line(results_node))
+    results = []
+    for level_node, items_node in results_node.value:
+        if not isinstance(level_node, yaml.ScalarNode):
+            raise BundleError("a level must be text like 1.2", _line(level_node))
+        level = level_node.value  # the text as written: an unquoted 1.10 stays "1.10"
+        if not isinstance(items_node, yaml.SequenceNode):
+            raise BundleError(f"level {level}: expected a list of results", _line(items_node))
+        for item in items_node.value:
+            try:
+                data = loader.construct_object(item, deep=True)
+            except yaml.YAMLError as exc:
+                raise BundleError(f"level {level}: {exc}", _line(item)) from None
+            if not isinstance(data, dict):
+                raise BundleError(f"level {level}: a result must be a mapping, got {data!r}", _line(item))
+            if "level" in data and str(data["level"]) != level:
+                raise BundleError(f"level {level}: result says level {data['level']!r}", _line(item))
+            try:
+                results.append(Result.from_dict({**data, "level": level}, job=job))
+            except (TypeError, ValueError) as exc:
+                raise BundleError(f"level {level}: {exc}", _line(item)) from None
+    return Bundle(job, header, results)
+
+
+def _header(loader: Any, node: Any) -> BundleHeader:
+    data = loader.construct_object(node, deep=True)
+    if not isinstance(data, dict):
+        raise BundleError("'source' must be a mapping with instance, url and uuid", _line(node))
+    missing = [key for key in ("instance", "url", "uuid") if not isinstance(data.get(key), str)]
+    if missing:
+        raise BundleError(f"'source' lacks {', '.join(missing)} (text)", _line(node))
+    return BundleHeader(data["instance"], data["url"], data["uuid"])

@@ -1,0 +1,173 @@
+"""Session fixtures shared by Pumice's tests: the emulated boards' images, a loopback HTTP server
+and the LAVA corpus.
+
+- ``dut_images``: paths of the DUT kernels/initramfs/dtb/U-Boot (built into ``$PUMICE_CACHE``,
+  default ``~/.cache/pumice``, by ``tools/build_dut_images.py`` when absent or stale).
+- ``http_server``: a directory served over HTTP on 127.0.0.1 (ephemeral port).
+- ``lava_corpus``: the LAVA 2023.01 test data in ``../shared/lava-corpus``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG = logging.getLogger("pumice.tests")
+
+
+# --- DUT images ---------------------------------------------------------------------------------
+
+
+def load_dut_builder() -> ModuleType:
+    """tools/build_dut_images.py as a module (tools/ is a script directory, not a package)."""
+    name = "pumice_build_dut_images"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "build_dut_images.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@dataclass(frozen=True)
+class BoardImages:
+    """The images of one emulated board, and how to boot them."""
+
+    kernel: Path
+    ramdisk: Path
+    console: str  # ttyS0 / ttyAMA0
+    command_line: str  # a kernel command line that works (prints "Linux version", then quiet)
+    dtb: Path | None = None
+    uboot: Path | None = None
+    addresses: dict[str, str] | None = None  # U-Boot KERNEL_ADDR, RAMDISK_ADDR, DTB_ADDR
+
+    @property
+    def directory(self) -> Path:
+        """The directory holding the images (a TFTP root for the U-Boot board)."""
+        return self.kernel.parent
+
+
+@dataclass(frozen=True)
+class DutImages:
+    """Every DUT image: ``amd64`` (QEMU -kernel/-initrd), ``arm64`` (U-Boot + TFTP)."""
+
+    cache: Path
+    amd64: BoardImages
+    arm64: BoardImages
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def dut_builder() -> ModuleType:
+    """The DUT image builder module (build_images, load_manifest, ARCHES, ...)."""
+    return load_dut_builder()
+
+
+@pytest.fixture(scope="session")
+def dut_images(dut_builder: ModuleType) -> DutImages:
+    """The DUT images in the cache, built first when absent or stale (a no-op otherwise)."""
+    cache = Path(os.environ.get("PUMICE_CACHE") or "~/.cache/pumice").expanduser()
+    try:
+        manifest = dut_builder.build_images(cache)
+    except dut_builder.BuildError as exc:
+        pytest.fail(f"cannot build the DUT images in {cache}/dut (see `make images`): {exc}")
+    arches = manifest["arches"]
+    out = cache / "dut"
+    return DutImages(
+        cache=cache,
+        amd64=BoardImages(
+            kernel=out / "amd64" / "vmlinuz",
+            ramdisk=out / "amd64" / "initramfs.cpio.gz",
+            console=arches["amd64"]["console"],
+            command_line=arches["amd64"]["kernel_command_line"],
+        ),
+        arm64=BoardImages(
+            kernel=out / "arm64" / "Image",
+            ramdisk=out / "arm64" / "initramfs.cpio.gz",
+            dtb=out / "arm64" / "virt.dtb",
+            uboot=out / "arm64" / "u-boot.bin",
+            console=arches["arm64"]["console"],
+            command_line=arches["arm64"]["kernel_command_line"],
+            addresses={
+                key: arches["arm64"]["u_boot"][key] for key in ("KERNEL_ADDR", "RAMDISK_ADDR", "DTB_ADDR")
+            },
+        ),
+        manifest=manifest,
+    )
+
+
+# --- HTTP server --------------------------------------------------------------------------------
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    """Static files; requests are logged through logging, not printed on stderr."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        LOG.debug("http: " + format, *args)
+
+
+class HttpServer:
+    """A ThreadingHTTPServer serving ``root`` on 127.0.0.1 from a thread."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="pumice-test-http",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def url(self, path: str = "") -> str:
+        """URL of a file under ``root``, as seen from this host."""
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def guest_url(self, path: str = "") -> str:
+        """The same URL as seen from a QEMU board on user networking (the host is 10.0.2.2)."""
+        return f"http://10.0.2.2:{self.port}/{path.lstrip('/')}"
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+    """Serves ``.root`` (a temporary directory where tests place files) over HTTP."""
+    server = HttpServer(tmp_path_factory.mktemp("http"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# --- LAVA corpus --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def lava_corpus() -> Path:
+    """The LAVA 2023.01 corpus (``$PUMICE_LAVA_CORPUS`` or ``../shared/lava-corpus``)."""
+    path = Path(os.environ.get("PUMICE_LAVA_CORPUS") or ROOT.parent / "shared" / "lava-corpus")
+    if not path.is_dir():
+        pytest.skip(f"LAVA corpus not found at {path} (set PUMICE_LAVA_CORPUS to its directory)")
+    return path
