@@ -7,7 +7,10 @@ export PUMICE_CACHE
 
 APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
 	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
-	python3-venv
+	python3-venv shellcheck $(LAVA_PACKAGES)
+# the real LAVA 2023.01, run beside Pumice for side-by-side checks (tests) and figures (bench);
+# Pumice never imports it
+LAVA_PACKAGES := lava-dispatcher
 
 .PHONY: setup apt venv compile images test demo bench lint golden clean
 

@@ -106,7 +106,7 @@ def live(dut_images, http_server, tmp_path_factory) -> Iterator[LiveLab]:
     url = f"http://127.0.0.1:{http_port}"
     master_log = root / "master.log"
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "master.broker", "--data", str(data), "serve", "--http", f"127.0.0.1:{http_port}",
+        [sys.executable, "-m", "master.cli", "--data", str(data), "serve", "--http", f"127.0.0.1:{http_port}",
          "--broker", f"tcp://127.0.0.1:{broker_port}", "--scheduler-interval", "2"],
         stdout=master_log.open("w"), stderr=subprocess.STDOUT)]  # noqa: SIM115
     try:
