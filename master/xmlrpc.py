@@ -71,6 +71,10 @@ def method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 # ---- shapes ----
 
+#: the last ping of a worker never seen
+NEVER = _dt.datetime(1970, 1, 1)
+
+
 def _time(value: str | None) -> _dt.datetime | None:
     """A record's ISO 8601 UTC time as a datetime (marshalled as an XML-RPC dateTime.iso8601)."""
     if not value:
@@ -562,11 +566,12 @@ def workers_list(user: User | None, show_all: bool = False) -> list[str]:
 
 @method("scheduler.workers.show")
 def workers_show(user: User | None, hostname: str) -> dict[str, Any]:
-    """scheduler.workers.show(hostname): a worker's state, health, devices, last ping (nil: never
-    seen), job limit and version."""
+    """scheduler.workers.show(hostname): a worker's state, health, devices, last ping, job limit and
+    version. A worker never seen has the epoch as its last ping: LAVA always sends a date there, and
+    lavacli reads it as one."""
     record = lab.show_worker(hostname)
     return {"hostname": record["hostname"], "description": record["description"], "state": record["state"],
-            "health": record["health"], "devices": record["devices"], "last_ping": _time(record["last_seen"]),
+            "health": record["health"], "devices": record["devices"], "last_ping": _time(record["last_seen"]) or NEVER,
             "job_limit": record["job_limit"], "version": record["version"],
             "default_config": not lab.worker_text(hostname, "config"),
             "default_env": not lab.worker_text(hostname, "env"), "default_env_dut": True}

@@ -383,6 +383,10 @@ class Site:
             runs = by[key].get(name, [])
             return {"jobs": len(runs), "last": runs[0] if runs else None, "health": Counter(j["health"] for j in runs)}
 
+        def devices_of(key: str, name: str) -> list[str]:
+            """The lab's devices whose ``key`` (device_type, worker) is ``name``."""
+            return sorted(d for d, info in lab_devices.items() if info.get(key) == name)
+
         self.page(
             "devices/index.html",
             "devices.html",
@@ -391,28 +395,14 @@ class Site:
         self.page(
             "device-types/index.html",
             "device_types.html",
-            device_types=[
-                (
-                    name,
-                    lab_types.get(name, {}),
-                    stats(name, "device_type"),
-                    sorted(d for d, info in lab_devices.items() if info.get("device_type") == name),
-                )
-                for name in all_types
-            ],
+            device_types=[(name, lab_types.get(name, {}), stats(name, "device_type"), devices_of("device_type", name))
+                          for name in all_types],
         )
         self.page(
             "workers/index.html",
             "workers.html",
-            workers=[
-                (
-                    name,
-                    lab_workers.get(name, {}),
-                    stats(name, "worker"),
-                    sorted(d for d, info in lab_devices.items() if info.get("worker") == name),
-                )
-                for name in all_workers
-            ],
+            workers=[(name, lab_workers.get(name, {}), stats(name, "worker"), devices_of("worker", name))
+                     for name in all_workers],
         )
         for name in all_devices if devices is None else [d for d in devices if d]:
             self.page(

@@ -249,7 +249,7 @@ def test_lab_methods(rpc) -> None:
     admin.scheduler.workers.update("w2", "second box", "ACTIVE", 2)
     shown = anonymous.scheduler.workers.show("w2")
     assert (shown["description"], shown["health"], shown["job_limit"], shown["last_ping"]) == (
-        "second box", "Active", 2, None)
+        "second box", "Active", 2, xmlrpc.client.DateTime("19700101T00:00:00"))
     assert isinstance(anonymous.scheduler.workers.show("w1")["last_ping"], xmlrpc.client.DateTime)
     assert anonymous.scheduler.workers.show("w1")["devices"] == ["qemu01", "qemu02", "qemu03"]
     assert "worker 'w2' exists already" in fault(lambda: admin.scheduler.workers.add("w2"), 409)

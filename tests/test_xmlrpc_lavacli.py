@@ -234,8 +234,10 @@ def test_workers(live: LiveLab, job_id: int, tmp_path: Path) -> None:
     live.lavacli("workers", "update", "w2", "--health", "MAINTENANCE", "--job-limit", "3")
     shown = live.lavacli("workers", "show", "w2").stdout
     for line in ("description : spare box", "state       : Offline", "health      : Maintenance",
-                 "job limit   : 3", "last ping   : None"):
+                 "job limit   : 3", "last ping   : 19700101T00:00:00"):
         assert line in shown, shown
+    shown = json.loads(live.lavacli("workers", "show", "w2", "--json").stdout)
+    assert (shown["hostname"], shown["last_ping"]) == ("w2", "19700101T00:00:00")
     assert live.lavacli("workers", "list").stdout == "Workers:\n* w1\n* w2\n"
     env = tmp_path / "env.yaml"
     env.write_text("overrides:\n  http_proxy: http://proxy.lab:3128\n")
