@@ -5,12 +5,15 @@ PY := $(VENV)/bin/python
 PUMICE_CACHE ?= $(HOME)/.cache/pumice
 export PUMICE_CACHE
 
-APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
-	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
-	python3-venv shellcheck $(LAVA_PACKAGES)
 # the real LAVA 2023.01, run beside Pumice for side-by-side checks (tests) and figures (bench);
 # Pumice never imports it
 LAVA_PACKAGES := lava-dispatcher
+APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
+	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
+	python3-venv shellcheck $(LAVA_PACKAGES)
+# only for make bench: LAVA's U-Boot jobs read tftpd-hpa's configuration for their TFTP root
+BENCH_PACKAGES := tftpd-hpa
+APT_INSTALL ?= $(APT_PACKAGES)
 
 .PHONY: setup apt venv compile images test demo bench lint golden clean
 
@@ -18,7 +21,7 @@ setup: apt venv compile images
 
 # apt packages, only when root and only what is missing (idempotent, quiet when all is there)
 apt:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	@missing=$$(for p in $(APT_INSTALL); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
@@ -50,6 +53,7 @@ demo: setup
 	$(PY) tools/demo.py
 
 bench: setup
+	@$(MAKE) --no-print-directory apt APT_INSTALL="$(BENCH_PACKAGES)"
 	$(PY) tools/bench.py $(AREAS)
 
 lint: venv

@@ -18,6 +18,7 @@ AREAS = ["agent", "uboot", "master", "broker", "site"]
 
 def main(argv: list[str]) -> int:
     wanted = argv or AREAS
+    del sys.argv[1:]  # the areas' own option parsers see no options: each runs with its defaults
     failed = []
     for area in wanted:
         print(f"== {area}", flush=True)
