@@ -70,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"pumice-master: bad --http {args.http!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
     from master.broker import start_from_args
 
-    server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval)
+    server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval,
+                          validators=args.validators)
     print(f"pumice master on {server.url} (data {args.data})", flush=True)
     broker = start_from_args(args)
     try:
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "serve", cmd_serve, "run the REST API (waitress) and the scheduler")
     p.add_argument("--http", default="127.0.0.1:8000", help="listen address HOST:PORT (default %(default)s)")
     p.add_argument("--threads", type=int, default=8, help="HTTP worker threads (default %(default)s)")
+    p.add_argument("--validators", type=int, default=None, metavar="N",
+                   help="processes that check submitted pipelines (default: one per core, up to 4, none on "
+                        "one core; 0: check in the HTTP threads)")
     p.add_argument("--instance", default=os.environ.get("PUMICE_INSTANCE", "pumice"),
                    help="this instance's name, written in results bundles")
     p.add_argument("--url", default=os.environ.get("PUMICE_URL", ""),

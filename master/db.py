@@ -78,12 +78,18 @@ def is_postgres() -> bool:
 
 @contextmanager
 def connection() -> Iterator[None]:
-    """Hold a connection for the block (a request, a scheduler pass), reusing an open one."""
+    """Hold a connection for the block (a request, a scheduler pass), reusing an open one.
+
+    On SQLite the thread keeps its connection afterwards (closed when the thread ends or by
+    :func:`close_database`): opening one per request, with its pragmas and a fresh read of the
+    schema, cost half a millisecond, a fifth of a submission. A PostgreSQL connection goes back
+    to the pool, whose checkout is cheap and which replaces stale connections.
+    """
     opened = db.connect(reuse_if_open=True)
     try:
         yield
     finally:
-        if opened and db.in_transaction() is False:
+        if opened and is_postgres() and db.in_transaction() is False:
             db.close()
 
 

@@ -217,7 +217,8 @@ def load_queued_jobs(device_types: Iterable[str], limit: int | None = None, offs
                                  .where(DeviceType.name.in_(sorted(set(device_types))))).fetchall())
     if not type_names:
         return []
-    # one flat query on the jobs table (index on state): names are mapped in Python, not joined
+    # one flat query on the jobs table, read in the order of its queue index (no sort of the whole
+    # queue, and a page stops early): names are mapped in Python, not joined
     condition = (Job.state == JobState.SUBMITTED) & Job.requested_device_type.in_(list(type_names))
     def page(*columns: Any):
         query = Job.select(*columns).where(condition).order_by(Job.priority.desc(), Job.submit_time, Job.id)
@@ -249,22 +250,27 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-def _update_from_values(table: str, set_sql: str, where_sql: str, rows: Sequence[tuple],
-                        lockable: str) -> list[tuple]:
-    """``UPDATE table SET ... FROM (VALUES ...) AS v WHERE ...`` on the rows of ``table`` that are
-    free: with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, rows another scheduler holds are left out
-    instead of waited for. SQLite >= 3.33 and PostgreSQL both name the VALUES columns column1,
-    column2...; ``lockable`` is the condition a row must meet. Returns (id, column) of each row
-    updated, ``column`` being the second VALUES column as stored."""
-    width = len(rows[0])
-    values = ", ".join("(" + ", ".join([db.param] * width) + ")" for _ in rows)
-    ids = ", ".join([db.param] * len(rows))
-    lock = " FOR UPDATE SKIP LOCKED" if is_postgres() else ""
-    sql = (f"UPDATE {table} SET {set_sql} FROM (VALUES {values}) AS v "
-           f"WHERE {table}.id = v.column1 AND {where_sql} AND {table}.id IN "
-           f"(SELECT id FROM {table} WHERE id IN ({ids}) AND {lockable}{lock}) RETURNING {table}.id")
-    params = [value for row in rows for value in row] + [row[0] for row in rows]
-    return [row[0] for row in db.execute_sql(sql, params).fetchall()]
+def _claim_rows(table: str, columns: str, rows: Sequence[tuple], join: str, free: str, set_sql: str,
+                returning: str) -> list[tuple]:
+    """Update the rows of ``table`` that ``rows`` name and that are free, in one statement::
+
+        WITH v(columns) AS (VALUES rows...),
+             free AS (SELECT table.id, v.* FROM table JOIN v ON join WHERE free [FOR UPDATE SKIP LOCKED])
+        UPDATE table SET set_sql FROM free WHERE table.id = free.id RETURNING returning
+
+    On PostgreSQL the rows another scheduler holds are left out (``SKIP LOCKED``) instead of waited
+    for, and a row changed since the pass loaded it is checked again against ``free`` before it is
+    locked; SQLite serialises writers instead. ``set_sql`` may name ``free``'s columns (``v``'s, by
+    name); ``returning`` only the table's (SQLite's rule for UPDATE FROM)."""
+    # integers are written into the statement (they need no quoting, and binding thousands of
+    # parameters costs more than running the statement); anything else is a parameter
+    values = ", ".join(["(" + ", ".join([str(value) if type(value) is int else db.param for value in row]) + ")"
+                        for row in rows])
+    lock = f" FOR UPDATE OF {table} SKIP LOCKED" if is_postgres() else ""
+    sql = (f"WITH v({columns}) AS (VALUES {values}), "
+           f"free AS (SELECT {table}.id AS id, v.* FROM {table} JOIN v ON {join} WHERE {free}{lock}) "
+           f"UPDATE {table} SET {set_sql} FROM free WHERE {table}.id = free.id RETURNING {returning}")
+    return db.execute_sql(sql, [value for row in rows for value in row if type(value) is not int]).fetchall()
 
 
 def _create_health_check(device_id: int, hostname: str) -> int:
@@ -291,52 +297,51 @@ def claim(assignments: Sequence[Assignment]) -> list[tuple[int, str]]:
     for each claim that succeeded. A device or job taken meanwhile (another scheduler, a cancel)
     is skipped, never assigned twice.
 
-    Jobs are claimed first (Submitted -> Scheduled), then their devices (Idle -> Reserved); a job
-    whose device was lost meanwhile goes back to Submitted in the same transaction. Two statements
-    for any number of assignments: a pass that assigns a thousand jobs stays fast.
+    Devices are claimed first (Idle -> Reserved, on a worker), then their jobs (Submitted ->
+    Scheduled); a device whose job was lost meanwhile goes back to Idle in the same transaction.
+    Two statements for a thousand assignments: a pass that assigns them all stays fast.
     """
     if not assignments:
         return []
-    devices_table = Device._meta.table_name
-    jobs_table = Job._meta.table_name
-    idle = f"state = '{DeviceState.IDLE}' AND health IN ({', '.join(repr(h) for h in DeviceHealth.CHECKABLE)})"
+    devices, jobs = Device._meta.table_name, Job._meta.table_name
+    healths = ", ".join(f"'{health}'" for health in DeviceHealth.CHECKABLE)
+    idle = (f"{devices}.state = '{DeviceState.IDLE}' AND {devices}.health IN ({healths}) "
+            f"AND {devices}.worker_id IS NOT NULL")
+    claimed: list[tuple[int, str]] = []
     with db.atomic():
-        known = {hostname: (device_id, worker_id) for device_id, hostname, worker_id in db.execute(
-            Device.select(Device.id, Device.hostname, Device.worker)
-            .where(Device.hostname.in_([a.device for a in assignments]) & Device.worker.is_null(False))).fetchall()}
         # a health check is created only on a device this transaction holds
-        checks = [a for a in assignments if a.job_id is None and a.device in known]
-        held: set[str] = set()
+        checks = [a.device for a in assignments if a.job_id is None]
+        created: dict[str, int] = {}
+        taken: set[str] = set()
         if checks:
-            query = (Device.select(Device.hostname)
-                     .where(Device.hostname.in_([a.device for a in checks]) & (Device.state == DeviceState.IDLE)))
-            held = {hostname for (hostname,) in db.execute(_skip_locked(query)).fetchall()}
-        wanted: list[tuple[int, str]] = []
+            query = (Device.select(Device.id, Device.hostname)
+                     .where(Device.hostname.in_(checks) & (Device.state == DeviceState.IDLE)
+                            & Device.worker.is_null(False)))
+            created = {hostname: _create_health_check(device_id, hostname)
+                       for device_id, hostname in db.execute(_skip_locked(query)).fetchall()}
+        wanted: dict[int, str] = {}  # job id -> device: each job and each device once
         for a in assignments:
-            if a.device not in known:
+            job_id = created.get(a.device) if a.job_id is None else a.job_id
+            if job_id is not None and job_id not in wanted and a.device not in taken:
+                wanted[job_id] = a.device
+                taken.add(a.device)
+        for chunk in _chunks(list(wanted.items()), 1000):
+            reserved = {job_id: (device_id, worker_id) for device_id, worker_id, job_id in _claim_rows(
+                devices, "job, hostname", chunk, f"{devices}.hostname = v.hostname", idle,
+                f"state = '{DeviceState.RESERVED}', current_job_id = free.job",
+                f"{devices}.id, {devices}.worker_id, {devices}.current_job_id")}
+            if not reserved:
                 continue
-            if a.job_id is None:
-                if a.device in held:
-                    wanted.append((_create_health_check(known[a.device][0], a.device), a.device))
-            else:
-                wanted.append((a.job_id, a.device))
-        claimed: list[tuple[int, str]] = []
-        for chunk in _chunks(wanted, 1000):
-            jobs_won = set(_update_from_values(
-                jobs_table, f"state = '{JobState.SCHEDULED}', actual_device_id = v.column2, worker_id = v.column3",
-                f"{jobs_table}.state = '{JobState.SUBMITTED}'",
-                [(job_id, *known[device]) for job_id, device in chunk], f"state = '{JobState.SUBMITTED}'"))
-            pairs = [(job_id, device) for job_id, device in chunk if job_id in jobs_won]
-            if not pairs:
-                continue
-            devices_won = set(_update_from_values(
-                devices_table, f"state = '{DeviceState.RESERVED}', current_job_id = v.column2",
-                f"{devices_table}.{idle}", [(known[device][0], job_id) for job_id, device in pairs], idle))
-            lost = [job_id for job_id, device in pairs if known[device][0] not in devices_won]
-            if lost:  # the device went to another scheduler or out of Idle: the job waits again
-                (Job.update(state=JobState.SUBMITTED, actual_device=None, worker=None)
-                 .where(Job.id.in_(lost)).execute())
-            claimed += [(job_id, device) for job_id, device in pairs if known[device][0] in devices_won]
+            won = {job_id for (job_id,) in _claim_rows(
+                jobs, "job, device, worker", [(job_id, *ids) for job_id, ids in reserved.items()],
+                f"{jobs}.id = v.job", f"{jobs}.state = '{JobState.SUBMITTED}'",
+                f"state = '{JobState.SCHEDULED}', actual_device_id = free.device, worker_id = free.worker",
+                f"{jobs}.id")}
+            lost = [device_id for job_id, (device_id, _) in reserved.items() if job_id not in won]
+            if lost:  # the job was canceled or taken meanwhile: its device is free again
+                (Device.update(state=DeviceState.IDLE, current_job_id=None)
+                 .where(Device.id.in_(lost)).execute())
+            claimed += [(job_id, device) for job_id, device in chunk if job_id in won]
     return claimed
 
 
@@ -395,11 +400,13 @@ class Scheduler:
             stats.load = time.perf_counter() - started
             # Page through the queue in scheduling order until every usable device has a job: a
             # long queue with a few free devices costs a page, not the whole queue. assign() is
-            # greedy in that order, so adding later jobs never changes earlier assignments.
+            # greedy in that order, so adding later jobs never changes earlier assignments. The
+            # first page holds two jobs per device (jobs whose tags or type find no free device
+            # leave room for others); each further page is twice the last.
             types = {d.device_type for d in usable}
             queued: list[QueuedJob] = []
             assignments: list[Assignment] = []
-            page, offset = max(100, 4 * len(usable)), 0
+            page, offset = max(100, 2 * len(usable)), 0
             while usable:
                 mark = time.perf_counter()
                 batch = load_queued_jobs(types, limit=page, offset=offset)

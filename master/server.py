@@ -1,4 +1,5 @@
-"""The running master: the REST API on waitress (threads), the scheduler thread, the site publisher.
+"""The running master: the REST API on waitress (threads), the scheduler thread, the site publisher,
+the validator processes that check submitted pipelines (:class:`master.validation.ValidatorPool`).
 
 ``MasterServer(...).start()`` runs everything in background threads (tests, tools);
 ``serve_forever()`` is ``pumice-master serve``. The ZeroMQ broker plugs in next to these through
@@ -16,11 +17,13 @@ from typing import Any
 
 import waitress
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 
 from master import events
 from master.api import make_app
 from master.instance import current
 from master.scheduler import Scheduler
+from master.validation import ValidatorPool, default_validators
 
 log = logging.getLogger("pumice.server")
 
@@ -65,18 +68,40 @@ class SitePublisher:
             self._thread.join(10)
 
 
+class _Channel(HTTPChannel):
+    """waitress's HTTP channel without its busy loop: while a request thread holds the channel's
+    output lock (it is sending its response), the poll loop used to find the socket writable, fail
+    to take the lock and poll again at once, 15 to 30 times a request, keeping the interpreter lock
+    from the very thread it waited for. The thread pulls the loop's trigger whenever it leaves
+    output unsent (and after every request), so the loop need not watch the socket meanwhile."""
+
+    def writable(self) -> bool:
+        if not self.outbuf_lock.acquire(blocking=False):
+            return False
+        try:
+            return bool(super().writable())
+        finally:
+            self.outbuf_lock.release()
+
+
 class MasterServer:
-    """The REST API on ``host:port`` (port 0: any free port) plus the scheduler and site publisher."""
+    """The REST API on ``host:port`` (port 0: any free port) plus the scheduler, the site publisher
+    and ``validators`` validator processes (None: :func:`~master.validation.default_validators`;
+    0: submissions are validated in the HTTP threads)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
-                 scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True) -> None:
+                 scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True,
+                 validators: int | None = None) -> None:
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
         self.publisher = SitePublisher() if publish_site else None
+        processes = default_validators() if validators is None else validators
+        self.validators = ValidatorPool(processes) if processes > 0 else None
         self._server = waitress.create_server(
             make_app(), host=host, port=port, threads=threads, ident="pumice",
             # the API refuses bodies over max_body itself, with a JSON error; waitress only stops
             # absurd ones (its own 413 is plain text)
             max_request_body_size=max(64 << 20, 4 * current().max_body), clear_untrusted_proxy_headers=True)
+        self._server.channel_class = _Channel
         self.host = host
         self.port = self._server.effective_port
         self._thread: threading.Thread | None = None
@@ -87,6 +112,8 @@ class MasterServer:
         return f"http://{self.host}:{self.port}"
 
     def _start_helpers(self) -> None:
+        if self.validators is not None:
+            self.validators.start()
         if self.scheduler:
             self.scheduler.start()
         if self.publisher:
@@ -123,11 +150,16 @@ class MasterServer:
             else:
                 self._server.close()
         finally:
-            if self.scheduler:
-                self.scheduler.stop()
-            if self.publisher:
-                self.publisher.stop()
+            self._stop_helpers()
             self._server.task_dispatcher.shutdown()
+
+    def _stop_helpers(self) -> None:
+        if self.scheduler:
+            self.scheduler.stop()
+        if self.publisher:
+            self.publisher.stop()
+        if self.validators is not None:
+            self.validators.stop()
 
     def serve_forever(self) -> None:
         """Serve in this thread until SIGTERM or SIGINT."""
@@ -144,7 +176,4 @@ class MasterServer:
             log.info("stopping")
         finally:
             self._server.close()
-            if self.scheduler:
-                self.scheduler.stop()
-            if self.publisher:
-                self.publisher.stop()
+            self._stop_helpers()

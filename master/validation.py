@@ -4,16 +4,31 @@ The YAML syntax and the schema come from the agent (``agent.job.parse_job``); th
 what only it knows (the device type exists, some device of that type can take the job's tags) and
 finally builds the agent's real pipeline against the rendered configuration of a device of that
 type (``agent.job.validate_job``). Every fault carries its YAML path and line.
+
+The pipeline check is most of a submission's work. A running master (:class:`master.server.MasterServer`)
+hands it to a few validator processes (:class:`ValidatorPool`): the threads of one Python process
+take turns on its interpreter lock, so validating in-process would use one core however many
+requests arrive together. Without a pool (tests, tools, the CLI) it runs in the calling thread.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from peewee import fn
@@ -211,7 +226,8 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         log.warning("device %s does not render: %s", device.hostname, exc)
         raise fault(("device_type",), f"the configuration of device {device.hostname} ({name}) does not "
                                       f"render, ask the lab admins: {exc}") from None
-    faults = validate_job(text, config)
+    pool = _pool
+    faults = pool.validate(text, config) if pool is not None else validate_job(text, config)
     if faults:
         raise Invalid("invalid job definition", faults)
     return JobRequest(
@@ -219,3 +235,172 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         priority=priority, visibility=visibility if isinstance(visibility, str) else "group",
         context=context,
     )
+
+
+# ---- validator processes ----
+
+#: the pool :func:`check_definition` uses: the last one started (None: validate in the calling thread)
+_pool: ValidatorPool | None = None
+#: how long a validator process may take to start (import the agent) before the master gives up on it
+VALIDATOR_START_SECONDS = 60.0
+
+
+def default_validators() -> int:
+    """How many validator processes a master runs by default: one per core, up to 4, when there
+    are several cores (on one core they would only add the cost of the pipes)."""
+    cores = os.cpu_count() or 1
+    return min(cores, 4) if cores > 1 else 0
+
+
+def validator_main(fd: int) -> None:
+    """A validator process, talking to the master over the socket ``fd``: ``(text, config)`` in,
+    ``("faults", [Fault])`` or ``("error", traceback)`` out, until the master closes its end."""
+    # Ctrl-C on `pumice-master serve` reaches the whole process group: the master stops its pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(fd)
+    conn.send(("ready", None))
+    while True:
+        try:
+            text, config = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[str, Any] = ("faults", validate_job(text, config))
+        except Exception:  # a bug in a strategy: the master logs it and answers 500
+            reply = ("error", traceback.format_exc())
+        conn.send(reply)
+
+
+class ValidatorPool:
+    """Processes that build and validate job pipelines (``agent.job.validate_job``) for the master.
+
+    Once started it is the pool :func:`check_definition` uses. ``start()`` returns at once: until
+    a process is ready (it imports the agent), and when one dies, the check runs in the calling
+    thread, so a submission never waits for a process to start and never fails because one died.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._idle: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self._workers: dict[Connection, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._ready = 0
+        self._stopping = False
+
+    def start(self) -> ValidatorPool:
+        global _pool
+        for _ in range(self.processes):
+            self._spawn()
+        _pool = self
+        return self
+
+    def stop(self) -> None:
+        """Stop using the pool and end its processes (a busy one once its check is done)."""
+        global _pool
+        if _pool is self:
+            _pool = None
+        with self._lock:
+            self._stopping = True
+            self._ready = 0
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            self._retire(conn)
+
+    def wait_ready(self, timeout: float = VALIDATOR_START_SECONDS) -> bool:
+        """Wait until every process is ready; whether they all are."""
+        deadline = time.monotonic() + timeout
+        while self._ready < self.processes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self._ready >= self.processes
+
+    def pids(self) -> list[int]:
+        """The ids of the pool's processes (to account for their CPU time)."""
+        with self._lock:
+            return [p.pid for p in self._workers.values()]
+
+    def validate(self, text: str, config: dict) -> list[Fault]:
+        """The faults of ``text`` against ``config``, as ``validate_job`` finds them."""
+        conn = self._take()
+        if conn is None:
+            return validate_job(text, config)
+        try:
+            conn.send((text, config))
+            kind, value = conn.recv()
+        except (EOFError, OSError):
+            log.warning("a validator process died; starting another one")
+            with self._lock:
+                self._ready -= 1
+                replace = not self._stopping
+            self._retire(conn)
+            if replace:
+                self._spawn()
+            return validate_job(text, config)
+        self._give_back(conn)
+        if kind == "error":
+            raise RuntimeError(f"validating a job pipeline failed in a validator process:\n{value}")
+        return value
+
+    def _take(self) -> Connection | None:
+        """An idle process (waiting while all are busy), or None when none is running."""
+        while self._ready > 0:
+            try:
+                return self._idle.get(timeout=1.0)
+            except queue.Empty:
+                continue
+        return None
+
+    def _give_back(self, conn: Connection) -> None:
+        with self._lock:
+            stopping = self._stopping
+        if stopping:
+            self._retire(conn)
+        else:
+            self._idle.put(conn)
+
+    def _spawn(self) -> None:
+        # A new interpreter, not multiprocessing: forking a threaded master is unsafe, and
+        # multiprocessing's spawn re-runs the master's __main__ module in the child.
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                           os.environ.get("PYTHONPATH")]))}
+        with theirs:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from master.validation import validator_main; "
+                                       "validator_main(int(sys.argv[1]))", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        conn = Connection(ours.detach())
+        with self._lock:
+            self._workers[conn] = process
+        threading.Thread(target=self._admit, args=(conn,), name="pumice-validator-start", daemon=True).start()
+
+    def _admit(self, conn: Connection) -> None:
+        """Wait for a new process's hello, then offer it to the requests."""
+        try:
+            ready = bool(wait([conn], VALIDATOR_START_SECONDS)) and conn.recv()[0] == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            log.warning("a validator process did not start; validating in the master's threads")
+        with self._lock:
+            admitted = ready and not self._stopping
+            if admitted:
+                self._ready += 1
+        if admitted:
+            self._idle.put(conn)
+        else:
+            self._retire(conn)
+
+    def _retire(self, conn: Connection) -> None:
+        with self._lock:
+            process = self._workers.pop(conn, None)
+        conn.close()
+        if process is not None:
+            try:
+                process.wait(2)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import socket
 import threading
 import time
 
@@ -11,9 +13,11 @@ import pytest
 import yaml
 from test_master_support import corpus_file, job_text, stop_server
 
-from master import jobs
+from agent.job import validate_job
+from master import jobs, validation
 from master.client import ApiError, Client
-from master.db import connection
+from master.db import connection, db, is_postgres
+from master.models import Device
 from master.server import MasterServer
 from results.log import LogRecord
 from results.record import JOB_LEVEL, Result
@@ -23,8 +27,11 @@ pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixture
 
 @pytest.fixture
 def server(lab):
-    master = MasterServer("127.0.0.1", 0, threads=8, scheduler_interval=3600, publish_site=False).start()
+    master = MasterServer("127.0.0.1", 0, threads=8, scheduler_interval=3600, publish_site=False,
+                          validators=2).start()
     try:
+        # submissions are checked in the validator processes, not in the HTTP threads
+        assert master.validators.wait_ready(30), "the validator processes did not start"
         yield master
     finally:
         stop_server(master)
@@ -477,3 +484,83 @@ def test_finished_job_is_published_to_the_site(lab) -> None:
         client.close()
     finally:
         stop_server(master)
+
+
+# ---- the server's machinery: validator processes, connections, the HTTP loop ----
+
+
+def test_validator_processes_find_what_validate_job_finds(lab) -> None:
+    definition = job_text("pooled")
+    with connection():
+        dictionary = Device.get(Device.hostname == "qemu01").dictionary
+        config = validation.device_config(dictionary, {"arch": "amd64"})
+    texts = [definition, definition.replace("method: qemu", "method: nope"),
+             definition.replace("minutes: 5", "minutes: -5"), definition.replace("    to: tmpfs", "    to: [")]
+    pool = validation.ValidatorPool(2).start()
+    try:
+        assert pool.wait_ready(30) and len(pool.pids()) == 2
+        for text in texts:
+            got = [(f.path, f.line, f.message) for f in pool.validate(text, config)]
+            assert got == [(f.path, f.line, f.message) for f in validate_job(text, config)]
+        assert pool.validate(definition, config) == []
+        # a bug (here a device configuration that is not a mapping) comes back with its traceback
+        with pytest.raises(RuntimeError, match="(?s)in a validator process.*AttributeError"):
+            pool.validate(definition, ["not", "a", "configuration"])
+        # a process that dies is replaced; the check that found it dead runs in the calling thread
+        dead = pool.pids()[0]
+        os.kill(dead, 9)
+        for _ in range(3):
+            assert pool.validate(texts[1], config)[0].path == "actions[1].boot.method"
+        assert pool.wait_ready(30) and dead not in pool.pids() and len(pool.pids()) == 2
+    finally:
+        pool.stop()
+    assert pool.pids() == [] and validation._pool is None
+    # stopped: check_definition validates in the calling thread again
+    with connection():
+        assert validation.check_definition(definition).name == "pooled"
+
+
+def test_a_thread_keeps_its_sqlite_connection(lab) -> None:
+    """One connection per thread on SQLite (pragmas and schema read once); pooled on PostgreSQL."""
+    seen: list[bool] = []
+
+    def request() -> None:
+        for _ in range(2):
+            with connection():
+                seen.append(db.connection() is not None)
+            seen.append(db.is_closed())
+        db.close()
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    thread.join(10)
+    assert seen == [True, is_postgres(), True, is_postgres()]
+
+
+def test_the_poll_loop_leaves_a_sending_channel_alone(server) -> None:
+    """While a request thread holds a channel's output lock, the loop does not poll its socket (it
+    would find it writable, fail to take the lock and spin)."""
+    ours, theirs = socket.socketpair()
+    loop = server._server
+    channel = loop.channel_class(loop, ours, ("127.0.0.1", 0), loop.adj, map={})
+    try:
+        channel.total_outbufs_len = 10  # output waiting
+        assert channel.writable()
+        held, release = threading.Event(), threading.Event()
+
+        def sender() -> None:
+            with channel.outbuf_lock:
+                held.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=sender)
+        thread.start()
+        assert held.wait(10)
+        assert not channel.writable()
+        release.set()
+        thread.join(10)
+        assert channel.writable()
+    finally:
+        channel.total_outbufs_len = 0
+        channel.close()
+        theirs.close()

@@ -35,7 +35,7 @@ def test_lab_administration(tmp_path: Path, database_url: str | None) -> None:
     data = tmp_path / "data"
     out = run(data, database_url, "db", "migrate").stdout
     assert "applied migration 1: initial schema" in out and "applied migration 2: jobs.source" in out
-    assert "schema version 2" in out
+    assert "schema version 3" in out
     assert "applied" not in run(data, database_url, "db", "migrate").stdout  # idempotent
 
     assert "device type qemu added" in run(data, database_url, "device-types", "add", "qemu",
