@@ -78,6 +78,20 @@ actions:
 """
 
 
+#: the PostgreSQL server the benchmark uses when none is named, if it answers (as in CI)
+LOCAL_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _answers(url: str) -> bool:
+    import psycopg2
+
+    try:
+        psycopg2.connect(url, connect_timeout=2).close()
+    except psycopg2.OperationalError:
+        return False
+    return True
+
+
 def _pg_schema_url(base: str) -> tuple[str, str]:
     import psycopg2
 
@@ -234,7 +248,8 @@ def bench_submissions(clients: int = 4, per_client: int = 150, threads: int = 8,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pg", default=os.environ.get("PUMICE_TEST_PG"), help="PostgreSQL URL")
+    parser.add_argument("--pg", default=os.environ.get("PUMICE_TEST_PG"),
+                        help=f"PostgreSQL URL (default: PUMICE_TEST_PG, else {LOCAL_PG} when it answers)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-pass", action="store_true", help="only the submissions over HTTP")
     parser.add_argument("--skip-http", action="store_true")
@@ -256,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     if backends:
         print("master: scheduling pass, 10,000 queued jobs over 1,000 idle devices (median of "
               f"{args.rounds}; target < 100 ms)")
-    if args.pg and backends:
-        backends.append(("postgresql", args.pg))
+    pg = args.pg or (LOCAL_PG if _answers(LOCAL_PG) else None)
+    if pg and backends:
+        backends.append(("postgresql", pg))
     elif backends:
-        print("  postgresql: skipped (set PUMICE_TEST_PG or --pg URL)")
+        print(f"  postgresql: skipped (no server at {LOCAL_PG}: set PUMICE_TEST_PG or --pg URL)")
     for name, base in backends:
         schema = None
         url = None
