@@ -6,6 +6,7 @@ The base install is the agent (the dispatcher that runs jobs on boards); the
 """
 
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
@@ -13,7 +14,7 @@ setup(
     name="pumice",
     version="0.1.0",
     description="A light board-test lab that runs LAVA job files",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import functools
 import shutil
-import tempfile
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import voluptuous as v
 
@@ -22,7 +20,9 @@ from agent.logger import JobLogger
 from agent.pipeline import Action, Pipeline, strategy
 from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml
 from agent.timeout import Deadline, parse_duration
-from results.record import Result, action_result, job_result
+
+if TYPE_CHECKING:  # results.record is imported once a job runs: validating one makes no result
+    from results.record import Result
 
 #: how long finalize may take when the job's own deadline is already gone (LAVA: 30 s)
 CLEANUP_TIMEOUT = 30.0
@@ -193,6 +193,8 @@ class Job:
     def workdir(self) -> Path:
         """A private scratch directory for downloads and overlays, removed at the end."""
         if self._workdir is None:
+            import tempfile
+
             base = self.dispatcher.get("tmp_dir")
             self._workdir = Path(tempfile.mkdtemp(prefix=f"pumice-{self.job_id}-", dir=base))
         return self._workdir
@@ -211,7 +213,7 @@ class Job:
         except PumiceError as exc:
             error = exc
         except BaseException as exc:  # anything else is our bug, reported as such
-            self.logger.exception(traceback.format_exc())
+            self.logger.exception()
             error = Bug(f"{type(exc).__name__}: {exc}")
         finally:
             self.cleaning = True
@@ -221,7 +223,7 @@ class Job:
             except PumiceError as exc:
                 error = error or exc
             except Exception as exc:
-                self.logger.exception(traceback.format_exc())
+                self.logger.exception()
                 error = error or Bug(f"finalize: {exc}")
             self.pipeline.cleanup(self.state.connection)
             if self._workdir is not None:
@@ -230,6 +232,8 @@ class Job:
 
     def finish(self, error: PumiceError | None) -> str:
         """Record the final ``lava/job`` result and return the health it means."""
+        from results.record import job_result
+
         extra: dict[str, Any] = {}
         if error is None:
             health = "Complete"
@@ -267,6 +271,8 @@ class Job:
 
     def action_result(self, action: Action, failed: bool) -> None:
         """The ``lava`` suite result of one action: pass/fail, duration, level and timeout."""
+        from results.record import action_result
+
         extra = dict(action.results)
         if action.connection_timeout != action.timeout:
             extra["connection-timeout"] = action.connection_timeout

@@ -41,7 +41,12 @@ class JobLogger:
     def error(self, msg: Any) -> None:
         self.log("error", msg)
 
-    def exception(self, msg: Any) -> None:
+    def exception(self, msg: Any = None) -> None:
+        """An ``exception`` record: ``msg``, by default the traceback of the exception being handled."""
+        if msg is None:
+            import traceback  # only when something went wrong: it is slow to import
+
+            msg = traceback.format_exc()
         self.log("exception", msg)
 
     def results(self, msg: dict) -> None:

@@ -10,7 +10,6 @@ parent's.
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -272,7 +271,7 @@ class Pipeline:
             except Exception as exc:
                 failed = True
                 action.results.setdefault("fail", str(exc))
-                job.logger.exception(traceback.format_exc())
+                job.logger.exception()
                 raise Bug(f"{action.name}: {type(exc).__name__}: {exc}") from exc
             finally:
                 action.elapsed = time.monotonic() - start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import subprocess
 from typing import Protocol
 
 from agent.errors import InfrastructureError
@@ -56,6 +55,8 @@ class CommandPower:
             self.on(deadline)
 
     def _run(self, operation: str, deadline: Deadline) -> None:
+        import subprocess
+
         from agent.process import die_with_parent
 
         for command in command_list(self.commands.get(operation)):

@@ -7,24 +7,27 @@ SIGTERM (or SIGINT) cancels: the current action stops, finalize powers the board
 
 from __future__ import annotations
 
-import argparse
+import gc
 import os
 import signal
 import sys
-from pathlib import Path
-
-import yaml
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.errors import EXIT_STATUS, Canceled, JobDefinitionError
-from agent.logger import JobLogger
 
-# libyaml when present: a device configuration is large, the pure-Python parser takes tens of ms
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
+
+# Everything else (argparse, PyYAML, the job and its actions) is imported once main() has turned
+# the collector off: importing is most of what pumice-run does before a board boots (see settle_heap).
 
 
 def parser() -> argparse.ArgumentParser:
+    import argparse
+    from pathlib import Path
+
     p = argparse.ArgumentParser(prog="pumice-run", description="Run one LAVA-format job on one device.")
     p.add_argument("job", type=Path, help="the job definition (YAML)")
     p.add_argument("--device", type=Path, required=True, help="the device configuration (rendered YAML)")
@@ -39,8 +42,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def read_yaml(path: Path, what: str) -> dict:
+    import yaml
+
+    # libyaml when present: a device configuration is large, the pure-Python parser takes tens of ms
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LOADER)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
     except OSError as exc:
         raise SystemExit(f"pumice-run: cannot read the {what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -68,13 +75,26 @@ class Canceller:
         job.logger.warning(f"received signal {signal.Signals(signum).name} again: finishing the cleanup")
 
 
+def settle_heap() -> None:
+    """Hand everything allocated so far to the permanent generation (``gc.freeze``) and turn the
+    collector back on. Start-up builds many objects that live as long as the process (modules,
+    schemas, the pipeline) and no garbage cycles worth collecting: leaving them to the collector
+    costs milliseconds while importing and again when the interpreter exits."""
+    gc.freeze()
+    gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
+    gc.disable()  # until the job is loaded: see settle_heap
     options = parser().parse_args(argv)
     canceller = Canceller()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, canceller)
 
+    import yaml
+
     from agent.job import load_job  # after the signal handlers: a cancel is never lost
+    from agent.logger import JobLogger
 
     text = options.job.read_bytes().decode("utf-8", errors="replace") if options.job.exists() else None
     if text is None:
@@ -96,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(text, device, job_id=options.job_id, logger=logger, output_dir=output,
                        env=dict(os.environ), dispatcher=dispatcher)
     except JobDefinitionError as exc:
+        settle_heap()
         for fault in exc.faults:
             logger.error(str(fault))
             print(f"pumice-run: {fault}", file=sys.stderr)
@@ -104,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
                         "error_type": exc.error_type, "error_msg": str(exc)})
         _write_fallback_description(output)
         return EXIT_STATUS["Incomplete"]
+    settle_heap()
     canceller.job = job
     if env_dut:
         job.definition.setdefault("environment", {}).update(env_dut)
     logger.results({"definition": "lava", "case": "validate", "result": "pass"})
     if output is not None:
         (output / "description.yaml").write_text(
-            yaml.dump(job.describe(), Dumper=_DUMPER, sort_keys=False, width=120), encoding="utf-8")
+            yaml.dump(job.describe(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                      width=120), encoding="utf-8")
     if options.validate:
         print("pumice-run: the job is valid for this device", file=sys.stderr)
         return 0
@@ -121,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_bundle(output / "results.yaml", options.job_id, job.results)
     logger.close()
+    gc.freeze()  # the job is over: the interpreter's exit need not walk its objects
     print(f"pumice-run: job {options.job_id} {health}"
           + (f": {job.error.error_type} error: {job.error}" if job.error else ""), file=sys.stderr)
     return EXIT_STATUS[health]
@@ -129,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write_fallback_description(output: Path | None) -> None:
     """An invalid job still leaves a description.yaml (empty pipeline) next to its log."""
     if output is not None:
+        import yaml
+
         (output / "description.yaml").write_text(yaml.safe_dump({"pipeline": []}), encoding="utf-8")
 
 

@@ -7,7 +7,6 @@ The top-level schema lives here; each strategy carries the schema of its own act
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import voluptuous as v
 import yaml
@@ -117,10 +116,13 @@ def _positive_duration(value: dict) -> dict:
     return value
 
 
-def timeout_schema() -> Any:
-    """A LAVA duration: ``{minutes: 5}`` (units may be combined), optionally ``skip: true``."""
+@functools.cache
+def timeout_schema() -> v.Schema:
+    """A LAVA duration: ``{minutes: 5}`` (units may be combined), optionally ``skip: true``.
+
+    Compiled once and shared: the job and every action block hold several timeouts."""
     units = {v.Optional(u): v.All(int, v.Range(min=0)) for u in ("days", "hours", "minutes", "seconds")}
-    return v.All({**units, v.Optional("skip"): bool}, _positive_duration)
+    return v.Schema(v.All({**units, v.Optional("skip"): bool}, _positive_duration))
 
 
 def action_base() -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid as uuidlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,9 @@ class BundleHeader:
     @classmethod
     def new(cls, instance: str, url: str) -> BundleHeader:
         """A header with a fresh random UUID (for a bundle being downloaded)."""
-        return cls(instance, url, str(uuidlib.uuid4()))
+        import uuid  # only here: it imports platform, a few ms that writing a job's bundle need not pay
+
+        return cls(instance, url, str(uuid.uuid4()))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import fcntl
-import logging
 import os
 import sys
 import threading
@@ -30,10 +29,16 @@ from pathlib import Path
 
 from results.log import LogRecord
 
-logger = logging.getLogger("pumice.results")
-
 _CHUNK = 1 << 20
 _SWAP = sys.byteorder != "little"  # the index is little-endian on every machine
+
+
+def _warning(message: str, *args: object) -> None:
+    """Log a repair on ``pumice.results``. Repairs are rare: logging is imported only for them
+    (it costs milliseconds at the start of every ``pumice-run``)."""
+    import logging
+
+    logging.getLogger("pumice.results").warning(message, *args)
 
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
@@ -221,7 +226,7 @@ class LogFile:
         size = os.fstat(log_fd).st_size
         end = _last_line_end(log_fd, size)
         if end < size:
-            logger.warning("%s: dropping a torn last line (%d bytes without a newline)", self.path, size - end)
+            _warning("%s: dropping a torn last line (%d bytes without a newline)", self.path, size - end)
             os.ftruncate(log_fd, end)
         if os.fstat(idx_fd).st_size % 8:
             os.ftruncate(idx_fd, os.fstat(idx_fd).st_size // 8 * 8)
@@ -240,7 +245,7 @@ class LogFile:
             pos = newline + 1
             entries.append(pos)
         if keep != len(index) or entries:
-            logger.warning(
+            _warning(
                 "%s: repairing the line index (%d entries kept, %d added)", self.index_path, keep, len(entries)
             )
             os.ftruncate(idx_fd, keep * 8)

@@ -36,10 +36,12 @@ LAVA_SUITE = "lava"
 JOB_CASE = "job"
 JOB_LEVEL = "0"
 
-_LEVEL_RE = re.compile(r"\d+(?:\.\d+)*\Z")
+# Patterns as text: re compiles each on first use and caches it (compiling the classes with
+# surrogates costs ~1 ms at import, and a job that is only validated creates no result).
+_LEVEL = r"\d+(?:\.\d+)*\Z"
 # Whitespace (str.isspace), C0/DEL/C1 controls and lone surrogates are refused in names.
-_BAD_NAME_RE = re.compile(r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_CTRL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_NAME = r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_CTRL = r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]"
 # Result fields in the order they are written (bundle, to_dict).
 FIELDS = ("job", "level", "suite", "case", "result", "measurement", "units", "set", "duration", "extra")
 
@@ -54,7 +56,7 @@ def check_name(kind: str, name: Any, case: Any = None) -> None:
     where = f" of case {case!r}" if case is not None and kind != "case" else ""
     if not isinstance(name, str) or not name:
         raise ValueError(f"{kind}{where} must be a non-empty string, got {name!r}")
-    bad = _BAD_NAME_RE.search(name)
+    bad = re.search(_BAD_NAME, name)
     if bad:
         raise ValueError(
             f"{kind} {name!r}{where} contains {bad.group()!r}: names may not contain whitespace or control characters"
@@ -65,7 +67,7 @@ def clean_name(name: str) -> str:
     """A name from a board made acceptable the way LAVA's server does it: surrounding
     whitespace stripped, control characters replaced by ``_ctrl-char_``, inner whitespace by
     ``_``. Returns "unnamed" for an empty name."""
-    name = _CTRL_RE.sub("_ctrl-char_", name.strip())
+    name = re.sub(_CTRL, "_ctrl-char_", name.strip())
     name = re.sub(r"\s", "_", name)
     return name or "unnamed"
 
@@ -119,7 +121,7 @@ class Result:
                 object.__setattr__(self, "job", str(self.job))
             else:
                 raise ValueError(f"job of case {self.case!r} must be a job id, got {self.job!r}")
-        if not isinstance(self.level, str) or not _LEVEL_RE.match(self.level):
+        if not isinstance(self.level, str) or not re.match(_LEVEL, self.level):
             raise ValueError(
                 f"level of case {self.case!r} is {self.level!r}; a level is dotted numbers like 1, 1.2 or 2.4.1"
             )
@@ -129,7 +131,7 @@ class Result:
             check_name("set", self.set, self.case)
         if self.units is not None and not isinstance(self.units, str):
             raise ValueError(f"units of case {self.case!r} must be text, got {self.units!r}")
-        if self.units is not None and _CTRL_RE.search(self.units):
+        if self.units is not None and re.search(_CTRL, self.units):
             raise ValueError(f"units of case {self.case!r} contain control characters: {self.units!r}")
         object.__setattr__(self, "measurement", _number("measurement", self.measurement, self.case))
         duration = _number("duration", self.duration, self.case)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.overlay import TestDefinition, build_overlay, stage_command
+from agent.overlay import TestDefinition, build_overlay, results_path, stage_command
 from results.signals import SIGNAL_PATTERN
 
 BUSYBOX = shutil.which("busybox")
@@ -232,6 +232,17 @@ def test_runner_prints_each_signal_once_in_order(board: Board):
     console = board.run(stage_command("7", 0, board.results_dir))
     assert signals_of(console) == ["<LAVA_TEST_RUNNER EXIT>"]
     assert "no " in console and "lava-test-runner.conf" in console
+
+
+def test_runner_from_relative_paths(board: Board):
+    """Typed by hand from the overlay's directory: relative paths work as the agent's absolute ones."""
+    build_overlay(board.root, "7", stages(), results_dir=board.results_dir)
+    base = results_path("7", board.results_dir)
+    console = board.run(f"cd {base} && bin/lava-test-runner ./1/")
+    assert signals_of(console) == EXPECTED_STAGE_1, console
+    console = board.run(f"cd {base} && bin/lava-test-runner no-such-stage")
+    assert signals_of(console) == ["<LAVA_TEST_RUNNER EXIT>"]
+    assert "no such stage directory: no-such-stage" in console
 
 
 def test_raise_stops_the_run(board: Board):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import subprocess
 from typing import Any
 
 import voluptuous as v
@@ -16,6 +15,8 @@ from agent.timeout import Deadline
 
 def run_command(action: Action, command: str, deadline: Deadline, what: str = "command") -> None:
     """Run ``command`` on the worker, log its output, raise InfrastructureError when it fails."""
+    import subprocess
+
     from agent.process import die_with_parent
 
     action.logger.info(f"{what}: {command}")

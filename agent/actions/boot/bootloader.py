@@ -11,7 +11,6 @@ bootloader's prompt after the job's own commands, for interactive tests of the b
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +40,7 @@ PLACEHOLDERS = ("{SERVER_IP}", "{KERNEL}", "{RAMDISK}", "{INITRD}", "{DTB}", "{T
                 *NEEDS_KERNEL_TYPE, *UNSUPPORTED)
 #: LAVA's soft reboot commands when neither job nor device names one
 REBOOT_COMMANDS = ["reboot", "reboot -n", "reboot -nf"]
-_MAC = re.compile(r"^([0-9A-F]{2}[:-]){5}[0-9A-F]{2}$", re.IGNORECASE)
+_MAC = r"(?i)([0-9A-F]{2}[:-]){5}[0-9A-F]{2}"
 
 
 @dataclass
@@ -93,6 +92,8 @@ def dispatcher_ip(job) -> str:
     configured = job.dispatcher.get("dispatcher_ip")
     if configured:
         return str(configured)
+    import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the route
@@ -194,7 +195,7 @@ class BootloaderCommandOverlay(Action):
             self.errors.append(f"the boot commands load files ({', '.join(files)}) but no deploy comes "
                                "before this boot")
         mac = method_parameters(self.job.device, method).get("lava_mac")
-        if mac and not _MAC.match(str(mac)):
+        if mac and not re.fullmatch(_MAC, str(mac)):
             self.errors.append(f"lava_mac {mac!r} is not a MAC address")
 
     def substitutions(self) -> dict[str, str | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -32,6 +31,8 @@ class ApplyOverlayGuest(Action):
         self.require_tool("mke2fs", "mkfs.ext4", why="e2fsprogs builds the guest disk of the test overlay")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
+        import subprocess
+
         root = self.job.state.overlay_root
         if root is None:
             return connection

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +147,8 @@ class GitRepoAction(RepoAction):
         return connection
 
     def _git(self, command: list[str], deadline: Deadline) -> str:
+        import subprocess
+
         self.logger.debug(" ".join(command))
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=deadline.remaining(),
@@ -169,19 +170,18 @@ class UrlRepoAction(RepoAction):
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
         import tarfile
-        import urllib.error
-        import urllib.request
+
+        from agent.fetch import HTTPStatusError, open_url
 
         folder = self.folder()
         url = self.params["repository"]
         archive = folder.parent / f".{folder.name}.download"
         try:
-            with urllib.request.urlopen(url, timeout=deadline.within(30.0)) as response, \
-                    open(archive, "wb") as out:
+            with open_url(url, timeout=deadline.within(30.0)) as response, open(archive, "wb") as out:
                 shutil.copyfileobj(response, out)
-        except urllib.error.HTTPError as exc:
+        except HTTPStatusError as exc:
             raise JobError(f"cannot download test definition {url}: HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except OSError as exc:
             raise InfrastructureError(f"cannot download test definition {url}: "
                                       f"{getattr(exc, 'reason', exc)}") from None
         if tarfile.is_tarfile(archive):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -178,6 +177,8 @@ class TftpAction(Action):
                                "deploy a ramdisk (without install_overlay: false)")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
+        import tempfile
+
         root = tftp_root(self.job)
         if not root.is_dir():
             raise InfrastructureError(f"the TFTP root {root} does not exist: create it, or set tftp_root in "
@@ -294,13 +295,14 @@ class ExtractModules(Action):
     timeout_exception = InfrastructureError
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
+        import tarfile
+        import tempfile
+
         if not _installs(self.parameters, "modules"):
             self.logger.info("not adding the modules to the ramdisk (install_modules: false)")
             return connection
         modules = self.job.state.downloads["modules"]
         root = Path(tempfile.mkdtemp(prefix="modules-", dir=self.job.workdir))
-        import tarfile
-
         try:
             with tarfile.open(modules) as tar:
                 tar.extractall(root, filter="data")

@@ -14,7 +14,6 @@ from agent.overlay import results_path, stage_command
 from agent.pipeline import Action, RetryAction, register
 from agent.schema import action_base
 from agent.timeout import Deadline
-from results.record import Result, clean_name
 
 _NAME = v.Match(r"^[-_a-zA-Z0-9.]+$", msg="test definition names use letters, digits, '-', '_' and '.'")
 _COMMON = {
@@ -165,6 +164,8 @@ class TestRun:
             self.job.logger.event(sig.message)
 
     def _pattern_result(self, match: re.Match, fixup: dict) -> None:
+        from results.record import Result, clean_name
+
         groups = match.groupdict()
         case = (groups.get("test_case_id") or "").strip()
         if not case:
