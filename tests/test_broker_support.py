@@ -250,7 +250,12 @@ class ProcessLab:
             command.append("--encrypt")
         with open(self.master_log, "a") as log:
             self.master = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self._up(), 30, "the master's API")
+        try:
+            wait_for(lambda: self._up(), 30, "the master's API")
+        except BaseException:  # a master that never came up is not left running
+            self.master.kill()
+            self.master.wait()
+            raise
         if not getattr(self, "_configured", False):
             self._configured = True
             self.api("PUT", "/workers/w1/config/", f"tmp_dir: {self.root / 'work'}\n")
