@@ -76,6 +76,10 @@ def board_session(board, dut: Path, bootargs: str) -> float:
     start = time.monotonic()
     child = pexpect.spawn("telnet", ["127.0.0.1", str(board.port)], encoding="utf-8", codec_errors="replace",
                           timeout=60)
+    # no pexpect pauses (50 ms before each line sent, after each read, at close): they are not the
+    # board's time, and the runner has none either
+    child.delaybeforesend = child.delayafterread = None
+    child.delayafterclose = child.delayafterterminate = child.ptyproc.delayafterclose = 0
     try:
         child.expect_exact("Escape character is")
         subprocess.run(board.command("reset").split(), check=True, capture_output=True)
