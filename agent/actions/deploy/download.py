@@ -167,9 +167,8 @@ class HttpDownloadAction(DownloadHandler):
             # a 4xx is the job's fault (a wrong URL); a 5xx is the server's
             error = JobError if 400 <= exc.code < 500 else InfrastructureError
             raise error(f"cannot download {self.url}: {exc}") from None
-        except OSError as exc:
-            reason = getattr(exc, "reason", exc)  # urllib's URLError says it there
-            raise InfrastructureError(f"cannot download {self.url}: {reason}") from None
+        except OSError as exc:  # open_url has unwrapped urllib's URLError already
+            raise InfrastructureError(f"cannot download {self.url}: {exc}") from None
 
 
 class FileDownloadAction(DownloadHandler):

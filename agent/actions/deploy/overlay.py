@@ -182,8 +182,7 @@ class UrlRepoAction(RepoAction):
         except HTTPStatusError as exc:
             raise JobError(f"cannot download test definition {url}: HTTP {exc.code}") from None
         except OSError as exc:
-            raise InfrastructureError(f"cannot download test definition {url}: "
-                                      f"{getattr(exc, 'reason', exc)}") from None
+            raise InfrastructureError(f"cannot download test definition {url}: {exc}") from None
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
                 tar.extractall(folder, filter="data")
