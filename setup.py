@@ -39,7 +39,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "pumice-run = agent.run:main",
+            "pumice-run = agent.run:cli",
             "pumice-agent = agent.worker:main",
             "pumice-master = master.cli:main",
             "pumice = master.client:main",

@@ -18,6 +18,12 @@ DEFAULT_MAXREAD = 4092
 # C0 controls other than tab/newline, DEL and C1 make unreadable log lines; they are kept, escaped,
 # by the log record, but terminal escape sequences are stripped as noise
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+#: A terminal's "where is the cursor?" query (VT100 device status report 6). Busybox's shell sends
+#: it after each prompt and, when no answer has come by the end of the line typed, sleeps 20 ms so
+#: that a late answer does not show as garbage: 20 ms for every line typed at the board.
+CURSOR_QUERY = "\x1b[6n"
+#: The row given in answers: any but 1 (busybox reads "ESC [ 1 ; 5 R" as Ctrl-F3, not as an answer).
+CURSOR_ROW = 24
 
 
 class LineLogger:
@@ -61,6 +67,8 @@ class Console:
         # select() already, and each sleep delays the job
         spawn.delayafterread = None
         self.closed = False
+        # an expect has returned since the last input: what the board sends now answers that input
+        self._matched = False
 
     @classmethod
     def spawn_command(cls, argv: list[str], logger, name: str, env: dict | None = None,
@@ -97,11 +105,16 @@ class Console:
 
     def sendcontrol(self, char: str) -> None:
         self.logger.input(f"^{char.upper()}")
-        self.spawn.sendcontrol(char)
+        try:
+            self._answer_cursor_query()
+            self.spawn.sendcontrol(char)
+        except OSError as exc:
+            raise InfrastructureError(f"{self.name}: cannot write to the console: {exc}") from None
 
     def _send(self, text: str, delay: float | None) -> None:
         delay = self.character_delay if delay is None else delay
         try:
+            self._answer_cursor_query()
             if delay:
                 for char in text:
                     self.spawn.send(char)
@@ -110,6 +123,45 @@ class Console:
                 self.spawn.send(text)
         except OSError as exc:
             raise InfrastructureError(f"{self.name}: cannot write to the console: {exc}") from None
+
+    def _answer_cursor_query(self) -> None:
+        """Before typing: answer the board's cursor-position query, as a terminal does, when it is
+        the last thing the board sent after what the last expect waited for (busybox's shell asks
+        right after its prompt). The shell is then reading its next line: the answer reaches it
+        first and spares it its 20 ms wait.
+
+        A query seen only after an input is never answered: the board may have read that input
+        already, and a late answer would reach the next program as typed text. A query not yet
+        here when the input is ready is not waited for: the shell then waits its 20 ms, as it
+        does without a terminal.
+        """
+        if not self._matched:
+            return
+        self._matched = False
+        pending = self.spawn.buffer
+        if pending != CURSOR_QUERY and CURSOR_QUERY.startswith(pending):  # nothing yet, or a part
+            pending += self._read_ready(0.01 if pending else 0)  # the rest of a query is on its way
+        if not pending.endswith(CURSOR_QUERY):
+            return
+        line = pending[: -len(CURSOR_QUERY)]
+        if "\n" not in line and "\r" not in line:
+            line = (self.before + (self.spawn.after if isinstance(self.spawn.after, str) else "") + line)
+        column = len(_ANSI.sub("", re.split(r"[\r\n]", line)[-1])) + 1
+        self.spawn.send(f"\x1b[{CURSOR_ROW};{column}R")
+
+    def _read_ready(self, wait: float) -> str:
+        """What the board has sent that no expect has read yet, waiting up to ``wait`` seconds for
+        the first of it; kept in pexpect's buffer for the next expect, as an expect would."""
+        text = ""
+        try:
+            while True:
+                text += self.spawn.read_nonblocking(self.spawn.maxread, timeout=wait)
+                wait = 0
+        except (pexpect.TIMEOUT, pexpect.EOF):  # EOF: the next expect reports it
+            pass
+        if text:
+            self.spawn.buffer = self.spawn.buffer + text
+        return text
 
     # -- reading ---------------------------------------------------------------------------------------
     def expect(self, patterns: list, deadline: Deadline, timeout: float | None = None) -> int | None:
@@ -126,15 +178,18 @@ class Console:
             self.lines.flush_partial()
             raise InfrastructureError(f"{self.name}: the console connection closed"
                                       f"{self._exit_detail()}") from None
+        self._matched = True
         return index
 
     def expect_exact(self, patterns: list, deadline: Deadline) -> int | None:
         try:
-            return self.spawn.expect_exact(list(patterns), timeout=deadline.remaining())
+            index = self.spawn.expect_exact(list(patterns), timeout=deadline.remaining())
         except pexpect.TIMEOUT:
             return None
         except pexpect.EOF:
             raise InfrastructureError(f"{self.name}: the console connection closed") from None
+        self._matched = True
+        return index
 
     def wait_for_prompt(self, deadline: Deadline) -> bool:
         """True when one of the prompts shows before the deadline."""
@@ -179,13 +234,31 @@ class Console:
             spawn.close(force=True)
 
     def _stop(self, signum: int, seconds: float) -> bool:
-        """Send ``signum`` to the console's process: True once it is gone, False after ``seconds``."""
-        self.spawn.kill(signum)
-        end = time.monotonic() + seconds
-        pause = 0.001  # processes exit within milliseconds: look soon, then less often
-        while self.spawn.isalive():
-            if time.monotonic() >= end:
-                return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-        return True
+        """Send ``signum`` to the console's process: True once it is gone, False after ``seconds``.
+
+        The wait is on a pidfd (Linux 5.3), which wakes up as the process exits; without one, the
+        process is looked at soon, then less often (processes exit within milliseconds)."""
+        import os
+        import select
+
+        try:
+            pidfd = os.pidfd_open(self.spawn.pid)
+        except OSError:  # an older kernel
+            pidfd = None
+        try:
+            self.spawn.kill(signum)
+            end = time.monotonic() + seconds
+            pause = 0.001
+            while self.spawn.isalive():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                if pidfd is None:
+                    time.sleep(min(left, pause))
+                    pause = min(pause * 2, 0.05)
+                else:
+                    select.select([pidfd], [], [], left)
+            return True
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)

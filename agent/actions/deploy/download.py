@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import voluptuous as v
 
-from agent.errors import InfrastructureError, JobError
+from agent.errors import Bug, InfrastructureError, JobError, PumiceError
 from agent.pipeline import Action, RetryAction
 from agent.timeout import Deadline
 
@@ -81,6 +81,9 @@ class DownloadHandler(Action):
         self.params = params
         self.url = params.get("url", "")
         self.directory = directory
+        self.transfer: _Transfer | None = None
+        #: the deploy block's other downloads (see download_together)
+        self.others: list[DownloadHandler] = []
 
     def validate(self) -> None:
         compression = self.params.get("compression")
@@ -111,38 +114,48 @@ class DownloadHandler(Action):
         raise NotImplementedError
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        import hashlib
-        import importlib
-        import lzma
-
-        dest = self.destination()
-        hashes = {name: hashlib.new(name[:-3]) for name in CHECKSUMS if self.params.get(name)}
-        size = 0
-        with self.open_source(deadline) as source:
-            raw = _Hashing(source, hashes, deadline, self)
-            compression = self.params.get("compression")
-            stream = importlib.import_module(DECOMPRESSORS[compression]).open(raw) if compression else raw
-            try:
-                with open(dest, "wb") as out:
-                    while chunk := stream.read(CHUNK):
-                        out.write(chunk)
-                        size += len(chunk)
-            except InfrastructureError:
-                raise
-            except (OSError, EOFError, lzma.LZMAError) as exc:
-                raise JobError(f"{self.url}: cannot decompress as {compression}: {exc}") from None
-            finally:
-                raw.finish()
-        for name, digest in hashes.items():
+        for other in self.others:  # the first download of a deploy block starts the others
+            if not other.started and other.transfer is None:
+                other.transfer = _Transfer(other, other.destination(), Deadline.after(other.timeout, other.name))
+                other.transfer.start()
+        transfer, self.transfer = self.transfer, None  # a retry downloads again, here
+        if transfer is None:
+            transfer = _Transfer(self, self.destination(), deadline)
+            transfer.run()
+        elif not transfer.wait(deadline):
+            transfer.stop()
+            raise self.timed_out(f"downloading {self.url}")
+        if transfer.error is not None:
+            raise transfer.error
+        for name, digest in transfer.hashes.items():
             expected = self.params[name].lower()
             if digest.hexdigest() != expected:
                 raise JobError(f"{self.key}: {name[:-3]} checksum mismatch for {self.url}: "
                                f"expected {expected}, got {digest.hexdigest()}")
-        self.logger.info(f"{self.key}: downloaded {raw.count} bytes from {self.url}"
-                         + (f", {size} bytes after decompression" if raw.count != size else ""))
-        self.job.state.downloads[self.key] = dest
+        count, size = transfer.count, transfer.size
+        self.logger.info(f"{self.key}: downloaded {count} bytes from {self.url}"
+                         + (f", {size} bytes after decompression" if count != size else ""))
+        self.job.state.downloads[self.key] = transfer.dest
         self.results.update({"label": self.key, "size": size, "url": self.url})
         return connection
+
+    def cleanup(self, connection: Any) -> None:
+        super().cleanup(connection)
+        if self.transfer is not None:  # prefetched, never waited for (an earlier action failed)
+            self.transfer.stop()
+            self.transfer = None
+
+
+def download_together(pipeline) -> None:
+    """Have the downloads of a deploy block's ``pipeline`` run side by side: when the first one
+    starts, the others start on threads of their own (each with its own timeout, from then), so
+    that one image comes off the network or goes to disk while another is decompressed, instead of
+    one after the other. Each download action still waits for its own, checks it, logs it and
+    fails in its turn. (Not earlier than the first download: what comes before, the overlay, is
+    Python work that the downloads' threads would slow down.)"""
+    downloads = [action for action in pipeline.walk() if isinstance(action, DownloadHandler)]
+    for action in downloads:
+        action.others = [other for other in downloads if other is not action]
 
 
 class HttpDownloadAction(DownloadHandler):
@@ -186,6 +199,69 @@ class FileDownloadAction(DownloadHandler):
             raise JobError(f"cannot read {self.url}: {exc.strerror}") from None
 
 
+class _Transfer:
+    """One download: source to ``dest``, hashed and decompressed on the way, run on the caller's
+    thread (``run``) or on a thread of its own (``start``, then ``wait``). What went wrong is kept in
+    ``error``; the thread never logs (the action does, once it has waited)."""
+
+    def __init__(self, action: DownloadHandler, dest: Path, deadline: Deadline) -> None:
+        import hashlib
+
+        self.action = action
+        self.dest = dest
+        self.deadline = deadline
+        self.hashes = {name: hashlib.new(name[:-3]) for name in CHECKSUMS if action.params.get(name)}
+        self.count = 0  # bytes read from the source
+        self.size = 0  # bytes written, after decompression
+        self.error: PumiceError | None = None
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run_kept, name=f"download-{self.action.key}", daemon=True)
+        self.thread.start()
+
+    def wait(self, deadline: Deadline) -> bool:
+        """True once the thread is done, False if ``deadline`` passes first."""
+        self.thread.join(deadline.remaining())
+        return not self.thread.is_alive()
+
+    def stop(self) -> None:
+        """Have the thread give up at its next chunk (a read blocked on a silent server ends at its
+        socket timeout: the thread is a daemon, nothing waits for it)."""
+        self.stopped.set()
+
+    def _run_kept(self) -> None:
+        try:
+            self.run()
+        except PumiceError as exc:
+            self.error = exc
+        except Exception as exc:  # a bug: reported by the action like any error of its own
+            self.error = Bug(f"downloading {self.action.url}: {type(exc).__name__}: {exc}")
+
+    def run(self) -> None:
+        import importlib
+        import lzma
+
+        action = self.action
+        with action.open_source(self.deadline) as source:
+            raw = _Hashing(source, self.hashes, self.deadline, action, self.stopped)
+            compression = action.params.get("compression")
+            stream = importlib.import_module(DECOMPRESSORS[compression]).open(raw) if compression else raw
+            try:
+                with open(self.dest, "wb") as out:
+                    while chunk := stream.read(CHUNK):
+                        out.write(chunk)
+                        self.size += len(chunk)
+            except InfrastructureError:
+                raise
+            except (OSError, EOFError, lzma.LZMAError) as exc:
+                raise JobError(f"{action.url}: cannot decompress as {compression}: {exc}") from None
+            finally:
+                raw.finish()
+                self.count = raw.count
+
+
 class _Hashing:
     """A read-through wrapper that hashes what passes and checks the deadline.
 
@@ -195,8 +271,10 @@ class _Hashing:
     for the last chunk to be hashed.
     """
 
-    def __init__(self, source, hashes: dict, deadline: Deadline, action: Action) -> None:
+    def __init__(self, source, hashes: dict, deadline: Deadline, action: DownloadHandler,
+                 stopped: threading.Event) -> None:
         self.source = source
+        self.stopped = stopped
         self.hashes = hashes
         self.deadline = deadline
         self.action = action
@@ -222,6 +300,8 @@ class _Hashing:
     def read(self, size: int = -1) -> bytes:
         if self.deadline.expired():
             raise self.action.timed_out(f"downloading {self.action.url}")
+        if self.stopped.is_set():
+            raise InfrastructureError(f"the download of {self.action.url} was stopped")
         try:
             chunk = self.source.read(size if size and size > 0 else CHUNK)
         except OSError as exc:  # a timeout, a reset connection

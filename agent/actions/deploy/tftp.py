@@ -23,7 +23,7 @@ from typing import Any
 
 import voluptuous as v
 
-from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction
+from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction, download_together
 from agent.actions.deploy.overlay import DeployDeviceEnvironment, OverlayAction
 from agent.errors import InfrastructureError, JobError
 from agent.overlay import append_to_ramdisk
@@ -158,6 +158,7 @@ class TftpAction(Action):
                     # a ramdisk is used as it comes (compressed): the kernel decompresses it
                     image.pop("compression", None)
                 pipeline.add(DownloaderAction(key, image))
+        download_together(pipeline)
         pipeline.add(PrepareOverlayTftp(self.has_tests))
         if self.has_tests:
             pipeline.add(DeployDeviceEnvironment())

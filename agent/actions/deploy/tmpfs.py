@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import voluptuous as v
 
-from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction, QCowConversionAction
+from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction, QCowConversionAction, download_together
 from agent.actions.deploy.guest import ApplyOverlayGuest
 from agent.actions.deploy.overlay import DeployDeviceEnvironment, OverlayAction
 from agent.pipeline import Action, register
@@ -58,3 +58,4 @@ class DeployImagesAction(Action):
             pipeline.add(DownloaderAction(key, image))
             if image.get("format") == "qcow2":
                 pipeline.add(QCowConversionAction(key))
+        download_together(pipeline)
