@@ -9,6 +9,7 @@ written for LAVA expect its layout, which Pumice keeps. Under ``/lava-<job id>``
     <stage>/lava-test-runner.conf      the test directories of test action <stage>, one a line
     <stage>/tests/<n>_<name>/          one test definition: its files, run.sh, install.sh, uuid,
                                        testdef.yaml
+    <stage>/results/<n>_<name>/        its LAVA_RESULT_DIR (empty until the test run writes in it)
 
 ``<n>`` counts the test definitions of the whole job from 0, across test actions, as LAVA does:
 ``<n>_<name>`` is the test run's name (``TESTRUN_ID``) and so the suite name of its results.
@@ -387,6 +388,8 @@ def build_overlay(
             if install_sh is not None:
                 _write_script(test_dir / "install.sh", install_sh)
             _write_script(test_dir / "run.sh", render_run_sh(test, testrun_id, base, board_dir))
+            # its LAVA_RESULT_DIR, made here: the runner need not fork a mkdir on the board
+            (stage_dir / "results" / testrun_id).mkdir(parents=True)
             runner_conf.append(f"{board_dir}\n")
         (stage_dir / "lava-test-runner.conf").write_text("".join(runner_conf), encoding="utf-8")
     return top

@@ -221,7 +221,7 @@ def test_runner_prints_each_signal_once_in_order(board: Board):
 
     # what the runner recorded, and the list moved aside so that a reboot does not rerun it
     results = board.host_path / "0" / "results"
-    runs = {path.name.rsplit("-", 1)[0]: path for path in results.iterdir()}
+    runs = {path.name: path for path in results.iterdir()}  # made with the overlay, one a test run
     assert sorted(runs) == ["0_smoke", "1_broken", "2_installed", "3_failed-install"]
     assert (runs["0_smoke"] / "return_code").read_text() == "0\n"
     assert (runs["1_broken"] / "return_code").read_text() == "1\n"
@@ -229,6 +229,7 @@ def test_runner_prints_each_signal_once_in_order(board: Board):
     assert (runs["3_failed-install"] / "install_return_code").read_text() == "3\n"
     assert (runs["0_smoke"] / "results" / "latency" / "measurement").read_text() == "42.5\n"
     assert not (board.host_path / "0" / "lava-test-runner.conf").exists()
+    assert (board.host_path / "0" / "lava-test-runner.conf-ran").exists()
     console = board.run(stage_command("7", 0, board.results_dir))
     assert signals_of(console) == ["<LAVA_TEST_RUNNER EXIT>"]
     assert "no " in console and "lava-test-runner.conf" in console
