@@ -143,6 +143,14 @@ class Board:
         assert done.stderr == "", done.stderr
         return done.stdout
 
+    def build(self, stages: list[list[TestDefinition]], environment: dict | None = None) -> Path:
+        """Lay out job 7's overlay with these test actions on the board; return its top."""
+        return build_overlay(self.root, "7", stages, environment, results_dir=self.results_dir)
+
+    def run_stage(self, stage: int) -> str:
+        """Type the agent's command for test action ``stage`` of job 7; return the console."""
+        return self.run(stage_command("7", stage, self.results_dir))
+
 
 def busybox_root(root: Path) -> None:
     """A minimal busybox system in ``root``: the static busybox, its applet links, /dev/null."""
@@ -204,19 +212,20 @@ def signals_of(console: str) -> list[str]:
 
 
 def test_runner_prints_each_signal_once_in_order(board: Board):
-    top = build_overlay(board.root, "7", stages(), results_dir=board.results_dir)
+    top = board.build(stages())
     assert top == board.host_path
-    console = board.run(stage_command("7", 0, board.results_dir))
+    console = board.run_stage(0)
     assert signals_of(console) == EXPECTED_STAGE_0, console
     # every signal on a line of its own, even after output without a newline
     for line in console.splitlines():
         assert not SIGNAL_PATTERN.search(line) or SIGNAL_PATTERN.fullmatch(line), line
     assert "unterminated\n" in console
-    assert "+ lava-test-case pass-case --shell true" in console  # steps are traced
+    # steps are traced; the helpers called from run.sh run in its shell, as functions
+    assert "+ lava_test_case pass-case --shell true" in console
     assert "lava-test-runner: 1_broken: run.sh exited with status 1" in console
     assert "install deps: fio: not installed" in console
 
-    console = board.run(stage_command("7", 1, board.results_dir))
+    console = board.run_stage(1)
     assert signals_of(console) == EXPECTED_STAGE_1, console
 
     # what the runner recorded, and the list moved aside so that a reboot does not rerun it
@@ -230,14 +239,76 @@ def test_runner_prints_each_signal_once_in_order(board: Board):
     assert (runs["0_smoke"] / "results" / "latency" / "measurement").read_text() == "42.5\n"
     assert not (board.host_path / "0" / "lava-test-runner.conf").exists()
     assert (board.host_path / "0" / "lava-test-runner.conf-ran").exists()
-    console = board.run(stage_command("7", 0, board.results_dir))
+    console = board.run_stage(0)
     assert signals_of(console) == ["<LAVA_TEST_RUNNER EXIT>"]
     assert "no " in console and "lava-test-runner.conf" in console
 
 
+def test_helpers_in_run_sh_behave_as_programs(board: Board):
+    """lava-test-case & co. called from run.sh run in a subshell of its shell (lava_in_shell), not
+    as programs: what they do must not differ, and scripts started by a step still find them."""
+    steps = [
+        "lava-test-case bad --result maybe || echo \"usage status $?\"",
+        "lava-test-case exits --shell 'exit 3'",
+        "lava-test-case sets --shell 'clobbered=yes; lava_id=other'",
+        'echo "clobbered=${clobbered:-no} lava_me=${lava_me:-unset}"',
+        "sh -c 'lava-test-case child --result pass' && command lava-test-set start by-path",
+        "lava-test-set stop",
+        "set +x",
+        "lava-test-case untraced --result skip",
+        "echo after-untraced",
+        "lava-test-event 'an  event'",
+        "lava-test-case stop-here --result pass && false",
+        "lava-test-case never --result pass",
+    ]
+    test = TestDefinition("helpers", {"metadata": {"name": "helpers"}, "run": {"steps": steps}})
+    board.build([[test]])
+    console = board.run_stage(0)
+    assert signals_of(console) == [
+        "<LAVA_SIGNAL_STARTRUN 0_helpers 7_0.0>",
+        "<LAVA_SIGNAL_STARTTC exits>",
+        "<LAVA_SIGNAL_ENDTC exits>",
+        "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=exits RESULT=fail>",
+        "<LAVA_SIGNAL_STARTTC sets>",
+        "<LAVA_SIGNAL_ENDTC sets>",
+        "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=sets RESULT=pass>",
+        "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=child RESULT=pass>",
+        "<LAVA_SIGNAL_TESTSET START by-path>",
+        "<LAVA_SIGNAL_TESTSET STOP>",
+        "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=untraced RESULT=skip>",
+        "<LAVA_SIGNAL_TESTEVENT an  event>",
+        "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=stop-here RESULT=pass>",
+        "<LAVA_TEST_RUNNER EXIT>",
+    ], console
+    # a usage error names the helper and fails the step, as the program does
+    assert "lava-test-case: result 'maybe' is not one of: pass, fail, skip, unknown" in console
+    assert "usage status 1" in console
+    # the helper's variables and options stay in its subshell
+    assert "clobbered=no lava_me=" in console and "lava_me=lava-test-case" not in console
+    assert "after-untraced" in console and "+ echo after-untraced" not in console
+    assert "lava-test-runner: 0_helpers: run.sh exited with status 1" in console
+    results = board.host_path / "0" / "results" / "0_helpers" / "results"
+    assert (results / "exits" / "result").read_text() == "fail\n"
+    assert (results / "child" / "result").read_text() == "pass\n"
+
+
+def test_runner_with_a_shell_that_does_not_expand_aliases(tmp_path: Path):
+    """SHELL=bash (LAVA's lava_test_sh_cmd): bash expands no alias in a script, so run.sh finds the
+    helpers in bin/, as programs; the signals are the same."""
+    bash = shutil.which("bash")
+    if DASH is None or bash is None:
+        pytest.skip("dash and bash are needed")
+    board = _dash_board(tmp_path)
+    board.env["SHELL"] = bash
+    board.build(stages())
+    console = board.run_stage(0)
+    assert signals_of(console) == EXPECTED_STAGE_0, console
+    assert "+ lava-test-case pass-case --shell true" in console
+
+
 def test_runner_from_relative_paths(board: Board):
     """Typed by hand from the overlay's directory: relative paths work as the agent's absolute ones."""
-    build_overlay(board.root, "7", stages(), results_dir=board.results_dir)
+    board.build(stages())
     base = results_path("7", board.results_dir)
     console = board.run(f"cd {base} && bin/lava-test-runner ./1/")
     assert signals_of(console) == EXPECTED_STAGE_1, console
@@ -268,16 +339,11 @@ def test_raise_stops_the_run(board: Board):
         },
     }
     never = {"metadata": {"name": "never"}, "run": {"steps": ["lava-test-case never --result pass"]}}
-    build_overlay(
-        board.root,
-        "7",
-        [
-            [TestDefinition("raising", raising), TestDefinition("never", never)],
-            [TestDefinition("direct", direct), TestDefinition("never2", never)],
-        ],
-        results_dir=board.results_dir,
-    )
-    console = board.run(stage_command("7", 0, board.results_dir))
+    board.build([
+        [TestDefinition("raising", raising), TestDefinition("never", never)],
+        [TestDefinition("direct", direct), TestDefinition("never2", never)],
+    ])
+    console = board.run_stage(0)
     assert signals_of(console) == [
         "<LAVA_SIGNAL_STARTRUN 0_raising 7_0.0>",
         "<LAVA_SIGNAL_TESTCASE TEST_CASE_ID=first RESULT=pass>",
@@ -287,7 +353,7 @@ def test_raise_stops_the_run(board: Board):
     ], console
     assert "lava-test-raise was called: not running the remaining tests" in console
     # a raise in a script that carries on: the run stops at the next helper
-    console = board.run(stage_command("7", 1, board.results_dir))
+    console = board.run_stage(1)
     assert signals_of(console) == [
         "<LAVA_SIGNAL_STARTRUN 2_direct 7_1.2>",
         "<LAVA_SIGNAL_TESTRAISE board on fire>",
@@ -317,8 +383,8 @@ def test_parameters_and_environment_arrive_unchanged(board: Board):
     }
     test = TestDefinition("quoting", definition, parameters=dict(NASTY))
     environment = {f"ENV_{name}": value for name, value in NASTY.items()}
-    top = build_overlay(board.root, "7", [[test]], environment, results_dir=board.results_dir)
-    console = board.run(stage_command("7", 0, board.results_dir))
+    top = board.build([[test]], environment)
+    console = board.run_stage(0)
     assert signals_of(console)[-2:] == ["<LAVA_SIGNAL_ENDRUN 0_quoting 7_0.0>", "<LAVA_TEST_RUNNER EXIT>"]
     test_dir = top / "0" / "tests" / "0_quoting"
     for name, value in NASTY.items():

@@ -21,6 +21,7 @@ from agent.overlay import (
     append_to_ramdisk,
     build_overlay,
     flatten_environment,
+    literal_case_ids,
     pack_cpio,
     parameter_value,
     results_path,
@@ -136,6 +137,27 @@ def test_layout(tmp_path: Path):
     assert "export SERVER='10.0.0.1'\n" in environment and "export LAVA_JOB_ID='12'\n" in environment
     with pytest.raises(FileExistsError):
         build_overlay(tmp_path / "overlay", "12", [[]])
+
+
+def test_result_directories_of_literal_case_ids(tmp_path: Path):
+    """The overlay holds results/<ID>/ for each case a step names as it is, so that
+    lava-test-case forks no mkdir on the board; IDs made by an expansion are left to it."""
+    steps = [
+        "lava-test-case plain --shell true",
+        "true && lava-test-case after-and --result pass",
+        "for i in 1 2; do lava-test-case iter-$i --result pass; done",
+        "if true; then lava-test-case in-then --result skip; fi",
+        'lava-test-case "quoted" --result pass',
+        "lava-test-case $NAME --result pass",
+        "echo lava-test-case not-a-call",
+        "lava-test-case --bad",
+    ]
+    test = TestDefinition("cases", {"metadata": {"name": "cases"}, "run": {"steps": steps}})
+    assert literal_case_ids(test) == {"plain", "after-and", "in-then"}
+    top = build_overlay(tmp_path, "12", [[test]])
+    results = top / "0" / "results" / "0_cases" / "results"
+    assert sorted(path.name for path in results.iterdir()) == ["after-and", "in-then", "plain"]
+    assert not [path for path in results.rglob("*") if path.is_file()]  # empty until the board writes
 
 
 def test_results_dir_forms(tmp_path: Path):
