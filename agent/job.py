@@ -22,6 +22,8 @@ from agent.schema import YamlDocument, faults_from, format_path, job_schema, loa
 from agent.timeout import Deadline, parse_duration
 
 if TYPE_CHECKING:  # results.record is imported once a job runs: validating one makes no result
+    from collections.abc import Callable
+
     from results.record import Result
 
 #: how long finalize may take when the job's own deadline is already gone (LAVA: 30 s)
@@ -97,6 +99,8 @@ class Job:
         self.action_paths: dict[int, tuple] = {}
         #: the index in ``actions`` of the block being built (strategies look ahead from it)
         self.building = 0
+        #: work for later that need not hold the board up: done while it boots (see while_booting)
+        self._deferred: list[Callable[[], None]] = []
 
     # -- building -------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -198,6 +202,22 @@ class Job:
             base = self.dispatcher.get("tmp_dir")
             self._workdir = Path(tempfile.mkdtemp(prefix=f"pumice-{self.job_id}-", dir=base))
         return self._workdir
+
+    def defer(self, work: Callable[[], None]) -> None:
+        """Have ``work`` done while the board boots, when the agent waits anyway, rather than
+        before the boot (writing a file, importing what the test run needs); ``work`` is done at
+        the end of the job at the latest. It must not fail: its errors are logged, not raised."""
+        self._deferred.append(work)
+
+    def while_booting(self) -> None:
+        """Do the deferred work (once): called by the login action as the board boots, and by
+        whoever runs the job once it is over."""
+        work, self._deferred = self._deferred, []
+        for item in work:
+            try:
+                item()
+            except Exception as exc:  # noqa: BLE001  (deferred work must not end the job)
+                self.logger.error(f"deferred work failed: {type(exc).__name__}: {exc}")
 
     def check_canceled(self) -> None:
         if self.canceled and not self.cleaning:

@@ -7,7 +7,9 @@ SIGTERM (or SIGINT) cancels: the current action stops, finalize powers the board
 
 from __future__ import annotations
 
+import functools
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -91,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, canceller)
 
-    import yaml
-
     from agent.job import load_job  # after the signal handlers: a cancel is never lost
     from agent.logger import JobLogger
 
@@ -130,15 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     if env_dut:
         job.definition.setdefault("environment", {}).update(env_dut)
     logger.results({"definition": "lava", "case": "validate", "result": "pass"})
-    if output is not None:
-        (output / "description.yaml").write_text(
-            yaml.dump(job.describe(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
-                      width=120), encoding="utf-8")
     if options.validate:
+        _write_description(output, job)
         print("pumice-run: the job is valid for this device", file=sys.stderr)
         return 0
 
+    # description.yaml and the bundle writer's import wait for the board to boot (Job.defer)
+    job.defer(lambda: _write_description(output, job))
+    job.defer(functools.partial(importlib.import_module, "results.bundle"))
     health = job.run()
+    job.while_booting()  # the deferred work of a job that never booted a board
     if output is not None:
         from results.bundle import write_bundle
 
@@ -148,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pumice-run: job {options.job_id} {health}"
           + (f": {job.error.error_type} error: {job.error}" if job.error else ""), file=sys.stderr)
     return EXIT_STATUS[health]
+
+
+def _write_description(output: Path | None, job) -> None:
+    """The pipeline of a valid job, with its levels, as description.yaml next to its log."""
+    if output is not None:
+        import yaml
+
+        (output / "description.yaml").write_text(
+            yaml.dump(job.describe(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                      width=120), encoding="utf-8")
 
 
 def _write_fallback_description(output: Path | None) -> None:

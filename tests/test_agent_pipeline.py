@@ -128,6 +128,17 @@ def test_a_failing_action_result_names_the_error() -> None:
     assert lava.result == "fail" and "timed out" in lava.extra["fail"]
 
 
+def test_deferred_work_is_done_once_and_never_fails_the_job() -> None:
+    job = make_job()
+    done = []
+    job.defer(lambda: done.append("first"))
+    job.defer(lambda: 1 / 0)
+    job.defer(lambda: done.append("after the failure"))
+    job.while_booting()
+    job.while_booting()
+    assert done == ["first", "after the failure"]
+
+
 def test_strategy_registry() -> None:
     with pytest.raises(JobError, match="unknown boot method 'foo'; known: .*qemu"):
         strategy("boot", "foo")

@@ -142,6 +142,8 @@ def test_checksum_mismatch_is_a_job_error(board) -> None:
     result = lava_job_result(out)
     assert result["error_type"] == "Job"
     assert "sha256 checksum mismatch" in result["error_msg"]
+    # the board never booted: description.yaml (deferred to the boot) is written all the same
+    assert yaml.safe_load((out / "description.yaml").read_text())["pipeline"]
 
 
 def test_unreachable_url_is_an_infrastructure_error(board) -> None:

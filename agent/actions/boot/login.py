@@ -112,6 +112,7 @@ class LoginAction(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         if connection is None:
             raise JobError("no console to log in on: the boot did not connect")
+        self.job.while_booting()
         prompts = self.prompts
         connection.prompts = prompts
         start = kernel_start_message(self.job, self.parameters)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 import time
 from typing import Any
@@ -66,6 +68,10 @@ class TestShellAction(Action):
     name = "lava-test-shell"
     description = "Executing lava-test-runner"
     summary = "Lava Test Shell"
+
+    def populate(self, parameters: dict) -> None:
+        # the console signals' parser is imported while the board boots, not as the test starts
+        self.job.defer(functools.partial(importlib.import_module, "results.signals"))
 
     def validate(self) -> None:
         for definition in self.parameters.get("definitions") or []:
