@@ -114,7 +114,7 @@ def test_console_dies_mid_test(board, dut_images, tmp_path, connection):
     """ser2net dies (telnet), or the USB serial adaptor goes away (pyserial), while a test runs."""
     job = start_job(board, ramdisk_job(dut_images.arm64, **{"          - lava-test-case overlay": LONG_TEST}),
                     tmp_path, connection=connection)
-    job.wait_for_log("lava-test-case wait --shell sleep 60")
+    job.wait_for_log("<LAVA_SIGNAL_STARTTC wait>")
     board.kill("ser2net" if connection == "telnet" else "cable")
     run = job.wait(timeout=60)
     assert run.duration < 60
@@ -129,7 +129,7 @@ def test_console_stops_mid_test(board, dut_images, tmp_path):
     """The console goes silent (no EOF): the test ends at its own timeout."""
     long_test = {**SHORT, "          - lava-test-case overlay": LONG_TEST}
     job = start_job(board, ramdisk_job(dut_images.arm64, **long_test), tmp_path)
-    job.wait_for_log("lava-test-case wait --shell sleep 60")
+    job.wait_for_log("<LAVA_SIGNAL_STARTTC wait>")
     board.fault("mute", "on")
     run = job.wait(timeout=90)
     assert_incomplete(run, "Job", "lava-test-shell timed out after 00:00:15")
