@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.results({"definition": "lava", "case": "validate", "result": "fail"})
         logger.results({"definition": "lava", "case": "job", "result": "fail",
                         "error_type": exc.error_type, "error_msg": str(exc)})
-        _write_fallback_description(output)
+        _write_description(output, {"pipeline": []})
         return EXIT_STATUS["Incomplete"]
     settle_heap()
     canceller.job = job
@@ -131,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         job.definition.setdefault("environment", {}).update(env_dut)
     logger.results({"definition": "lava", "case": "validate", "result": "pass"})
     if options.validate:
-        _write_description(output, job)
+        _write_description(output, job.describe())
         print("pumice-run: the job is valid for this device", file=sys.stderr)
         return 0
 
     # description.yaml and the bundle writer's import wait for the board to boot (Job.defer)
-    job.defer(lambda: _write_description(output, job))
+    job.defer(lambda: _write_description(output, job.describe()))
     job.defer(functools.partial(importlib.import_module, "results.bundle"))
     health = job.run()
     job.while_booting()  # the deferred work of a job that never booted a board
@@ -151,22 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_STATUS[health]
 
 
-def _write_description(output: Path | None, job) -> None:
-    """The pipeline of a valid job, with its levels, as description.yaml next to its log."""
+def _write_description(output: Path | None, description: dict) -> None:
+    """description.yaml next to the log: the pipeline of a valid job with its levels
+    (``job.describe()``), or an empty pipeline for an invalid one."""
     if output is not None:
         import yaml
 
         (output / "description.yaml").write_text(
-            yaml.dump(job.describe(), Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+            yaml.dump(description, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
                       width=120), encoding="utf-8")
-
-
-def _write_fallback_description(output: Path | None) -> None:
-    """An invalid job still leaves a description.yaml (empty pipeline) next to its log."""
-    if output is not None:
-        import yaml
-
-        (output / "description.yaml").write_text(yaml.safe_dump({"pipeline": []}), encoding="utf-8")
 
 
 def cli() -> None:
