@@ -197,10 +197,9 @@ class Job:
     def workdir(self) -> Path:
         """A private scratch directory for downloads and overlays, removed at the end."""
         if self._workdir is None:
-            import tempfile
+            from agent import scratch
 
-            base = self.dispatcher.get("tmp_dir")
-            self._workdir = Path(tempfile.mkdtemp(prefix=f"pumice-{self.job_id}-", dir=base))
+            self._workdir = scratch.make(self.job_id, self.dispatcher.get("tmp_dir"))
         return self._workdir
 
     def defer(self, work: Callable[[], None]) -> None:

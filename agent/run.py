@@ -47,9 +47,10 @@ def read_yaml(path: Path, what: str) -> dict:
     import yaml
 
     # libyaml when present: a device configuration is large, the pure-Python parser takes tens of ms
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    from results.fastyaml import SafeLoader
+
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SafeLoader)
     except OSError as exc:
         raise SystemExit(f"pumice-run: cannot read the {what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
@@ -157,9 +158,10 @@ def _write_description(output: Path | None, description: dict) -> None:
     if output is not None:
         import yaml
 
+        from results.fastyaml import SafeDumper
+
         (output / "description.yaml").write_text(
-            yaml.dump(description, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
-                      width=120), encoding="utf-8")
+            yaml.dump(description, Dumper=SafeDumper, sort_keys=False, width=120), encoding="utf-8")
 
 
 def cli() -> None:

@@ -12,11 +12,7 @@ import voluptuous as v
 import yaml
 
 from agent.errors import Fault, JobDefinitionError
-
-try:  # libyaml when present: several times faster
-    from yaml import CSafeLoader as _Loader
-except ImportError:  # pragma: no cover - pure Python fallback
-    from yaml import SafeLoader as _Loader
+from results.fastyaml import SafeLoader as _Loader
 
 #: device-type template variables a job's ``context:`` may set (LAVA 2023.01's list)
 CONTEXT_VARIABLES = frozenset((

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import __version__
+from agent import __version__, scratch
 from agent.messages import (
     JOB_FINISHED,
     JOB_RUNNING,
@@ -327,11 +327,23 @@ class LocalJob:
         if health != "Complete" and (lost or self.state.get("overrun") or exit_code not in EXIT_HEALTH):
             # pumice-run could not say it: the daemon does, in the job's own log (streamed like any line)
             self.logfile.append([LogRecord(now_dt(), "error", f"{error_type} error: {error_msg}")])
+        if lost or exit_code not in EXIT_HEALTH:
+            self._sweep_scratch()  # pumice-run did not get to remove its scratch directories
         self.update(status="exited", exit_code=exit_code, health=health, error_type=error_type,
                     error_msg=error_msg)
         log.info("job %d: pumice-run ended (%s): %s%s", self.job_id,
                  "lost" if lost else f"exit status {exit_code}", health,
                  f", {error_type}: {error_msg}" if error_type and health != "Complete" else "")
+
+    def _sweep_scratch(self) -> None:
+        try:
+            dispatcher = json.loads((self.dir / "dispatcher.yaml").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            dispatcher = None
+        if not isinstance(dispatcher, dict):
+            dispatcher = {}
+        for path in scratch.sweep(self.job_id, dispatcher):
+            log.info("job %d: removed %s, left by its runner", self.job_id, path)
 
     def end_message(self) -> End:
         description = self.dir / "description.yaml"

@@ -84,6 +84,7 @@ from master.errors import Invalid, NotFound, ServiceError
 from master.instance import current
 from master.models import Device, Job, TestCase, Worker, utcnow
 from master.states import JobHealth, JobState, WorkerState
+from results.fastyaml import SafeLoader
 from results.log import LogRecord
 from results.logfile import LogFile
 from results.record import JOB_LEVEL, Result, clean_name
@@ -1054,9 +1055,8 @@ def running() -> Broker | None:
 def _load_yaml(text: str | None, what: str) -> dict:
     if not text:
         return {}
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=SafeLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise Invalid(f"{what} is not valid YAML: {exc}") from None
     return data if isinstance(data, dict) else {}

@@ -43,6 +43,8 @@ import yaml
 from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
+from results.fastyaml import SafeLoader
+
 log = logging.getLogger("pumice.devicetypes")
 
 __all__ = ["DeviceTypeError", "DeviceTypes", "check_name", "packaged_dir", "parse_dictionary"]
@@ -61,8 +63,6 @@ DATABASE = "database:"
 _extra_templates: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "pumice_extra_templates", default=MappingProxyType({})
 )
-
-_YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class DeviceTypeError(ValueError):
@@ -328,7 +328,7 @@ class DeviceTypes:
         text = self.render(dictionary, context, extra_templates, name=name)
         label = f"{DICTIONARY} of {name}" if name else DICTIONARY
         try:
-            data = yaml.load(text, Loader=_YamlLoader)
+            data = yaml.load(text, Loader=SafeLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None

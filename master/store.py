@@ -21,15 +21,14 @@ from pathlib import Path
 
 import yaml
 
+from results.fastyaml import SafeDumper
 from results.logfile import LogFile
-
-# libyaml's emitter when available: the same output as yaml.safe_dump, ~10x faster (the master
-# rewrites meta.yaml on every state change, for up to a thousand jobs in one scheduling pass)
-_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def _dump(data: dict) -> str:
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    # libyaml's emitter when there: the master rewrites meta.yaml on every state change, for up
+    # to a thousand jobs in one scheduling pass
+    return yaml.dump(data, Dumper=SafeDumper, sort_keys=False, allow_unicode=True)
 
 META_FIELDS = (
     "id", "name", "description", "submitter", "device_type", "device", "worker", "tags",

@@ -136,7 +136,9 @@ def load_bundle(text: str) -> Bundle:
     """Parse a bundle. Raises BundleError saying what is wrong and on which line."""
     import yaml  # not needed by the agent's fast paths
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    from results.fastyaml import SafeLoader
+
+    loader = SafeLoader(text)
     try:
         try:
             root = loader.get_single_node()

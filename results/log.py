@@ -131,9 +131,10 @@ class LogRecord(NamedTuple):
 def _yaml_record(text: str, line: str) -> Any:
     import yaml  # only for lines JSON cannot read (LAVA's own escapes); keeps imports cheap
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    from results.fastyaml import SafeLoader
+
     try:
-        data = yaml.load(text, Loader=loader)
+        data = yaml.load(text, Loader=SafeLoader)
     except yaml.YAMLError as exc:
         raise ValueError(f"not a valid log record line ({exc.__class__.__name__}): {_preview(line)}") from None
     if not isinstance(data, list) or len(data) != 1:

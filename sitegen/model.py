@@ -17,6 +17,7 @@ import yaml
 
 from master.store import ArtifactStore
 from results.bundle import Bundle, load_bundle
+from results.fastyaml import SafeLoader as _Loader
 from results.record import RESULTS, Result
 from sitegen.text import parse_time
 
@@ -155,9 +156,6 @@ def load_job(store: ArtifactStore, job_id: int) -> JobView:
     log_path = job_dir / "output.yaml"
     job.log_path = log_path if log_path.exists() else None
     return job
-
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _yaml_load(text: str) -> object:

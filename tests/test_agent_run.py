@@ -136,6 +136,29 @@ def test_smoke_job_completes_on_the_board(board) -> None:
     assert any(t.strip() == "x86_64" for t in targets)
 
 
+def test_two_deploys_number_test_runs_across_the_job(board) -> None:
+    """deploy, boot, test; deploy, boot, test: each boot runs its own test action from its own
+    overlay, and the test runs are numbered across the job (0_first, 1_second), as in LAVA."""
+    job = yaml.safe_load(board.job().read_text())
+    deploy, boot, test = job["actions"]
+    first, second = test["test"]["definitions"]
+    first["name"], second["name"] = "first", "second"
+    job["actions"] = [deploy, boot, {"test": {**test["test"], "definitions": [first]}},
+                      deploy, boot, {"test": {**test["test"], "definitions": [second]}}]
+    path = board.root / "two-deploys.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    done, out = pumice_run(board, path)
+    assert done.returncode == 0, done.stderr + (out / "output.yaml").read_text()[-5000:]
+    results = results_by_case(out)
+    assert results[("0_first", "always-pass")].level == "3.1"
+    assert results[("1_second", "case-one")].result == "pass"
+    assert results[("1_second", "case-two")].level == "6.1"
+    assert not {suite for suite, _ in results} - {"lava", "0_first", "1_second"}
+    runs = [r.msg["case"] for r in read_log(out / "output.yaml")
+            if r.lvl == "results" and r.msg.get("definition") == "lava" and r.msg["case"].endswith(("first", "second"))]
+    assert runs == ["0_first", "1_second"]  # the second boot runs its own stage only
+
+
 def test_checksum_mismatch_is_a_job_error(board) -> None:
     done, out = pumice_run(board, board.job(**{"@KERNEL_SHA256@": "0" * 64}))
     assert done.returncode == 1

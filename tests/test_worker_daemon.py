@@ -23,6 +23,7 @@ from master.broker import Broker, results_in_lines
 from master.db import connection
 from master.instance import current
 from master.models import Device, Job
+from master.models import Worker as WorkerModel
 from master.scheduler import Scheduler
 from master.states import DeviceHealth, JobHealth, JobState
 from master.users import SYSTEM
@@ -154,16 +155,30 @@ def test_cancel_stops_the_runner(broker_lab: BrokerLab, agent, tmp_path: Path) -
 
 def test_runner_killed_from_outside_is_an_infrastructure_error(broker_lab: BrokerLab, agent,
                                                                tmp_path: Path) -> None:
+    """... and the daemon removes the scratch directories the runner had no time to remove."""
+    scratch, tftp = tmp_path / "scratch", tmp_path / "tftp"
+    scratch.mkdir(), tftp.mkdir()
+    with connection():
+        WorkerModel.update(config=f"tmp_dir: {scratch}\ntftp_root: {tftp}\n").where(
+            WorkerModel.hostname == "w1").execute()
     running = agent()
     job_id = submit(broker_lab, "lines=2000 delay=0.02")
     wait_for(lambda: job_id in running.worker.jobs and running.worker.jobs[job_id].proc is not None,
              what="the runner")
+    left = [scratch / f"pumice-{job_id}-a1b2", tftp / f"pumice-{job_id}-c3d4"]
+    kept = [scratch / f"pumice-{job_id}0-e5f6", tftp / "other", scratch / "pumice-elsewhere"]
+    for path in left + kept:
+        (path / "ramdisk").mkdir(parents=True)
+    (scratch / f"pumice-{job_id}-link").symlink_to(scratch / "pumice-elsewhere")
     os.kill(running.worker.jobs[job_id].proc.pid, signal.SIGKILL)
     job = finished(job_id)
     assert job.health == JobHealth.INCOMPLETE
     assert job.failure_comment == "Infrastructure: pumice-run was killed by signal SIGKILL"
     local = assert_same_log_and_results(job_id, tmp_path / "spool")
     assert local[-1].endswith('"msg": "Infrastructure error: pumice-run was killed by signal SIGKILL"}')
+    assert not [path for path in left if path.exists()]
+    assert all((path / "ramdisk").is_dir() for path in kept)
+    assert (scratch / f"pumice-{job_id}-link").is_symlink()
     with connection():
         assert Device.get_by_id(job.actual_device_id).health == DeviceHealth.UNKNOWN
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import voluptuous as v
 
+from agent import scratch
 from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction, download_together
 from agent.actions.deploy.overlay import DeployDeviceEnvironment, OverlayAction
 from agent.errors import InfrastructureError, JobError
@@ -31,8 +32,6 @@ from agent.pipeline import Action, register
 from agent.schema import action_base
 from agent.timeout import Deadline
 
-#: where the worker's TFTP server serves files from when the dispatcher configuration names none
-DEFAULT_TFTP_ROOT = "/srv/tftp"
 #: LAVA's TFTP_SIZE_LIMIT: a TFTP transfer (16-bit block numbers, rollover) tops out around 4 GiB
 TFTP_SIZE_LIMIT = 4 * 1024 * 1024 * 1024
 #: the images a tftp deploy may carry, in LAVA's download order (the levels follow it)
@@ -92,11 +91,6 @@ def boot_command(kernel_type: str, device: dict) -> str:
     command when the device has load addresses for it, else ``bootm`` (after a conversion)."""
     native = NATIVE_BOOT[kernel_type]
     return native if native in (device.get("parameters") or {}) else "bootm"
-
-
-def tftp_root(job) -> Path:
-    """The worker's TFTP root: the dispatcher configuration's ``tftp_root``, else /srv/tftp."""
-    return Path(job.dispatcher.get("tftp_root") or DEFAULT_TFTP_ROOT)
 
 
 def deploy_parameters(device: dict) -> dict:
@@ -178,14 +172,12 @@ class TftpAction(Action):
                                "deploy a ramdisk (without install_overlay: false)")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        import tempfile
-
-        root = tftp_root(self.job)
+        root = scratch.tftp_root(self.job.dispatcher)
         if not root.is_dir():
             raise InfrastructureError(f"the TFTP root {root} does not exist: create it, or set tftp_root in "
                                       "the worker's dispatcher configuration")
         try:
-            self.directory = Path(tempfile.mkdtemp(prefix=f"pumice-{self.job.job_id}-", dir=root))
+            self.directory = scratch.make(self.job.job_id, root)
             self.directory.chmod(0o755)  # the TFTP server usually runs as another user
         except OSError as exc:
             raise InfrastructureError(f"cannot write to the TFTP root {root}: {exc.strerror}") from None
