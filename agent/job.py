@@ -271,22 +271,7 @@ class Job:
     def record(self, result: Result) -> None:
         """Keep a result and log it as a ``results`` record (LAVA's shape)."""
         self.results.append(result)
-        msg: dict[str, Any] = {"definition": result.suite, "case": result.case, "result": result.result,
-                               "level": result.level}
-        if result.measurement is not None:
-            msg["measurement"] = result.measurement
-        if result.units:
-            msg["units"] = result.units
-        if result.set:
-            msg["set"] = result.set
-        if result.duration is not None:
-            msg["duration"] = f"{result.duration:.2f}"
-        if result.extra:
-            if result.is_job_result:
-                msg.update(result.extra)  # LAVA logs error_type and error_msg beside the result
-            else:
-                msg["extra"] = result.extra
-        self.logger.results(msg)
+        self.logger.results(result.to_record())
 
     def action_result(self, action: Action, failed: bool) -> None:
         """The ``lava`` suite result of one action: pass/fail, duration, level and timeout."""

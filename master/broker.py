@@ -87,7 +87,7 @@ from master.states import JobHealth, JobState, WorkerState
 from results.fastyaml import SafeLoader
 from results.log import LogRecord
 from results.logfile import LogFile
-from results.record import JOB_LEVEL, Result, clean_name
+from results.record import Result
 
 log = logging.getLogger("pumice.broker")
 
@@ -108,30 +108,6 @@ ZAP_DOMAIN = "pumice"
 
 # ---- results records -> results ----
 
-_RESULT_KEYS = ("definition", "case", "result", "level", "measurement", "units", "set", "duration", "extra")
-
-
-def result_from_record(job_id: int | str, msg: dict[str, Any]) -> Result:
-    """The Result of a ``lvl: results`` log record (LAVA's shape: definition, case, result, level,
-    measurement, units, set, duration, extra). Keys outside that shape (the ``error_type`` and
-    ``error_msg`` of ``lava/job``) go to ``extra``; a record without a level (``lava/validate``)
-    gets level ``0``. Raises ValueError for a record that is not a valid result."""
-    if not isinstance(msg, dict):
-        raise ValueError(f"a results record is a mapping, not {type(msg).__name__}")
-    raw_extra = msg.get("extra")
-    extra = dict(raw_extra) if isinstance(raw_extra, dict) else {}
-    if raw_extra is not None and not isinstance(raw_extra, dict):
-        extra["extra"] = raw_extra
-    for key, value in msg.items():
-        if key not in _RESULT_KEYS:
-            extra[str(key)] = value
-    level = msg.get("level")
-    return Result(job=str(job_id), level=JOB_LEVEL if level in (None, "") else str(level),
-                  suite=str(msg.get("definition") or "lava"), case=clean_name(str(msg.get("case") or "")),
-                  result=str(msg.get("result")), measurement=msg.get("measurement"), units=msg.get("units"),
-                  set=msg.get("set"), duration=msg.get("duration"), extra=extra)
-
-
 def results_in_lines(job_id: int | str, lines: Iterable[str]) -> list[Result]:
     """The results of the ``results`` records among ``output.yaml`` lines, in order. Invalid ones
     are logged and skipped (deterministically: the same lines always give the same results)."""
@@ -146,7 +122,7 @@ def results_in_lines(job_id: int | str, lines: Iterable[str]) -> list[Result]:
         if record.lvl != "results":
             continue
         try:
-            found.append(result_from_record(job_id, record.msg))
+            found.append(Result.from_record(record.msg, job_id))
         except (ValueError, TypeError) as exc:
             log.warning("job %s: results record skipped (%s): %s", job_id, exc, line[:200])
     return found

@@ -44,6 +44,8 @@ _BAD_NAME = r"[\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
 _CTRL = r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]"
 # Result fields in the order they are written (bundle, to_dict).
 FIELDS = ("job", "level", "suite", "case", "result", "measurement", "units", "set", "duration", "extra")
+#: the keys of a ``lvl: results`` log record, LAVA's shape (``definition`` is the suite)
+RECORD_KEYS = ("definition", "case", "result", "level", "measurement", "units", "set", "duration", "extra")
 
 
 def level_key(level: str) -> tuple[int, ...]:
@@ -178,6 +180,49 @@ class Result:
             if isinstance(values[name], int | float) and not isinstance(values[name], bool):
                 values[name] = str(values[name])
         return cls(**values)
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``msg`` of this result's ``lvl: results`` log record, in LAVA's shape: ``definition``
+        for the suite, the duration as text with two decimals, the job result's ``error_type`` and
+        ``error_msg`` beside its result rather than in ``extra``."""
+        msg: dict[str, Any] = {"definition": self.suite, "case": self.case, "result": self.result,
+                               "level": self.level}
+        if self.measurement is not None:
+            msg["measurement"] = self.measurement
+        if self.units:
+            msg["units"] = self.units
+        if self.set:
+            msg["set"] = self.set
+        if self.duration is not None:
+            msg["duration"] = f"{self.duration:.2f}"
+        if self.extra:
+            if self.is_job_result:
+                msg.update(self.extra)
+            else:
+                msg["extra"] = self.extra
+        return msg
+
+    @classmethod
+    def from_record(cls, msg: Any, job: int | str) -> Result:
+        """The result of a ``lvl: results`` log record of job ``job``, written by
+        :meth:`to_record` or by LAVA. Keys outside RECORD_KEYS (the ``error_type`` and
+        ``error_msg`` of ``lava/job``) go to ``extra``; a record without a level
+        (``lava/validate``) gets JOB_LEVEL; a case name from a board is cleaned
+        (:func:`clean_name`). Raises ValueError for a record that is not a valid result."""
+        if not isinstance(msg, dict):
+            raise ValueError(f"a results record is a mapping, not {type(msg).__name__}")
+        raw_extra = msg.get("extra")
+        extra = dict(raw_extra) if isinstance(raw_extra, dict) else {}
+        if raw_extra is not None and not isinstance(raw_extra, dict):
+            extra["extra"] = raw_extra
+        for key, value in msg.items():
+            if key not in RECORD_KEYS:
+                extra[str(key)] = value
+        level = msg.get("level")
+        return cls(job=str(job), level=JOB_LEVEL if level in (None, "") else str(level),
+                   suite=str(msg.get("definition") or LAVA_SUITE), case=clean_name(str(msg.get("case") or "")),
+                   result=str(msg.get("result")), measurement=msg.get("measurement"), units=msg.get("units"),
+                   set=msg.get("set"), duration=msg.get("duration"), extra=extra)
 
     @property
     def is_job_result(self) -> bool:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agent import messages as m
-from master.broker import parse_public_key, result_from_record, results_in_lines, worker_env
+from master.broker import parse_public_key, results_in_lines, worker_env
 from master.errors import Invalid
 from results.log import LogRecord
 
@@ -102,27 +102,6 @@ def test_duplicate_message_type_fails_at_import() -> None:
 
 
 # ---- results records ----
-
-def test_result_records_become_results() -> None:
-    case = result_from_record(5, {"definition": "0_smoke", "case": "boot-time", "result": "pass",
-                                  "level": "3.1", "measurement": 1.5, "units": "s", "set": "net",
-                                  "duration": "0.25", "extra": {"k": "v"}})
-    assert (case.job, case.level, case.suite, case.case, case.result) == \
-        ("5", "3.1", "0_smoke", "boot-time", "pass")
-    assert (case.measurement, case.units, case.set, case.duration, case.extra) == \
-        (1.5, "s", "net", 0.25, {"k": "v"})
-    job = result_from_record(5, {"definition": "lava", "case": "job", "result": "fail", "level": "0",
-                                 "error_type": "Job", "error_msg": "boom"})
-    assert job.is_job_result and job.extra == {"error_type": "Job", "error_msg": "boom"}
-    # pumice-run's validate result has no level
-    validate = result_from_record(5, {"definition": "lava", "case": "validate", "result": "pass"})
-    assert validate.level == "0"
-    # a case name from a board with spaces is cleaned as LAVA's server does
-    spaced = {"definition": "x", "case": "a b", "result": "pass", "level": "1"}
-    assert result_from_record(5, spaced).case == "a_b"
-    with pytest.raises(ValueError, match="result of case 'c' is 'maybe'"):
-        result_from_record(5, {"definition": "x", "case": "c", "result": "maybe", "level": "1"})
-
 
 def test_results_in_lines_skips_other_records_and_bad_results(caplog: pytest.LogCaptureFixture) -> None:
     lines = [

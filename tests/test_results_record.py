@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from test_results_samples import sample_results
 
@@ -138,3 +140,43 @@ def test_lava_suite_helpers() -> None:
     assert job_result("9", "pass").extra == {}
     with pytest.raises(ValueError, match="the job result is 'skip'; allowed: pass, fail"):
         job_result("9", "skip")
+
+
+def test_log_records_become_results() -> None:
+    """A ``lvl: results`` record, as pumice-run or LAVA writes it, read back as a Result."""
+    case = Result.from_record({"definition": "0_smoke", "case": "boot-time", "result": "pass", "level": "3.1",
+                               "measurement": 1.5, "units": "s", "set": "net", "duration": "0.25",
+                               "extra": {"k": "v"}}, 5)
+    assert (case.job, case.level, case.suite, case.case, case.result) == ("5", "3.1", "0_smoke", "boot-time", "pass")
+    assert (case.measurement, case.units, case.set, case.duration, case.extra) == (1.5, "s", "net", 0.25, {"k": "v"})
+    job = Result.from_record({"definition": "lava", "case": "job", "result": "fail", "level": "0",
+                              "error_type": "Job", "error_msg": "boom"}, 5)
+    assert job.is_job_result and job.extra == {"error_type": "Job", "error_msg": "boom"}
+    # pumice-run's validate result has no level
+    assert Result.from_record({"definition": "lava", "case": "validate", "result": "pass"}, 5).level == JOB_LEVEL
+    # a case name from a board with spaces is cleaned as LAVA's server does
+    assert Result.from_record({"definition": "x", "case": "a b", "result": "pass", "level": "1"}, 5).case == "a_b"
+    assert Result.from_record({"definition": "x", "case": "c", "result": "pass", "level": "1",
+                               "extra": "odd"}, 5).extra == {"extra": "odd"}
+    with pytest.raises(ValueError, match="result of case 'c' is 'maybe'"):
+        Result.from_record({"definition": "x", "case": "c", "result": "maybe", "level": "1"}, 5)
+    with pytest.raises(ValueError, match="a results record is a mapping, not list"):
+        Result.from_record(["pass"], 5)
+
+
+def test_results_round_trip_through_log_records() -> None:
+    """to_record writes LAVA's shape (the job result's error beside it, the duration as text with
+    two decimals); from_record reads every kind of result back, the same but for that rounding."""
+    results = [
+        *sample_results("9"),
+        action_result("9", "1.2", "http-download", "pass", 0.1234, 300, namespace="common"),
+        job_result("9", "fail", "InfrastructureError", "power on failed"),
+        Result("9", "3.1", "lava", "0_smoke", "pass", duration=1.234, extra={"uuid": "9_1.0"}),
+    ]
+    for result in results:
+        duration = None if result.duration is None else round(result.duration, 2)
+        assert Result.from_record(result.to_record(), "9") == dataclasses.replace(result, duration=duration)
+    assert job_result("9", "fail", "Job", "boom").to_record() == {
+        "definition": "lava", "case": "job", "result": "fail", "level": "0", "error_type": "Job", "error_msg": "boom"}
+    assert results[-1].to_record() == {"definition": "lava", "case": "0_smoke", "result": "pass", "level": "3.1",
+                                       "duration": "1.23", "extra": {"uuid": "9_1.0"}}
