@@ -334,7 +334,27 @@ class ProcessLab:
             record = self.job(job_id)
             return record if record["state"] == "Finished" else None
 
-        return wait_for(done, timeout, f"job {job_id} to finish", interval=0.5)
+        try:
+            return wait_for(done, timeout, f"job {job_id} to finish", interval=0.5)
+        except pytest.fail.Exception:
+            pass
+        pytest.fail(f"timed out after {timeout} s waiting for job {job_id} to finish\n{self.diagnosis(job_id)}")
+
+    def diagnosis(self, job_id: int) -> str:
+        """What a failed test needs: the job's record, the tails of the master's and the agents'
+        logs, and what each agent's spool holds of the job."""
+        parts = []
+        try:
+            parts.append(f"job record: {self.job(job_id)}")
+        except Exception as exc:  # the master may be what failed
+            parts.append(f"job record: unavailable ({exc!r})")
+        logs = [self.master_log, *(proc.log_path for proc in self.agents)]
+        logs += sorted(self.root.glob(f"spool-*/jobs/{job_id}/state.json"))
+        logs += sorted(self.root.glob(f"spool-*/jobs/{job_id}/runner.log"))
+        for path in logs:
+            text = path.read_text(errors="replace") if path.exists() else "(missing)"
+            parts.append(f"--- {path.relative_to(self.root)} (tail)\n{text[-3000:]}")
+        return "\n".join(parts)
 
     def log_lines(self, job_id: int) -> list[str]:
         return self.api("GET", f"/jobs/{job_id}/logs/").splitlines()
