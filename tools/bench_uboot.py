@@ -5,7 +5,9 @@ needs tftpd-hpa's configuration and mkimage from u-boot-tools). Medians of sever
 
 Overhead is the job's wall time minus the time the board itself takes: the same session typed by
 hand over the same telnet (power-cycle, interrupt U-Boot, the same TFTP loads and boot command,
-the same two test commands, power off), timed without any runner.
+the same two test commands, answering busybox's cursor query as a terminal does, power off), timed
+without any runner. Sessions and jobs are interleaved, so that a drift of the machine's speed weighs
+on both alike.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def lava_tftp_root() -> Path | None:
 def board_session(board, dut: Path, bootargs: str) -> float:
     """Seconds the board itself needs for the job's work, typed by hand over the same console."""
     from agent.actions.deploy.tftp import uimage_header
+    from agent.connections.console import CURSOR_ROW
 
     folder = board.tftp_root / "bench-reference"
     folder.mkdir(exist_ok=True)
@@ -94,7 +97,9 @@ def board_session(board, dut: Path, bootargs: str) -> float:
         child.expect(r"Linux version [0-9]")
         child.expect_exact("/ # ")
         for command in ['test "$(uname -m)" = aarch64', "test -d /"]:
-            child.sendline(command)
+            # busybox asks where the cursor is after its prompt and waits 20 ms for the answer a
+            # terminal gives: give it, as the runner's console does (the column is the prompt's)
+            child.send(f"\x1b[{CURSOR_ROW};5R{command}\n")
             child.expect_exact("/ # ")
     finally:
         child.close(force=True)
@@ -126,8 +131,6 @@ def main() -> dict:
         (work / "dispatcher.yaml").write_text(yaml.safe_dump(board.dispatcher()))
         bootargs = next(line for line in device["actions"]["boot"]["methods"]["u-boot"]["ramdisk"]["commands"]
                         if line.startswith("setenv bootargs ")).split("'")[1]
-        sessions = [board_session(board, dut, bootargs) for _ in range(RUNS)]
-        figures["board session (s)"] = statistics.median(sessions)
         runners = {"pumice": [str(Path(sys.executable).parent / "pumice-run"), "--device", "device.yaml",
                               "--dispatcher", "dispatcher.yaml"]}
         if lava_root is not None and CORPUS.exists():
@@ -141,24 +144,31 @@ def main() -> dict:
         else:
             print("  (lava-run not measured: it needs lava-dispatcher, tftpd-hpa's configuration, mkimage "
                   "and root)")
-        for name, base in runners.items():
-            walls, peaks = [], []
-            for run in range(RUNS):
+        # interleaved (a session, then each runner's job, RUNS times): a drift of the machine's
+        # speed weighs on the baseline as on the jobs
+        sessions: list[float] = []
+        walls: dict[str, list[float]] = {name: [] for name in runners}
+        peaks: dict[str, list[int]] = {name: [] for name in runners}
+        for run in range(RUNS):
+            sessions.append(board_session(board, dut, bootargs))
+            for name, base in runners.items():
                 wall, peak, status = measure(base + ["--job-id", str(100 + run), "--output-dir",
                                                      f"out-{name}-{run}", "job.yaml"], work)
                 if status != 0:
                     raise SystemExit(f"{name} failed the U-Boot benchmark job (exit {status}); see {work}")
-                walls.append(wall)
-                peaks.append(peak)
+                walls[name].append(wall)
+                peaks[name].append(peak)
                 board.power_off()
-            figures[f"{name}: job wall time (s)"] = statistics.median(walls)
-            figures[f"{name}: job overhead (s)"] = statistics.median(walls) - figures["board session (s)"]
-            figures[f"{name}: peak RSS (MB)"] = statistics.median(peaks) / 1024
+        figures["board session (s)"] = statistics.median(sessions)
+        for name in runners:
+            figures[f"{name}: job wall time (s)"] = statistics.median(walls[name])
+            figures[f"{name}: job overhead (s)"] = statistics.median(walls[name]) - figures["board session (s)"]
+            figures[f"{name}: peak RSS (MB)"] = statistics.median(peaks[name]) / 1024
     finally:
         board.stop()
     shutil.rmtree(work, ignore_errors=True)
-    print(f"U-Boot ramdisk job on the arm64 board (medians of {RUNS} runs; "
-          "overhead = wall time - board session)")
+    print(f"U-Boot ramdisk job on the arm64 board (medians of {RUNS} runs, interleaved; "
+          "overhead = wall time - board session; at or below 0: nothing measurable over the hand-typed session)")
     for key, value in figures.items():
         print(f"  {key:38s} {value:8.3f}")
     return figures
