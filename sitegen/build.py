@@ -241,7 +241,7 @@ class Site:
                 log=rendered,
                 page=page,
                 nav=nav,
-                rows=Markup(page.rows),
+                rows=Markup(page.rows),  # HTML made by logpage: every message went through log_html
                 levels=dict(page.levels),
                 live=is_last and not job.finished,
                 page_lines=self.config.log_page_lines,

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from master.store import ArtifactStore
-from results.bundle import dump_bundle
+from results.bundle import BundleHeader, dump_bundle
 from results.log import LogRecord
 from results.logfile import LogFile
 from results.record import Result, action_result, job_result
@@ -33,6 +33,18 @@ NASTY_TEXT = '<script>alert("pwned")</script> & "quotes" \'single\' \x00\x07\x1b
 # a console also sends broken UTF-16 (lone surrogates): only logs can carry it, a decoded job file cannot
 NASTY_CONSOLE = NASTY_TEXT + " \ud800"
 NASTY_CASE = "<script>alert(1)</script>"
+# URLs from users that must never become links (as links they would run script in the reader's browser,
+# or lead off the site unannounced), and one that must: only http(s) URLs are links. Their script renames
+# the page and opens a dialog, which the browser tests watch for while they click every one of them.
+HOSTILE_URLS = {
+    "javascript": "javascript:alert(document.title='pwned')",
+    "spaced": " \tJaVaScRiPt:alert(document.title='pwned')",
+    "tabbed": "java\tscript:alert(document.title='pwned')",
+    "data": "data:text/html,<script>alert(document.title='pwned')</script>",
+    "vbscript": "vbscript:msgbox('pwned')",
+    "protocol-relative": "//evil.example/pwned",
+}
+SAFE_URL = "https://ci.example.org/builds/42?log=full&step=2"
 
 LAB = {
     "devices": [
@@ -59,6 +71,7 @@ LAB = {
             "state": "Idle",
             "health": "Bad",
             "tags": ["usb"],
+            "description": HOSTILE_URLS["protocol-relative"],
         },
     ],
     "device_types": [
@@ -67,7 +80,13 @@ LAB = {
     ],
     "workers": [
         {"hostname": "worker-a", "state": "Online", "health": "Active", "version": "0.1.0"},
-        {"hostname": "worker-b", "state": "Online", "health": "Active", "version": "0.1.0"},
+        {
+            "hostname": "worker-b",
+            "state": "Online",
+            "health": "Active",
+            "version": "0.1.0",
+            "description": "https://wiki.example.org/lab/worker-b",
+        },
     ],
 }
 
@@ -265,6 +284,8 @@ def _definition(spec: JobSpec, name: str) -> str:
             "build": f"v6.1-rc{spec.job_id % 8}",
             "branch": "mainline",
             "note": NASTY_TEXT if spec.nasty else "nightly run",
+            **({"build-url": SAFE_URL, "homepage": HOSTILE_URLS["spaced"], "tracker": HOSTILE_URLS["data"]}
+               if spec.nasty else {}),
         },
         "actions": [
             {"deploy": {"to": "tmpfs", "images": {"rootfs": {"url": "http://127.0.0.1/rootfs.img"}}}},
@@ -338,7 +359,14 @@ def _results_and_log(spec: JobSpec, rng: random.Random, start: _dt.datetime) -> 
                 break
         duration = max(0.01, (clock.now - begun).total_seconds())
         add("info", f"end: {level} {name} (duration {_dt.timedelta(seconds=round(duration))}) [common]")
-        result = action_result(job, level, name, "fail" if failed else "pass", duration, timeout, namespace="common")
+        extra = {}
+        if spec.nasty and name == "http-download":  # a job definition's image URL
+            extra = {"url": HOSTILE_URLS["vbscript"]}
+        elif spec.nasty and name == "test-definition":
+            extra = {"repository": HOSTILE_URLS["tabbed"], "path": "<b>smoke</b>.yaml"}
+        result = action_result(
+            job, level, name, "fail" if failed else "pass", duration, timeout, namespace="common", **extra
+        )
         results.append(result)
         add(
             "results",
@@ -346,7 +374,7 @@ def _results_and_log(spec: JobSpec, rng: random.Random, start: _dt.datetime) -> 
                 "case": name,
                 "definition": "lava",
                 "duration": f"{duration:.2f}",
-                "extra": {},
+                "extra": extra,
                 "level": level,
                 "namespace": "common",
                 "result": result.result,
@@ -410,6 +438,9 @@ def _test_shell(spec: JobSpec, rng: random.Random, add, results: list, job: str,
             if measurement is not None:
                 signal += f" MEASUREMENT={measurement} UNITS={units}"
             add("target", signal + ">")
+            extra = {}
+            if spec.nasty and index == 0 and n in (1, 2):  # lava-test-reference: hostile, then safe
+                extra = {"reference": HOSTILE_URLS["javascript"] if n == 1 else SAFE_URL}
             results.append(
                 Result(
                     job=job,
@@ -420,11 +451,14 @@ def _test_shell(spec: JobSpec, rng: random.Random, add, results: list, job: str,
                     measurement=measurement,
                     units=units,
                     set=set_name,
+                    extra=extra,
                 )
             )
             msg = {"case": case, "definition": suite, "result": result}
             if measurement is not None:
                 msg.update(measurement=measurement, units=units)
+            if extra:
+                msg["extra"] = extra
             add("results", msg)
         add("target", f"<LAVA_SIGNAL_ENDRUN {suite} {job}_1.{level}.{index}>")
     add("target", "<LAVA_TEST_RUNNER EXIT>")
@@ -620,3 +654,17 @@ def append_log(path: Path, records: list[LogRecord]) -> int:
     """Append records to a job log (used by tests that grow a running job's log)."""
     with LogFile(path) as log:
         return log.append(records)
+
+
+def hostile_bundle(source_url: str = HOSTILE_URLS["javascript"], safe_url: str = SAFE_URL) -> str:
+    """A bundle as an attacker would upload it: its source URL is ``source_url`` and its test references
+    are every one of :data:`HOSTILE_URLS`, plus one reference to ``safe_url`` that must stay a link."""
+    header = BundleHeader("evil <b>lab</b>", source_url, "0b5e55ed-0000-4000-8000-00000000a11c")
+    results = [job_result("1", "pass")]
+    for name, url in [*HOSTILE_URLS.items(), ("safe", safe_url)]:
+        results.append(
+            Result(
+                job="1", level="3.1", suite="0_references", case=f"ref-{name}", result="pass", extra={"reference": url}
+            )
+        )
+    return dump_bundle("1", results, header)

@@ -16,6 +16,7 @@ from pathlib import Path
 from results.log import LEVELS, LogRecord
 from results.logfile import LogFile
 from sitegen.text import log_html
+from sitegen.widgets import url_link
 
 # Lines per log page: a page of this size is ~300 kB of HTML (~40 kB gzipped) and opens at once, while
 # a 2,000-line job log still fits on one page.
@@ -70,8 +71,18 @@ def _result_html(msg: dict) -> str:
     if msg.get("measurement") not in (None, ""):
         parts.append(f" {log_html(str(msg['measurement']))} {log_html(str(msg.get('units') or ''))}")
     rest = {k: v for k, v in msg.items() if k not in ("definition", "case", "result", "measurement", "units")}
+    extra = rest.get("extra")
+    reference = extra.get("reference") if isinstance(extra, dict) else None
+    if reference is not None:  # lava-test-reference's URL: shown apart, a link only if http(s)
+        extra = {k: v for k, v in extra.items() if k != "reference"}
+        if extra:
+            rest["extra"] = extra
+        else:
+            del rest["extra"]
     if rest:
         parts.append(f' <span class="kv">{log_html(json.dumps(rest, ensure_ascii=False, default=str))}</span>')
+    if reference is not None:
+        parts.append(f' <span class="ref">reference {url_link(reference)}</span>')
     return "".join(parts)
 
 

@@ -49,6 +49,33 @@ def log_html(text: str) -> str:
     return _UNSAFE_RE.sub(_span_match, text)
 
 
+# Browsers strip C0 controls and spaces from both ends of an href before they read its scheme (WHATWG
+# URL parser), so `` javascript:`` is ``javascript:`` to them: strip the same before looking.
+_URL_ENDS = "".join(map(chr, range(0x21)))
+# An absolute http(s) URL with a host: ``http://`` or ``https://`` (any case), then at least one
+# character of the authority.
+_WEB_URL_RE = re.compile(r"https?://[^/?#\\\s]", re.IGNORECASE)
+
+
+def safe_url(value: object) -> str | None:
+    """``value`` as an href when it is an absolute http or https URL, else None: then it is shown as text.
+
+    The one check for every URL that comes from a user (a bundle's source, a test reference, metadata, a
+    test definition's repository, a device's description...). Only a URL that starts, once its ends are
+    stripped as a browser strips them, with ``http://`` or ``https://`` and has no whitespace or control
+    character anywhere passes: ``javascript:``, ``data:``, ``vbscript:``, ``file:`` in any case, with
+    leading spaces or with tabs and newlines inside (which browsers drop: ``java\\tscript:``) are text,
+    and so are relative and protocol-relative (``//host``) URLs and ``http:host``: a user's link says
+    where it goes.
+    """
+    if not isinstance(value, str):
+        return None
+    url = value.strip(_URL_ENDS)
+    if not _WEB_URL_RE.match(url) or _UNSAFE_RE.search(url) or any(char.isspace() for char in url):
+        return None
+    return url
+
+
 _SLUG_BAD_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -12,7 +12,7 @@ from contextvars import ContextVar
 
 from markupsafe import Markup, escape
 
-from sitegen.text import format_duration, format_time, slug, visible
+from sitegen.text import format_duration, format_time, safe_url, slug, visible
 
 _RESULTS = ("pass", "fail", "skip", "unknown")
 _HEALTHS = ("complete", "incomplete", "canceled", "unknown")
@@ -42,7 +42,7 @@ def counts(c: dict) -> Markup:
     if not total:
         return Markup('<span class="muted">–</span>')
     bars = "".join(
-        f'<i class="{k}" style="width:{max(1, round(100 * v / total))}%"></i>' for k, v in values.items() if v
+        f'<i class="{k} pc-{max(1, round(100 * v / total))}"></i>' for k, v in values.items() if v
     )
     text = f'<span class="n pass">{values["pass"]}</span>'
     if values["fail"]:
@@ -68,6 +68,23 @@ def link_to(root: str, kind: str, name: object) -> Markup:
     if not name:
         return Markup('<span class="muted">–</span>')
     return Markup(f'<a href="{root}{kind}/{escape(slug(str(name)))}.html">{_e(name)}</a>')
+
+
+def url_link(url: object, text: object = None) -> Markup:
+    """A URL that came from a user: a link when it is http or https (:func:`~sitegen.text.safe_url`),
+    otherwise plain text. ``text`` is what the link shows (the URL itself by default).
+
+    Every user-supplied URL on the site goes through here. ``rel`` keeps the target from seeing the
+    page that linked to it (``noreferrer``) or scripting it (``noopener``), and tells crawlers that the
+    site does not vouch for it (``nofollow``).
+    """
+    if url is None:
+        return Markup("")
+    label = _e(url if text is None else text)
+    href = safe_url(url)
+    if href is None:
+        return label
+    return Markup(f'<a href="{escape(href)}" rel="nofollow noopener noreferrer">{label}</a>')
 
 
 def _shorten(text: str, limit: int = 140) -> str:
@@ -139,4 +156,5 @@ GLOBALS = {
     "counts": counts,
     "suite_counts": suite_counts,
     "link_to": link_to,
+    "url_link": url_link,
 }

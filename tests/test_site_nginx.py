@@ -188,3 +188,56 @@ def test_etag_revalidation(served: tuple[str, Path, Path]) -> None:
     etag = headers["etag"]
     status, _, body = curl(f"{url}/index.html", "-H", f"If-None-Match: {etag}")
     assert status == 304 and body == b""
+
+
+def content_security_policy(headers: dict[str, str]) -> dict[str, list[str]]:
+    """The Content-Security-Policy header as {directive: [sources]}."""
+    policy = {}
+    for directive in headers["content-security-policy"].split(";"):
+        name, *sources = directive.split()
+        policy[name] = sources
+    return policy
+
+
+SITE_POLICY = {
+    "default-src": ["'none'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'none'"],
+    "form-action": ["'none'"],
+    "frame-ancestors": ["'self'"],
+    "require-trusted-types-for": ["'script'"],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "args", "status", "cache"),
+    [
+        ("/", (), 200, "no-cache"),
+        ("/jobs/2/", (), 200, "no-cache"),
+        ("/jobs/2/log-2.html", ("-H", "Accept-Encoding: gzip"), 200, "no-cache"),
+        ("/static/site.js", (), 200, "public, max-age=86400"),
+        ("/static/site.css", (), 200, "public, max-age=86400"),
+        ("/static/favicon.svg", (), 200, "public, max-age=86400"),
+        ("/jobs/2/results.yaml", (), 200, "no-cache"),
+        ("/jobs/2/junit.xml", (), 200, "no-cache"),
+        ("/jobs/2/output.yaml", ("-H", "Range: bytes=0-9"), 206, "no-cache"),
+        ("/data/jobs.json", (), 200, "no-cache"),
+        ("/jobs/999/", (), 404, "no-cache"),
+        ("/.pumice-site.lock", (), 403, "no-cache"),
+    ],
+)
+def test_every_response_carries_the_content_security_policy_nosniff_and_referrer_policy(
+    served: tuple[str, Path, Path], path: str, args: tuple[str, ...], status: int, cache: str
+) -> None:
+    url, _site, _store = served
+    got, headers, _ = curl(f"{url}{path}", *args)
+    assert got == status
+    assert content_security_policy(headers) == SITE_POLICY
+    assert "unsafe" not in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["referrer-policy"] == "same-origin"
+    assert headers["cache-control"] == cache
