@@ -1,6 +1,12 @@
-"""The site in headless Chromium (served by nginx): no console errors, results visible, filters, live tail.
+"""The site in headless Chromium, served by nginx with deploy/nginx/pumice-site.conf and so under its
+Content-Security-Policy: no console errors, results visible, filters, paging, live tail, and no CSP
+violation anywhere; hostile links from users (a bundle's source, test references, metadata...) are
+clicked and nothing runs.
 
 Chromium is driven over the DevTools protocol with a tiny stdlib WebSocket client (no extra package).
+CSP violations are caught twice: by a ``securitypolicyviolation`` listener installed in every page
+before its own scripts (reporting through a DevTools binding, so a violation on a page that navigates
+away is not lost) and by Chromium's console log. Dialogs (``alert``) are recorded and dismissed.
 Screenshots go to the test's tmp dir, or to ``$PUMICE_SCREENSHOTS`` when set, to be looked at.
 """
 
@@ -23,8 +29,10 @@ from test_site_nginx import serve_site
 
 from results.log import LogRecord
 from results.logfile import LogFile
-from sitegen import build_site
-from sitegen.fixtures import make_store
+from results.record import Result
+from sitegen import build_site, publish_job
+from sitegen.bundles import import_bundle
+from sitegen.fixtures import HOSTILE_URLS, hostile_bundle, make_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs chromium (make apt)")
@@ -102,6 +110,8 @@ class WebSocket:
 class Browser:
     """A headless Chromium with one page, its console errors collected."""
 
+    _dialog_ids = 1 << 30  # ids of the dialog answers: apart from call()'s own
+
     def __init__(self, profile: Path) -> None:
         self.proc = subprocess.Popen(
             [
@@ -139,14 +149,26 @@ class Browser:
         self.next_id = 0
         self.errors: list[str] = []
         self.events: list[dict] = []
+        self.violations: list[dict] = []  # securitypolicyviolation events, from every page
+        self.dialogs: list[str] = []  # messages of alert/confirm/prompt dialogs, which are dismissed
         for method in ("Page.enable", "Runtime.enable", "Log.enable"):
             self.call(method)
+        self.call("Runtime.addBinding", name="pumiceCspViolation")
+        self.call("Page.addScriptToEvaluateOnNewDocument", source=CSP_LISTENER)
         self.call("Emulation.setDeviceMetricsOverride", width=1400, height=1000, deviceScaleFactor=1, mobile=False)
 
     def _event(self, message: dict) -> None:
         method, params = message.get("method"), message.get("params", {})
         self.events.append(message)
-        if method == "Runtime.exceptionThrown":
+        if method == "Runtime.bindingCalled" and params.get("name") == "pumiceCspViolation":
+            self.violations.append(json.loads(params["payload"]))
+        elif method == "Page.javascriptDialogOpening":
+            self.dialogs.append(params.get("message", ""))
+            # answered at once, without waiting: a call may be blocked until the dialog is gone
+            self._dialog_ids += 1
+            self.ws.send(json.dumps({"id": self._dialog_ids, "method": "Page.handleJavaScriptDialog",
+                                     "params": {"accept": True}}))
+        elif method == "Runtime.exceptionThrown":
             self.errors.append(json.dumps(params.get("exceptionDetails", {}))[:500])
         elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert", "warning"):
             self.errors.append(json.dumps(params.get("args", []))[:500])
@@ -196,6 +218,27 @@ class Browser:
             time.sleep(0.2)
         raise TimeoutError(expression)
 
+    def settle(self, seconds: float = 0.5) -> None:
+        """Let the page run for ``seconds`` while its events (violations, dialogs) are collected."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.call("Runtime.evaluate", expression="0")
+
+    def click(self, x: float, y: float) -> None:
+        """A real left click (mouse moved, pressed, released) at viewport coordinates x, y."""
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def click_text(self, needle: str, index: int) -> dict | None:
+        """Scroll occurrence ``index`` of ``needle`` in the page's text into view and click its middle;
+        returns where it was ({tag, link}: the element holding it, the href of the link around it), or
+        None when there are not that many occurrences."""
+        spot = self.js(f"({FIND_TEXT})({json.dumps(needle)}, {index})")
+        if spot:
+            self.click(spot["x"], spot["y"])
+        return spot
+
     def screenshot(self, path: Path, full: bool = False) -> None:
         params: dict = {"format": "png"}
         if full:
@@ -214,13 +257,51 @@ class Browser:
         self.proc.stderr.close()
 
 
+# Installed in every document before its own scripts (DevTools' scripts are not subject to the page's CSP).
+CSP_LISTENER = """document.addEventListener("securitypolicyviolation", (e) => {
+  window.pumiceCspViolation(JSON.stringify({directive: e.effectiveDirective, blocked: e.blockedURI,
+    sample: e.sample, source: e.sourceFile, line: e.lineNumber, page: document.location.href}));
+});"""
+# Occurrence `index` of `needle` in the page's text: scrolled into view, its middle in viewport pixels.
+FIND_TEXT = """(needle, index) => {
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  let seen = 0;
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    for (let at = node.data.indexOf(needle); at >= 0; at = node.data.indexOf(needle, at + 1)) {
+      if (seen++ < index) continue;
+      node.parentElement.scrollIntoView({block: "center"});
+      const range = document.createRange();
+      range.setStart(node, at);
+      range.setEnd(node, at + needle.length);
+      const box = range.getClientRects()[0];
+      const link = node.parentElement.closest("a");
+      return {x: box.left + box.width / 2, y: box.top + box.height / 2, tag: node.parentElement.tagName,
+              link: link ? link.getAttribute("href") : null};
+    }
+  }
+  return null;
+}"""
+# Every href on the page that does not resolve to http(s) (relative links resolve to the site's own).
+UNSAFE_HREFS = """[...document.querySelectorAll("[href]")]
+  .map((e) => e.getAttribute("href"))
+  .filter((h) => !["http:", "https:"].includes(new URL(h, document.baseURI).protocol))"""
+
 VISIBLE = """(() => { const e = document.querySelector(%s); if (!e) return false;
   const r = e.getBoundingClientRect(); const s = getComputedStyle(e);
   return r.width > 200 && r.height > 20 && s.display !== 'none' && s.visibility !== 'hidden'; })()"""
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory):
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    chromium = Browser(tmp_path_factory.mktemp("profile"))
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, browser: Browser):
     base = tmp_path_factory.mktemp("browser")
     store = make_store(base / "store", 8, cases=24, log_lines=900, nasty=True)
     build_site(
@@ -231,24 +312,41 @@ def site(tmp_path_factory: pytest.TempPathFactory):
         processes=1,
         log_page_lines=500,
     )
+    # job 9: a bundle uploaded from "elsewhere" whose source URL and test references are hostile
+    imported = import_bundle(store, hostile_bundle())
+    publish_job(store.root, base / "site", imported.job_id, instance="lab-a.example.org", log_page_lines=500)
+    (base / "site" / "control.html").write_text(CONTROL_PAGE, encoding="utf-8")
     shots = Path(os.environ.get("PUMICE_SCREENSHOTS") or base / "shots")
     shots.mkdir(parents=True, exist_ok=True)
     with serve_site(base / "site", base / "nginx") as url:
-        browser = Browser(base / "profile")
-        try:
-            yield url, store, base, browser, shots
-        finally:
-            browser.close()
+        yield url, store, base, browser, shots
 
 
-def test_job_page_and_log_page(site) -> None:
-    url, _store, _base, browser, shots = site
+@pytest.fixture()
+def clean(site):
+    """The browser with nothing collected yet; after the test, it saw no CSP violation and no dialog."""
+    browser = site[3]
     browser.errors.clear()
+    browser.violations.clear()
+    browser.dialogs.clear()
+    yield site
+    assert browser.violations == []
+    assert browser.dialogs == []
+
+
+def test_job_page_and_log_page(clean) -> None:
+    url, _store, _base, browser, shots = clean
     browser.open(f"{url}/jobs/2/index.html")
     assert browser.js(VISIBLE % json.dumps("table.results"))
     assert browser.js("document.querySelectorAll('table.results tbody tr').length") >= 24
     assert browser.js("document.title").startswith("Job 2: nasty <script>")  # shown as text
     assert browser.js("window.pwned === undefined && !document.querySelector('main script, main img')")
+    # the widths and indents that were inline styles: classes of the site's stylesheet now
+    assert browser.js("document.querySelector('.counts .bar i').getBoundingClientRect().width") > 10
+    indents = browser.js(
+        "[...document.querySelectorAll('table.pipeline td.action')].map(e => getComputedStyle(e).paddingLeft)"
+    )
+    assert len(set(indents)) == 3  # depths 0, 1 and 2
     browser.screenshot(shots / "job.png")
     browser.open(f"{url}/jobs/2/log.html")
     assert browser.js(VISIBLE % json.dumps("#log"))
@@ -265,9 +363,8 @@ def test_job_page_and_log_page(site) -> None:
     assert browser.errors == []
 
 
-def test_log_filters_and_anchors(site) -> None:
-    url, _store, _base, browser, shots = site
-    browser.errors.clear()
+def test_log_filters_and_anchors(clean) -> None:
+    url, _store, _base, browser, shots = clean
     browser.open(f"{url}/jobs/2/log.html")
     shown = (
         "document.querySelectorAll('#log .debug').length && "
@@ -278,18 +375,48 @@ def test_log_filters_and_anchors(site) -> None:
     assert browser.js("[...document.querySelectorAll('#log .debug')].every(e => e.offsetParent === null)")
     assert browser.js("[...document.querySelectorAll('#log .target')].some(e => e.offsetParent !== null)")
     browser.screenshot(shots / "log-no-debug.png")
+    # site.js remembers the choice: the next page opens with debug lines hidden
+    browser.open(f"{url}/jobs/2/log-2.html")
+    assert browser.js("document.getElementById('lv-debug').checked") is False
+    assert browser.js("[...document.querySelectorAll('#log .debug')].every(e => e.offsetParent === null)")
     browser.js("document.getElementById('lv-debug').click()")
+    browser.open(f"{url}/jobs/2/log.html")
+    assert browser.js("document.getElementById('lv-debug').checked") is True
     # a line on another page: the page's script follows the anchor there
     browser.call("Page.navigate", url=f"{url}/jobs/2/log.html#L700")
     browser.wait_js("location.pathname.endsWith('/log-2.html') && !!document.getElementById('L700')")
     assert browser.js("location.hash") == "#L700"
     browser.screenshot(shots / "log-anchor.png")
+    # the pager's links
+    browser.open(f"{url}/jobs/2/log-2.html")
+    spot = browser.js("(() => { const a = document.querySelector('nav.pager a[rel=prev]'); a.scrollIntoView();"
+                      " const r = a.getBoundingClientRect(); return {x: r.left + 5, y: r.top + r.height / 2}; })()")
+    browser.click(spot["x"], spot["y"])
+    browser.wait_js("location.pathname.endsWith('/jobs/2/log.html') && !!document.getElementById('L1')")
     assert browser.errors == []
 
 
-def test_live_tail_of_a_running_job(site) -> None:
-    url, store, base, browser, shots = site
-    browser.errors.clear()
+def test_the_job_list_filters_its_rows_as_one_types(clean) -> None:
+    url, _store, _base, browser, _shots = clean
+    browser.open(f"{url}/index.html")
+    rows = "[...document.querySelectorAll('table.jobs tbody tr')]"
+    total = browser.js(f"{rows}.length")
+    assert total >= 7 and browser.js(VISIBLE % json.dumps("#job-search"))
+    browser.js("document.getElementById('job-search').focus()")
+    browser.call("Input.insertText", text="bbb-01")
+    shown = browser.js(f"{rows}.filter(r => !r.hidden).map(r => r.textContent.includes('bbb-01'))")
+    assert shown and all(shown) and len(shown) < total
+    browser.js("document.getElementById('job-search').select()")
+    browser.call("Input.insertText", text="")
+    browser.call("Input.dispatchKeyEvent", type="keyDown", key="Backspace", code="Backspace",
+                 windowsVirtualKeyCode=8)
+    browser.call("Input.dispatchKeyEvent", type="keyUp", key="Backspace", code="Backspace", windowsVirtualKeyCode=8)
+    browser.wait_js(f"{rows}.every(r => !r.hidden)")
+    assert browser.errors == []
+
+
+def test_live_tail_of_a_running_job(clean) -> None:
+    url, store, base, browser, shots = clean
     browser.open(f"{url}/jobs/8/log.html")  # job 8 is running
     assert browser.js("document.getElementById('log').dataset.live") == "1"
     last = browser.js("document.querySelectorAll('#log > div').length")
@@ -298,14 +425,170 @@ def test_live_tail_of_a_running_job(site) -> None:
             [
                 LogRecord("2023-01-10T11:00:00.000000", "target", "tail <b>one</b> \u00e9\u4e2d"),
                 LogRecord("2023-01-10T11:00:01.000000", "info", "tail two"),
+                LogRecord("2023-01-10T11:00:02.000000", "target", "<img src=x onerror=alert('pwned')>"),
             ]
         )
     site_log = base / "site/jobs/8/output.yaml"
     if site_log.stat().st_ino != (store.job_dir(8) / "output.yaml").stat().st_ino:
         pytest.skip("store and site on different file systems: the site has a copy of the log")
-    browser.wait_js(f"document.querySelectorAll('#log > div').length === {last + 2}", timeout=20)
+    browser.wait_js(f"document.querySelectorAll('#log > div').length === {last + 3}", timeout=20)
     row = browser.js(f"document.getElementById('L{last + 1}').textContent")
     assert "tail <b>one</b> \u00e9\u4e2d" in row  # shown as text, multi-byte characters intact
     assert browser.js(f"document.querySelector('#L{last + 1} .m').children.length") == 0
+    assert browser.js(f"document.querySelector('#L{last + 3} .m').children.length") == 0
+    browser.settle(0.5)  # an <img onerror> parsed as HTML would have fired by now
     browser.screenshot(shots / "log-live.png")
     assert browser.errors == []
+
+
+# -- hostile links -------------------------------------------------------------------------------------
+
+# A page that does what the site never does: inline script, inline handler, a javascript: link, an inline
+# style. Under the CSP each is a violation and nothing runs; without it, each runs. It shows that the
+# checks of the tests below (violations, dialogs, the title) see what they look for.
+CONTROL_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>control</title>
+<script>document.title = "pwned by an inline script";</script></head>
+<body><p><a href="javascript:alert(document.title='pwned by a javascript: link')">pwned link</a></p>
+<p><button type="button" onclick="alert(document.title='pwned by a handler')">pwned button</button></p>
+<p style="color: red">an inline style</p></body></html>
+"""
+
+
+def click_every_hostile_text(browser: Browser, url: str) -> int:
+    """Open ``url`` and click every occurrence of "pwned" in its text (the hostile values carry it).
+    Each must be plain text, and clicking it must run nothing and go nowhere. Returns how many there were."""
+    browser.open(url)
+    title = browser.js("document.title")
+    assert browser.js(UNSAFE_HREFS) == [], url
+    count = 0
+    while (spot := browser.click_text("pwned", count)) is not None:
+        count += 1
+        assert spot["link"] is None, f"{url}: a hostile value is a link: {spot}"
+        browser.settle(0.3)
+        assert browser.dialogs == [], f"{url}: clicking {spot} opened a dialog"
+        assert (browser.js("location.href"), browser.js("document.title")) == (url, title)
+    return count
+
+
+def test_hostile_links_from_users_are_text_and_clicking_them_runs_nothing(clean) -> None:
+    url, _store, _base, browser, shots = clean
+    # the imported bundle: its source URL and a reference of each hostile kind; one safe reference
+    imported = f"{url}/jobs/9/index.html"
+    # the source URL (in the note and in the job's description) and each reference
+    assert click_every_hostile_text(browser, imported) == 2 + len(HOSTILE_URLS)
+    assert browser.js("document.querySelector('.note').textContent").count("javascript:alert(") == 1
+    assert browser.js("[...document.querySelectorAll('td.name .extra a')].map(a => a.href)") == [
+        "https://ci.example.org/builds/42?log=full&step=2"
+    ]
+    assert browser.js("document.querySelectorAll('td.name .extra').length") == len(HOSTILE_URLS) + 1
+    browser.screenshot(shots / "hostile-bundle.png", full=True)
+    # the nasty job: metadata, a test reference, a test definition's repository, an image URL
+    assert click_every_hostile_text(browser, f"{url}/jobs/2/index.html") >= 6
+    # its log: the reference on the results line (and the console's own hostile text)
+    assert click_every_hostile_text(browser, f"{url}/jobs/2/log.html") >= 1
+    # a device's description: a protocol-relative URL
+    assert click_every_hostile_text(browser, f"{url}/devices/bbb-01.html") == 1
+    assert browser.errors == []
+
+
+def test_the_csp_blocks_and_reports_what_the_site_never_does(clean) -> None:
+    """The control: under the shipped CSP, inline script, handler, javascript: link and style are blocked
+    and reported as violations, so a test that expects none would fail on them."""
+    url, _store, _base, browser, _shots = clean
+    browser.open(f"{url}/control.html")
+    assert browser.click_text("pwned link", 0)["link"].startswith("javascript:")
+    assert browser.click_text("pwned button", 0) is not None
+    browser.settle(0.5)
+    assert browser.js("document.title") == "control" and browser.dialogs == []
+    directives = sorted({v["directive"] for v in browser.violations})
+    assert directives == ["script-src-attr", "script-src-elem", "style-src-attr"], browser.violations
+    assert len(browser.violations) == 4, browser.violations  # the inline script, style, link and handler
+    assert any("Content Security Policy" in error for error in browser.errors)  # the console says so too
+    browser.violations.clear()  # expected here: the fixture's check is for the site's pages
+
+
+def test_without_the_csp_the_site_alone_still_runs_nothing_and_the_control_does_run(clean) -> None:
+    """The site's escaping on its own (the CSP is defence in depth), and the proof that the checks of
+    click_every_hostile_text see a script that runs: the control page's scripts do run without the CSP."""
+    url, _store, base, browser, _shots = clean
+    with serve_site(base / "site", base / "nginx-no-csp", csp=False) as bare:
+        browser.open(f"{bare}/control.html")
+        assert browser.js("document.title") == "pwned by an inline script"
+        browser.click_text("pwned link", 0)
+        browser.settle(0.5)
+        assert browser.dialogs == ["pwned by a javascript: link"]
+        browser.click_text("pwned button", 0)
+        browser.settle(0.5)
+        assert browser.dialogs == ["pwned by a javascript: link", "pwned by a handler"]
+        browser.dialogs.clear()
+        assert click_every_hostile_text(browser, f"{bare}/jobs/9/index.html") == 2 + len(HOSTILE_URLS)
+        assert click_every_hostile_text(browser, f"{bare}/jobs/2/index.html") >= 6
+        assert browser.violations == []
+
+
+def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when_clicked(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """The attack as reported: an ordinary user's token uploads a bundle whose source URL is
+    ``javascript:``; the master publishes it; a reader opens the job on the site (nginx, shipped
+    configuration) and clicks. Beside it, a job of the lab whose metadata, test reference and test
+    definition repository are hostile, and a worker whose description is."""
+    from test_master_bundles import serving
+    from test_master_support import build_lab, job_text
+
+    from master import jobs
+    from master import lab as lab_service
+    from master.client import Client
+    from master.db import close_database, connection
+    from master.scheduler import Scheduler
+    from master.users import SYSTEM, authenticate
+
+    data = tmp_path / "data"
+    browser.errors.clear()
+    browser.violations.clear()
+    browser.dialogs.clear()
+    with serve_site(data / "site", tmp_path / "nginx") as site:
+        safe = f"{site}/index.html"  # a safe reference that leads somewhere: clicking it must go there
+        lab = build_lab(data, None, name="lab-b", url=f"{site}/")
+        with connection():
+            lab_service.update_worker(SYSTEM, "w1", description=HOSTILE_URLS["javascript"])
+            lab_service.update_device(SYSTEM, "qemu01", description=HOSTILE_URLS["tabbed"])
+            lab_service.update_device(SYSTEM, "qemu02", description=HOSTILE_URLS["tabbed"])
+            metadata = "".join(f"  {name}: {json.dumps(url)}\n" for name, url in HOSTILE_URLS.items())
+            [job_id] = jobs.submit_job(
+                job_text("hostile metadata") + f"metadata:\n{metadata}  build: {json.dumps(safe)}\n",
+                authenticate(f"Token {lab.tokens['alice']}"),
+            )
+            assert job_id in [job for job, _ in Scheduler().loop_once()]
+            jobs.job_started(job_id)
+            board = [
+                Result(job=str(job_id), level="3.1", suite="0_smoke", case="ref", result="pass",
+                       extra={"reference": HOSTILE_URLS["data"]}),
+                Result(job=str(job_id), level="1.2.1", suite="lava", case="git-repo-action", result="pass",
+                       extra={"repository": HOSTILE_URLS["spaced"], "path": "smoke.yaml"}),
+            ]
+            jobs.append_logs(job_id, [LogRecord("2024-01-01T10:00:00.000000", "results", r.to_record())
+                                      for r in board])
+            jobs.append_results(job_id, board)
+            jobs.job_finished(job_id, "Complete")
+            jobs.publish_pages(job_id)
+        close_database()
+        with serving(data, None, "lab-b", f"{site}/") as master:
+            alice = Client(master, token=lab.tokens["alice"])  # not an admin
+            reply = alice.upload_bundle(hostile_bundle(safe_url=safe))
+            alice.close()
+        assert reply["created"] and reply["source"]["url"] == HOSTILE_URLS["javascript"]
+        imported = f"{site}/jobs/{reply['job']}/index.html"
+        assert click_every_hostile_text(browser, imported) == 1 + len(HOSTILE_URLS)  # the source, each reference
+        assert click_every_hostile_text(browser, f"{site}/jobs/{job_id}/index.html") == 2 + len(HOSTILE_URLS)
+        assert click_every_hostile_text(browser, f"{site}/jobs/{job_id}/log.html") == 2
+        assert click_every_hostile_text(browser, f"{site}/workers/w1.html") == 1
+        device = sorted((data / "site/devices").glob("qemu0*.html"))[0]  # the one the job ran on
+        assert click_every_hostile_text(browser, f"{site}/devices/{device.name}") == 1
+        # the one safe reference is a link, and a click on it follows it
+        browser.open(imported)
+        spot = browser.click_text(safe, 0)
+        assert spot["link"] == safe
+        browser.wait_js(f"location.href === {json.dumps(safe)}")
+    assert browser.violations == [] and browser.dialogs == [] and browser.errors == []

@@ -32,9 +32,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def nginx_conf(site: Path, tmp: Path, port: int) -> str:
-    """A whole nginx.conf around the repository's server block, pointed at ``site`` on 127.0.0.1:port."""
+def nginx_conf(site: Path, tmp: Path, port: int, csp: bool = True) -> str:
+    """A whole nginx.conf around the repository's server block, pointed at ``site`` on 127.0.0.1:port.
+
+    ``csp=False`` drops the Content-Security-Policy header, for the browser tests that show what the
+    site's own escaping does without it (and that their checks catch a script that runs)."""
     server = SITE_CONF.read_text(encoding="utf-8")
+    if not csp:
+        server, count = re.subn(r"(?m)^\s*add_header\s+Content-Security-Policy\s.*\n", "", server)
+        assert count == 1, "the shipped configuration has no Content-Security-Policy line to drop"
     server = re.sub(r"(?m)^(\s*)listen\s+[^;]+;", rf"\1listen 127.0.0.1:{port};", server, count=1)
     server = re.sub(r"(?m)^(\s*)root\s+[^;]+;", rf"\1root {site};", server, count=1)
     temp = "\n".join(
@@ -49,12 +55,12 @@ def nginx_conf(site: Path, tmp: Path, port: int) -> str:
 
 
 @contextlib.contextmanager
-def serve_site(site: Path, tmp: Path) -> Iterator[str]:
+def serve_site(site: Path, tmp: Path, csp: bool = True) -> Iterator[str]:
     """Run nginx in the foreground on a free loopback port; yield its base URL; stop it after."""
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = tmp / "nginx.conf"
-    conf.write_text(nginx_conf(site, tmp, port), encoding="utf-8")
+    conf.write_text(nginx_conf(site, tmp, port, csp), encoding="utf-8")
     check = subprocess.run(
         [NGINX, "-t", "-c", str(conf), "-g", "daemon off;"], capture_output=True, text=True, timeout=30
     )
