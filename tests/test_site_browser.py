@@ -407,7 +407,6 @@ def test_the_job_list_filters_its_rows_as_one_types(clean) -> None:
     shown = browser.js(f"{rows}.filter(r => !r.hidden).map(r => r.textContent.includes('bbb-01'))")
     assert shown and all(shown) and len(shown) < total
     browser.js("document.getElementById('job-search').select()")
-    browser.call("Input.insertText", text="")
     browser.call("Input.dispatchKeyEvent", type="keyDown", key="Backspace", code="Backspace",
                  windowsVirtualKeyCode=8)
     browser.call("Input.dispatchKeyEvent", type="keyUp", key="Backspace", code="Backspace", windowsVirtualKeyCode=8)
@@ -455,6 +454,11 @@ CONTROL_PAGE = """<!doctype html>
 """
 
 
+# How long a click is given to run something: the control below shows a javascript: link's script and an
+# inline handler run within it when nothing stops them.
+CLICK_SETTLE = 0.3
+
+
 def click_every_hostile_text(browser: Browser, url: str) -> int:
     """Open ``url`` and click every occurrence of "pwned" in its text (the hostile values carry it).
     Each must be plain text, and clicking it must run nothing and go nowhere. Returns how many there were."""
@@ -465,7 +469,7 @@ def click_every_hostile_text(browser: Browser, url: str) -> int:
     while (spot := browser.click_text("pwned", count)) is not None:
         count += 1
         assert spot["link"] is None, f"{url}: a hostile value is a link: {spot}"
-        browser.settle(0.3)
+        browser.settle(CLICK_SETTLE)
         assert browser.dialogs == [], f"{url}: clicking {spot} opened a dialog"
         assert (browser.js("location.href"), browser.js("document.title")) == (url, title)
     return count
@@ -499,7 +503,7 @@ def test_the_csp_blocks_and_reports_what_the_site_never_does(clean) -> None:
     browser.open(f"{url}/control.html")
     assert browser.click_text("pwned link", 0)["link"].startswith("javascript:")
     assert browser.click_text("pwned button", 0) is not None
-    browser.settle(0.5)
+    browser.settle(CLICK_SETTLE)
     assert browser.js("document.title") == "control" and browser.dialogs == []
     directives = sorted({v["directive"] for v in browser.violations})
     assert directives == ["script-src-attr", "script-src-elem", "style-src-attr"], browser.violations
@@ -516,10 +520,10 @@ def test_without_the_csp_the_site_alone_still_runs_nothing_and_the_control_does_
         browser.open(f"{bare}/control.html")
         assert browser.js("document.title") == "pwned by an inline script"
         browser.click_text("pwned link", 0)
-        browser.settle(0.5)
+        browser.settle(CLICK_SETTLE)
         assert browser.dialogs == ["pwned by a javascript: link"]
         browser.click_text("pwned button", 0)
-        browser.settle(0.5)
+        browser.settle(CLICK_SETTLE)
         assert browser.dialogs == ["pwned by a javascript: link", "pwned by a handler"]
         browser.dialogs.clear()
         assert click_every_hostile_text(browser, f"{bare}/jobs/9/index.html") == 2 + len(HOSTILE_URLS)
