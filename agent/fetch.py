@@ -8,13 +8,15 @@ Whatever goes wrong is an OSError (a status other than 2xx after redirects: HTTP
 callers handle one kind of exception, also for a body cut short while it is read; what the policy
 refuses is a :class:`~agent.policy.PolicyRefusal` (a JobError), never an OSError.
 
-The policy is applied to the URL as written, then to the address of every connection urllib
-makes (the first request's, each redirect's): the peer's address is what counts, whatever a name
-resolved to when it was looked at. Redirects go to http and https only.
+The policy is applied to the URL as written, then to every connection urllib makes (the first
+request's, each redirect's, a proxy's): the agent resolves the host itself and connects only to an
+address the policy allows, so no second lookup can answer otherwise. Redirects go to http and https
+only.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -79,23 +81,12 @@ def _opener(policy: FilePolicy) -> Any:
     import urllib.request
 
     def checked(http_class: type, url: str) -> type:
-        """``http_class`` whose socket is checked once connected, before anything is sent on it."""
+        """``http_class`` whose connections go only to addresses ``policy`` allows (for ``url``)."""
 
         class Checked(http_class):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                connect = self._create_connection
-
-                def create(*args: Any, **kwargs: Any) -> Any:
-                    sock = connect(*args, **kwargs)
-                    try:
-                        policy.check_peer(url, sock.getpeername())
-                    except BaseException:
-                        sock.close()
-                        raise
-                    return sock
-
-                self._create_connection = create
+                self._create_connection = functools.partial(policy.connect, url)
 
         return Checked
 

@@ -28,10 +28,12 @@ Where it is checked (one module, three places):
   on the worker. Host names are not resolved then (validation touches nothing).
 - **When the agent fetches** (defence in depth): a file is opened first and the file actually
   opened (its ``/proc/self/fd`` link) must lie under an allowed directory; an http(s) download
-  checks the address of the connected peer, for the first request and every redirect, so a name
-  that resolves to a public address when checked and to 127.0.0.1 when used (DNS rebinding) is
-  still refused; a git host name is resolved and checked before cloning, and the checked addresses
-  are pinned for http(s) (``http.curloptResolve``). Through a proxy, the peer checked is the proxy.
+  resolves the host itself, checks each address (also against the worker's own interfaces) and
+  connects only to an address it checked, for the first request, every redirect and a proxy, so a
+  name that resolves to a public address once and to 127.0.0.1 the next time (DNS rebinding) never
+  reaches the worker; a git host is resolved and checked before cloning, and for http(s) git is
+  told to use the checked addresses (``http.curloptResolve``). Through a proxy, the address checked
+  is the proxy's (the proxy resolves the URL's host).
 
 Every refusal starts with :data:`REFUSED`: it is a lab's policy, not a feature Pumice lacks
 ("not implemented: ..."), and reports count it apart.
@@ -359,13 +361,37 @@ class FilePolicy:
             raise PolicyRefusal(reason.message(self))
         return handle
 
-    def check_peer(self, url: str, peer: tuple) -> None:
-        """PolicyRefusal if the connected ``peer`` (``getpeername()``) of a request for ``url`` is the
-        worker itself and not allowed."""
-        address = _plain(ipaddress.ip_address(peer[0].split("%", 1)[0]))
+    def check_address(self, url: str, sockaddr: tuple) -> None:
+        """PolicyRefusal if ``sockaddr`` (a ``getaddrinfo`` answer for ``url``'s host) is the worker
+        itself and not allowed."""
+        address = _plain(ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0]))
         what = local_kind(address) or (OWN_ADDRESS if own_address(address) else None)
-        if what is not None and not self.allows_address(address, peer[1]):
-            raise PolicyRefusal(self.address_reason(url, address, peer[1], what).message(self))
+        if what is not None and not self.allows_address(address, sockaddr[1]):
+            raise PolicyRefusal(self.address_reason(url, address, sockaddr[1], what).message(self))
+
+    def connect(self, url: str, address: tuple[str, int], timeout: Any = None,
+                source_address: tuple | None = None) -> socket.socket:
+        """A TCP connection for ``url`` to ``address`` (host, port), as ``socket.create_connection``
+        makes one, but only to an address this policy allows: the host is resolved here, each
+        address checked before it is tried, and the connection goes to that very address (no second
+        lookup: DNS rebinding has nothing to answer). A refused address is never contacted, so
+        whether something listens there does not show either."""
+        host, port = address
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            self.check_address(url, sockaddr)
+            sock = socket.socket(family, kind, proto)
+            try:
+                if isinstance(timeout, int | float):
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                error = exc
+                sock.close()
+        raise error or OSError(f"{host} has no address")
 
     def resolve_host(self, access: Access) -> list[Address]:
         """The addresses the host of a network ``access`` resolves to now, each checked (as at a
@@ -382,7 +408,7 @@ class FilePolicy:
         found: list[Address] = []
         for *_, sockaddr in infos:
             address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-            self.check_peer(access.location, (str(address), port))
+            self.check_address(access.location, (str(address), port))
             if address not in found:
                 found.append(address)
         return found
