@@ -67,22 +67,8 @@ actions:
         image_arg: -kernel {kernel}
 """
 
-#: a job whose test definition comes from a git repository; its kernel is a file of @IMAGES@
-GIT_JOB = """\
-device_type: qemu
-job_name: file policy git
-visibility: public
-timeouts:
-  job: {minutes: 2}
-  action: {seconds: 30}
-context: {arch: amd64}
-actions:
-- deploy:
-    to: tmpfs
-    images:
-      kernel:
-        url: 'file://@IMAGES@/kernel.bin'
-        image_arg: -kernel {kernel}
+#: what follows DEPLOY_JOB's deploy in a job whose test definition comes from a git repository
+GIT_TEST = """\
 - boot:
     method: qemu
     media: tmpfs
@@ -163,7 +149,8 @@ def deploy_job(url: str) -> str:
 
 
 def git_job(repo: str, images: Path, path: str = "smoke.yaml") -> str:
-    return GIT_JOB.replace("@REPO@", repo).replace("@IMAGES@", str(images)).replace("@PATH@", path)
+    """A job whose kernel is ``images/kernel.bin`` and whose test definition is ``path`` in ``repo``."""
+    return deploy_job(f"file://{images}/kernel.bin") + GIT_TEST.replace("@REPO@", repo).replace("@PATH@", path)
 
 
 def make_repo(path: Path) -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
+from test_agent_policy import GIT_TEST
+from test_agent_policy import deploy_job as job
 from test_broker_support import BrokerLab, db_wait, make_broker_lab
 from test_master_support import Lab, stop_server
 from test_worker_daemon import Running
@@ -38,43 +40,12 @@ from master.users import SYSTEM
 
 pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
-#: a job that only downloads one image (nothing boots); @URL@ is the image
-JOB = """\
-device_type: qemu
-job_name: file policy
-visibility: public
-timeouts:
-  job: {minutes: 2}
-  action: {seconds: 30}
-context: {arch: amd64}
-actions:
-- deploy:
-    to: tmpfs
-    images:
-      kernel:
-        url: '@URL@'
-        image_arg: -kernel {kernel}
-"""
-
-GIT_TEST = """\
-- boot:
-    method: qemu
-    media: tmpfs
-    prompts: ['/ # ']
-- test:
-    definitions:
-    - {from: git, repository: '@REPO@', name: smoke, path: smoke.yaml}
-"""
 SECRET = "root:$6$pumice-master-policy-SECRET$:19000:0:99999:7:::"
 IMAGE = b"pumice policy image\n" * 64
 
 
-def job(url: str) -> str:
-    return JOB.replace("@URL@", url)
-
-
 def git_job(repo: str) -> str:
-    return job("http://images.example/kernel") + GIT_TEST.replace("@REPO@", repo)
+    return job("http://images.example/kernel") + GIT_TEST.replace("@REPO@", repo).replace("@PATH@", "smoke.yaml")
 
 
 @pytest.fixture
