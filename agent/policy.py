@@ -46,13 +46,15 @@ import ipaddress
 import os
 import posixpath
 import re
-import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from urllib.parse import urlsplit
 
 from agent.errors import JobError
+
+if TYPE_CHECKING:  # socket is imported when a check needs it: validating a job does not
+    import socket
 
 #: the words every refusal starts with
 REFUSED = "refused by the worker's file policy"
@@ -206,6 +208,8 @@ def literal_addresses(host: str) -> tuple[Address, ...] | None:
         except ValueError:
             return None
     if host and set(host) <= frozenset("0123456789abcdefx.") and host[0].isdigit():
+        import socket
+
         try:  # inet_aton's forms are what getaddrinfo (and so urllib and git) connect to
             return (ipaddress.ip_address(socket.inet_aton(host)),)
         except OSError:
@@ -376,6 +380,8 @@ class FilePolicy:
         address checked before it is tried, and the connection goes to that very address (no second
         lookup: DNS rebinding has nothing to answer). A refused address is never contacted, so
         whether something listens there does not show either."""
+        import socket
+
         host, port = address
         error: OSError | None = None
         for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
@@ -401,6 +407,8 @@ class FilePolicy:
         if where is None or not where[0]:
             return []
         host, port = where
+        import socket
+
         try:
             infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
@@ -420,6 +428,8 @@ def own_address(address: Address) -> bool:
     unspecified address are known to be its own)."""
     if _binds_anything(address.version):
         return False
+    import socket
+
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:

@@ -524,3 +524,31 @@ def test_inside_resolves_before_comparing(tmp_path: Path) -> None:
     assert inside(tmp_path / "repo", "sub/../a.yaml", "t") == str(tmp_path / "repo" / "a.yaml")
     with pytest.raises(PolicyRefusal, match="leads out of its repository"):
         inside(tmp_path / "repo", "../x", "t")
+
+
+def test_a_git_host_is_checked_before_cloning_and_git_uses_the_checked_address(world: World, http_server,
+                                                                               tmp_path: Path) -> None:
+    """Over http, the repository's host is resolved and checked before git runs, and git is told
+    to use the checked address (``http.curloptResolve``): a name that resolves to the worker is
+    refused; an allowed address is cloned from."""
+    served = http_server.root / f"policy-{tmp_path.name}"
+    make_repo(served)
+    subprocess.run(["git", "update-server-info"], cwd=served, check=True, timeout=30)  # dumb http
+    path = f"{served.name}/.git"
+    config = allowing([world.images], tmp_dir=str(tmp_path))
+    named = git_job(f"http://{socket.gethostname()}:{http_server.port}/{path}", world.images)
+    job = load_job(named, yaml.safe_load(device_yaml()), job_id="11", logger=JobLogger(None), dispatcher=config)
+    with pytest.raises(PolicyRefusal, match="of the worker; allowed_local_addresses"):
+        run_deploy(job)
+    shutil.rmtree(job.workdir, ignore_errors=True)
+    allowed = {**config, ADDRESSES_KEY: [http_server.address]}
+    job = load_job(git_job(http_server.url(path), world.images), yaml.safe_load(device_yaml()), job_id="12",
+                   logger=JobLogger(tmp_path / "output.yaml"), dispatcher=allowed)
+    try:
+        run_deploy(job)
+    finally:
+        shutil.rmtree(job.workdir, ignore_errors=True)
+        job.logger.close()
+    [(_, definition)] = job.state.testdefs[0]
+    assert definition.definition["metadata"]["name"] == "smoke"
+    assert f"http.curloptResolve=127.0.0.1:{http_server.port}:127.0.0.1 clone" in (tmp_path / "output.yaml").read_text()
