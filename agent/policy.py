@@ -63,9 +63,6 @@ DIRS_KEY = "allowed_file_dirs"
 ADDRESSES_KEY = "allowed_local_addresses"
 #: the port a URL of each scheme reaches when it names none
 DEFAULT_PORTS = {"http": 80, "https": 443, "git": 9418, "ssh": 22, "git+ssh": 22, "ssh+git": 22}
-#: the schemes a git repository URL may use (git's own protocol names in GIT_ALLOW_PROTOCOL)
-GIT_SCHEMES = {"http": "http", "https": "https", "git": "git", "ssh": "ssh", "git+ssh": "ssh",
-               "ssh+git": "ssh"}
 #: names that always mean the host itself (RFC 6761 and Debian's /etc/hosts); ``*.localhost`` too
 LOCALHOST_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 #: addresses that are the worker itself whatever its interfaces: (network, what it is)
@@ -75,7 +72,6 @@ LOCAL_NETWORKS = tuple((ipaddress.ip_network(net), what) for net, what in (
     ("0.0.0.0/8", "the unspecified address"), ("::/128", "the unspecified address")))
 #: what an address of one of the worker's interfaces is called in a refusal
 OWN_ADDRESS = "an address"
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -236,7 +232,7 @@ def local_kind(address: Address) -> str | None:
 def target(access: Access) -> Target | None:
     """What ``access`` reaches on the worker itself, as far as its text tells; None: nothing."""
     kind = git_kind(access.location) if access.kind == "git" else "url"
-    if kind in ("path", "helper"):  # a helper is refused whatever the directories: see _reason
+    if kind in ("path", "helper"):  # a helper is refused whatever the directories (FilePolicy.reason)
         return Target(file=access.location)
     if kind == "url" and scheme_of(access.location) == "file":
         return Target(file=file_path(access.location))

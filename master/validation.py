@@ -193,20 +193,22 @@ def policy_faults(found: list[Access], policies: tuple[tuple[str, FilePolicy], .
     no worker allows them all."""
     faults = []
     for access in found:
-        reasons = [(hostname, policy, policy.reason(access)) for hostname, policy in policies]
-        refused = [(hostname, policy, reason) for hostname, policy, reason in reasons if reason is not None]
-        if len(refused) < len(reasons) or not refused:
+        reasons = [policy.reason(access) for _, policy in policies]
+        if any(reason is None for reason in reasons):
+            continue  # some worker allows it
+        reason = reasons[0] if reasons else FilePolicy().reason(access)
+        if reason is None:
             continue
-        reason = refused[0][2]
         if reason.key is None:
             message = reason.message(FilePolicy())
         else:
-            settings = "; ".join(f"{hostname}: {policy.values(reason.key)}" for hostname, policy, _ in refused)
+            settings = "; ".join(f"{hostname}: {policy.values(reason.key)}" for hostname, policy in policies)
             message = (f"{REFUSED}: {reason.what}; {reason.key} of no worker with a {device_type} device allows "
-                       f"it ({settings}): a lab admin can add it to a worker's dispatcher configuration "
-                       "(lavacli workers config set, PUT /api/v0.2/workers/NAME/config/)")
+                       f"it ({settings or f'no {device_type} device is on a worker'}): a lab admin can add it "
+                       "to a worker's dispatcher configuration (lavacli workers config set, "
+                       "PUT /api/v0.2/workers/NAME/config/)")
         faults.append(Fault(format_path(access.path), message, doc.line(access.path)))
-    if found and not faults and not any(policy.allows_all(found) for _, policy in policies):
+    if policies and not faults and not any(policy.allows_all(found) for _, policy in policies):
         where = [access.location for access in found]
         faults.append(Fault("actions", f"{REFUSED}: no worker with a {device_type} device allows all of "
                                        f"{', '.join(where)} (each is allowed on some worker)"))

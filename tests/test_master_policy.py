@@ -132,6 +132,25 @@ def test_what_only_the_worker_can_see_passes_the_master(master) -> None:
         assert clients["alice"].call("POST", "/jobs/", body=job(url))["job_ids"]
 
 
+def test_what_no_one_worker_allows_whole_is_refused(master) -> None:
+    """Each file is allowed on some worker, but no worker allows both: the job could run nowhere."""
+    _, _, clients = master
+    clients["admin"].call("POST", "/workers/", json_body={"hostname": "w2"})
+    clients["admin"].call("POST", "/devices/", json_body={"hostname": "qemu03", "device_type": "qemu",
+                                                          "worker": "w2", "health": "Good"})
+    clients["admin"].call("PUT", "/workers/w1/config/", json_body={"config": yaml.safe_dump(allowing(["/srv/a"]))})
+    clients["admin"].call("PUT", "/workers/w2/config/", json_body={"config": yaml.safe_dump(allowing(["/srv/b"]))})
+    text = job("file:///srv/a/kernel") + "      ramdisk:\n        url: 'file:///srv/b/ramdisk'\n" \
+                                          "        image_arg: -initrd {ramdisk}\n"
+    fault = refusal(clients["alice"], text)
+    assert fault["path"] == "actions" and fault["message"] == (
+        f"{REFUSED}: no worker with a qemu device allows all of file:///srv/a/kernel, file:///srv/b/ramdisk "
+        "(each is allowed on some worker)")
+    clients["admin"].call("PUT", "/workers/w2/config/",
+                          json_body={"config": yaml.safe_dump(allowing(["/srv/a", "/srv/b"]))})
+    assert clients["alice"].call("POST", "/jobs/", body=text)["job_ids"]
+
+
 def test_a_bad_policy_setting_is_refused_naming_the_key(master) -> None:
     _, _, clients = master
     for config, words in (({DIRS_KEY: "/srv/images"}, "a list of absolute directories"),
