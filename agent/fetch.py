@@ -1,16 +1,32 @@
-"""Opening a URL for a download (images, test definitions), with urllib.
+"""Opening a URL for a download (images, test definitions): http and https with urllib, file on
+the worker, each under the worker's file policy (:mod:`agent.policy`).
 
 urllib is imported on the first download, not with the agent: ``--validate`` and jobs that
 download nothing do not pay for it. User and password in an http(s) URL
 (``http://user:secret@host/...``) become a Basic ``Authorization`` header, as LAVA sends them.
 Whatever goes wrong is an OSError (a status other than 2xx after redirects: HTTPStatusError), so
-callers handle one kind of exception, also for a body cut short while it is read.
+callers handle one kind of exception, also for a body cut short while it is read; what the policy
+refuses is a :class:`~agent.policy.PolicyRefusal` (a JobError), never an OSError.
+
+The policy is applied to the URL as written, then to every connection urllib makes (the first
+request's, each redirect's, a proxy's): the agent resolves the host itself and connects only to an
+address the policy allows, so no second lookup can answer otherwise. Redirects go to http and https
+only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from agent.policy import Access, PolicyRefusal
+
+if TYPE_CHECKING:
+    from agent.policy import FilePolicy
+
+#: the schemes open_url reads (LAVA's downloads also know scp, lxc and downloads)
+SCHEMES = ("http", "https", "file")
 
 
 class HTTPStatusError(OSError):
@@ -23,15 +39,24 @@ class HTTPStatusError(OSError):
         self.reason = reason
 
 
-def open_url(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0) -> _Body:
-    """A binary stream of the body at ``url``: ``read(size)``, ``close()``, a context manager.
-    ``timeout`` bounds the connection and each read."""
+def open_url(url: str, policy: FilePolicy, headers: dict[str, str] | None = None,
+             timeout: float = 30.0) -> _Body | BinaryIO:
+    """A binary stream of the body at ``url`` (http, https or file): ``read(size)``, ``close()``, a
+    context manager. ``timeout`` bounds the connection and each read. ``policy`` decides what of
+    the worker itself may be read (PolicyRefusal)."""
     import http.client
     import urllib.error
     import urllib.request
 
     headers = dict(headers or {})
     parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise OSError(f"unsupported URL scheme {parts.scheme!r} in {url}; known: {', '.join(SCHEMES)}")
+    if parts.scheme == "file":
+        return policy.open_file(url)
+    refusal = policy.refusal(Access("url", url))
+    if refusal:
+        raise PolicyRefusal(refusal)
     if parts.scheme in ("http", "https") and parts.username is not None:
         import base64
 
@@ -40,7 +65,7 @@ def open_url(url: str, headers: dict[str, str] | None = None, timeout: float = 3
             headers["Authorization"] = "Basic " + base64.b64encode(secret).decode("ascii")
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     try:
-        return _Body(urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout))
+        return _Body(_opener(policy).open(urllib.request.Request(url, headers=headers), timeout=timeout))
     except urllib.error.HTTPError as exc:
         exc.close()
         raise HTTPStatusError(url, exc.code, str(exc.reason)) from None
@@ -48,6 +73,50 @@ def open_url(url: str, headers: dict[str, str] | None = None, timeout: float = 3
         raise exc.reason if isinstance(exc.reason, OSError) else OSError(str(exc.reason)) from None
     except http.client.HTTPException as exc:  # not an HTTP server, a malformed answer
         raise OSError(f"{parts.hostname} did not answer in HTTP: {exc!r}") from None
+
+
+def _opener(policy: FilePolicy) -> Any:
+    """A urllib opener for http and https only, whose connections and redirects ``policy`` checks
+    (made for each download: a few objects, and the proxies of the environment as it is now)."""
+    import urllib.request
+
+    def checked(http_class: type, url: str) -> type:
+        """``http_class`` whose connections go only to addresses ``policy`` allows (for ``url``)."""
+
+        class Checked(http_class):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._create_connection = functools.partial(policy.connect, url)
+
+        return Checked
+
+    class Checking:
+        def do_open(self, http_class: type, req: Any, **kwargs: Any) -> Any:
+            return super().do_open(checked(http_class, req.full_url), req, **kwargs)
+
+    class HTTPHandler(Checking, urllib.request.HTTPHandler):
+        pass
+
+    class HTTPSHandler(Checking, urllib.request.HTTPSHandler):
+        pass
+
+    class RedirectHandler(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            scheme = urlsplit(newurl).scheme
+            if scheme not in ("http", "https"):
+                raise PolicyRefusal(f"{req.full_url} redirects to {newurl}: a download follows redirects to "
+                                    "http and https only")
+            refusal = policy.refusal(Access("url", newurl))
+            if refusal:
+                raise PolicyRefusal(f"{refusal} (a redirect from {req.full_url})")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), HTTPHandler(), HTTPSHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), RedirectHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
 
 
 class _Body:

@@ -18,6 +18,7 @@ from agent import __version__
 from agent.errors import Bug, Canceled, Fault, JobDefinitionError, PumiceError
 from agent.logger import JobLogger
 from agent.pipeline import Action, Pipeline, strategy
+from agent.policy import FilePolicy, accesses
 from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml
 from agent.timeout import Deadline, parse_duration
 
@@ -167,7 +168,8 @@ class Job:
         return found
 
     def validate(self) -> list[Fault]:
-        """Every fault of the job: building, then each action's own checks."""
+        """Every fault of the job: building, the worker's file policy, then each action's own checks."""
+        self.faults.extend(self.check_policy())
         self.pipeline.validate()
         for action, message in self.pipeline.errors():
             top = self._top_of(action)
@@ -191,6 +193,28 @@ class Job:
                        "device_type": self.device.get("device_type")},
             "pipeline": self.pipeline.describe(),
         }
+
+    @functools.cached_property
+    def policy(self) -> FilePolicy:
+        """The worker's file policy (:mod:`agent.policy`), from its dispatcher configuration."""
+        return FilePolicy.from_dispatcher(self.dispatcher)
+
+    def check_policy(self) -> list[Fault]:
+        """A fault for each URL or repository of the job the worker's file policy refuses (on the
+        worker only, with symlinks resolved: the master checks each worker's policy itself)."""
+        if not self.on_worker:
+            return []
+        try:
+            policy = self.policy
+        except ValueError as exc:
+            return [Fault("", f"the worker's dispatcher configuration: {exc}")]
+        faults = []
+        for access in accesses(self.definition):
+            refusal = policy.refusal(access, resolve=True)
+            if refusal:
+                line = self.doc.line(access.path) if self.doc else None
+                faults.append(Fault(format_path(access.path), refusal, line))
+        return faults
 
     # -- running --------------------------------------------------------------------------------------
     @property

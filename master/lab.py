@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from peewee import fn
 
+from agent.policy import FilePolicy
 from master import events
 from master.db import db
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
@@ -309,7 +310,13 @@ def set_worker_text(user: User | None, hostname: str, what: str, text: str | Non
     if what not in ("env", "config"):
         raise Invalid(f"unknown worker file {what!r}; allowed: env, config")
     worker = get_worker(hostname)
-    setattr(worker, what, _yaml_mapping(f"worker {what}", text))
+    text = _yaml_mapping(f"worker {what}", text)
+    if what == "config":
+        try:
+            FilePolicy.from_dispatcher(yaml.safe_load(text or "") or {})
+        except ValueError as exc:
+            raise Invalid(f"worker config: {exc}") from None
+    setattr(worker, what, text)
     worker.save()
     events.publish("worker_changed", workers=[hostname])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from peewee import Database, PostgresqlDatabase
+from peewee import Database, Field, PostgresqlDatabase
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_columns
 
@@ -24,12 +24,20 @@ def _initial(database: Database) -> None:
     database.create_tables(MODELS)
 
 
-def _job_source(database: Database) -> None:
+def _add_job_column(database: Database, field: Field) -> None:
     # A database created by this release already has the column (step 1 creates today's tables).
-    if "source" in {column.name for column in database.get_columns(Job._meta.table_name)}:
+    if field.column_name in {column.name for column in database.get_columns(Job._meta.table_name)}:
         return
     migrator = SchemaMigrator.from_database(database)
-    migrate_columns(migrator.add_column(Job._meta.table_name, "source", Job.source))
+    migrate_columns(migrator.add_column(Job._meta.table_name, field.column_name, field))
+
+
+def _job_source(database: Database) -> None:
+    _add_job_column(database, Job.source)
+
+
+def _job_local_urls(database: Database) -> None:
+    _add_job_column(database, Job.local_urls)
 
 
 #: PostgreSQL: room left on each page of the devices table, so that changing a device's state is a
@@ -52,6 +60,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "jobs.source: where an imported job comes from", _job_source),
     (3, "jobs_queue: the queue index in scheduling order; devices updated in place", _scheduling_order),
+    (4, "jobs.local_urls: what a job reads from its worker itself (the file policy)", _job_local_urls),
 ]
 
 LATEST = MIGRATIONS[-1][0]

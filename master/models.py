@@ -193,6 +193,10 @@ class Job(BaseModel):
     #: where an imported job comes from (``{instance, url, job, uuid}`` of an uploaded bundle); None
     #: for jobs that ran here. Kept in the database so every meta.yaml rewrite carries it through.
     source = JSONField(null=True)
+    #: what the job reads from its worker itself (``[[kind, location], ...]``: file URLs, local git
+    #: repositories, the worker's own addresses; see agent.policy); None for most jobs. The scheduler
+    #: gives the job only to workers whose file policy allows all of it.
+    local_urls = JSONField(null=True)
 
     class Meta:
         table_name = "jobs"

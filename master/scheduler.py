@@ -17,6 +17,8 @@ freed device, a worker coming online) and on a slow timer as a safety net.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import json
 import logging
 import math
 import threading
@@ -29,10 +31,12 @@ from typing import Any, NamedTuple
 import yaml
 from peewee import fn
 
+from agent.policy import Access, FilePolicy
 from master import events
 from master.db import connection, db, is_postgres
 from master.models import Device, DeviceTag, DeviceType, Job, JobTag, Tag, Worker, utcnow
 from master.states import DeviceHealth, DeviceState, JobState, WorkerHealth, WorkerState
+from master.validation import worker_policy
 
 log = logging.getLogger("pumice.scheduler")
 
@@ -55,6 +59,9 @@ class QueuedJob(NamedTuple):
     #: the one device the job must run on (health checks)
     device: str | None = None
     health_check: bool = False
+    #: what the job reads from its worker itself (agent.policy.Access): its worker's file policy
+    #: must allow all of it
+    local_urls: tuple[Access, ...] = ()
 
 
 class IdleDevice(NamedTuple):
@@ -80,6 +87,8 @@ class WorkerSlot:
     limit: int = 0
     #: jobs holding its devices now
     busy: int = 0
+    #: its file policy (from its dispatcher configuration): what of itself a job may read
+    policy: FilePolicy = FilePolicy()
 
     def capacity(self) -> float:
         if not (self.online and self.active):
@@ -113,7 +122,8 @@ def assign(queued_jobs: Iterable[QueuedJob], idle_devices: Iterable[IdleDevice],
     """Which queued job runs on which idle device now (pure: no I/O, no clock).
 
     Health checks come first; a queued health check bound to a device is reused rather than a new
-    one created. Each device and each unit of worker capacity is used at most once.
+    one created. Each device and each unit of worker capacity is used at most once. A job that reads
+    from its worker itself (``local_urls``) goes only to a worker whose file policy allows it.
     """
     capacity = {name: slot.capacity() for name, slot in workers.items()}
     queued = sorted(queued_jobs, key=lambda j: (-j.priority, j.submit_time, j.id))
@@ -130,6 +140,11 @@ def assign(queued_jobs: Iterable[QueuedJob], idle_devices: Iterable[IdleDevice],
         elif device.health == DeviceHealth.GOOD or (device.health == DeviceHealth.UNKNOWN and not checked_type):
             pools[device.device_type].append(device)
     remaining = sum(len(pool) for pool in pools.values())
+
+    @functools.cache
+    def allows(local_urls: tuple[Access, ...], worker: str) -> bool:
+        return workers[worker].policy.allows_all(local_urls)
+
     for job in queued:
         if remaining == 0:
             break
@@ -142,6 +157,8 @@ def assign(queued_jobs: Iterable[QueuedJob], idle_devices: Iterable[IdleDevice],
             if capacity[device.worker or ""] <= 0:
                 continue
             if job.device is not None and device.hostname != job.device:
+                continue
+            if job.local_urls and not allows(job.local_urls, device.worker or ""):
                 continue
             if job.tags <= device.tags:
                 assignments.append(Assignment(device.hostname, job.id))
@@ -174,10 +191,10 @@ def load_workers() -> dict[str, WorkerSlot]:
     busy = dict(db.execute(Device.select(Device.worker, fn.COUNT(Device.id))
                            .where(Device.state != DeviceState.IDLE).group_by(Device.worker)).fetchall())
     rows = db.execute(Worker.select(Worker.id, Worker.hostname, Worker.state, Worker.health,
-                                    Worker.job_limit)).fetchall()
+                                    Worker.job_limit, Worker.config)).fetchall()
     return {hostname: WorkerSlot(hostname, state == WorkerState.ONLINE, health == WorkerHealth.ACTIVE,
-                                 limit or 0, busy.get(worker_id, 0))
-            for worker_id, hostname, state, health, limit in rows}
+                                 limit or 0, busy.get(worker_id, 0), worker_policy(config))
+            for worker_id, hostname, state, health, limit, config in rows}
 
 
 def load_health_check_types() -> dict[str, tuple[int, str]]:
@@ -225,7 +242,7 @@ def load_queued_jobs(device_types: Iterable[str], limit: int | None = None, offs
         return query if limit is None else query.limit(limit).offset(offset)
 
     rows = db.execute(page(Job.id, Job.requested_device_type, Job.priority, Job.submit_time,
-                           Job.requested_device, Job.health_check)).fetchall()
+                           Job.requested_device, Job.health_check, Job.local_urls)).fetchall()
     tags: dict[int, set[str]] = defaultdict(set)
     if rows:
         # the page's ids as a subquery: building an IN list of thousands of parameters costs more
@@ -233,14 +250,15 @@ def load_queued_jobs(device_types: Iterable[str], limit: int | None = None, offs
         tag_query = JobTag.select(JobTag.job, Tag.name).join(Tag).where(JobTag.job.in_(page(Job.id)))
         for job_id, name in db.execute(tag_query).fetchall():
             tags[job_id].add(name)
-    bound = {device_id for *_, device_id, _ in rows if device_id is not None}
+    bound = {device_id for *_, device_id, _, _ in rows if device_id is not None}
     hostnames = dict(db.execute(Device.select(Device.id, Device.hostname)
                                 .where(Device.id.in_(sorted(bound)))).fetchall()) if bound else {}
     empty: frozenset[str] = frozenset()
     return [QueuedJob(job_id, type_names[type_id], priority, submit_time,
                       frozenset(tags[job_id]) if job_id in tags else empty,
-                      hostnames.get(device_id) if device_id is not None else None, bool(health_check))
-            for job_id, type_id, priority, submit_time, device_id, health_check in rows]
+                      hostnames.get(device_id) if device_id is not None else None, bool(health_check),
+                      tuple(Access(kind, location) for kind, location in json.loads(local)) if local else ())
+            for job_id, type_id, priority, submit_time, device_id, health_check, local in rows]
 
 
 # ---- claiming ----

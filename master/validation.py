@@ -31,16 +31,18 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+import yaml
 from peewee import fn
 
 from agent.errors import Fault, JobDefinitionError
 from agent.job import parse_job, validate_job
-from agent.schema import load_yaml
+from agent.policy import REFUSED, Access, FilePolicy, local_accesses
+from agent.schema import format_path, load_yaml
 from master import events
 from master.db import db
 from master.errors import Invalid, TooLarge
 from master.instance import current
-from master.models import Device, DeviceTag, DeviceType, Tag
+from master.models import Device, DeviceTag, DeviceType, Tag, Worker
 from master.states import DeviceHealth, parse_priority
 
 log = logging.getLogger("pumice.validation")
@@ -57,6 +59,8 @@ class JobRequest:
     priority: int = 50
     visibility: str = "public"
     context: dict[str, Any] = field(default_factory=dict)
+    #: what the job reads from its worker itself, ``[[kind, location], ...]`` (see agent.policy)
+    local_urls: list[list[str]] = field(default_factory=list)
 
 
 # ---- the lab as submissions see it (cached briefly) ----
@@ -64,8 +68,9 @@ class JobRequest:
 #: how long a lookup below is reused. Changes made through this process's service layer drop the
 #: cache at once (events); changes by another process (the admin CLI) are seen within this time.
 LAB_CACHE_SECONDS = 2.0
-#: the events after which a device type, device, dictionary or template may have changed
-LAB_EVENTS = frozenset({"lab_changed", "device_changed"})
+#: the events after which a device type, device, dictionary, template or worker configuration may
+#: have changed
+LAB_EVENTS = frozenset({"lab_changed", "device_changed", "worker_changed"})
 _lab_cache: dict[tuple, tuple[float, Any, Any]] = {}
 
 
@@ -142,15 +147,72 @@ def candidate_device(device_type: DeviceType, tags: list[str]) -> Device | None:
 
 
 def _candidate_device(device_type: DeviceType, tags: list[str]) -> Device | None:
-    query = (Device.select(Device.id, Device.hostname, Device.dictionary)
-             .where((Device.device_type == device_type) & (Device.health != DeviceHealth.RETIRED)))
+    query = _candidates(Device.select(Device.id, Device.hostname, Device.dictionary), device_type, tags)
+    return query.order_by(Device.hostname).first()
+
+
+def _candidates(query: Any, device_type: DeviceType, tags: list[str]) -> Any:
+    """``query`` of devices narrowed to those that may run a job for ``device_type`` and ``tags``."""
+    query = query.where((Device.device_type == device_type) & (Device.health != DeviceHealth.RETIRED))
     if tags:
         matching = (DeviceTag.select(DeviceTag.device).join(Tag)
                     .where(Tag.name.in_(tags))
                     .group_by(DeviceTag.device)
                     .having(fn.COUNT(DeviceTag.tag) == len(set(tags))))
         query = query.where(Device.id.in_(matching))
-    return query.order_by(Device.hostname).first()
+    return query
+
+
+def candidate_policies(device_type: DeviceType, tags: list[str]) -> tuple[tuple[str, FilePolicy], ...]:
+    """(hostname, file policy) of each worker that holds a device the job could run on (cached)."""
+    return _cached(("policies", device_type.id, tuple(sorted(set(tags)))),
+                   lambda: _candidate_policies(device_type, tags))
+
+
+def _candidate_policies(device_type: DeviceType, tags: list[str]) -> tuple[tuple[str, FilePolicy], ...]:
+    query = _candidates(Device.select(Worker.hostname, Worker.config).join(Worker), device_type, tags)
+    rows = query.distinct().order_by(Worker.hostname).tuples()
+    return tuple((hostname, worker_policy(config)) for hostname, config in rows)
+
+
+@lru_cache(maxsize=1024)
+def worker_policy(config: str | None) -> FilePolicy:
+    """The file policy of a worker's dispatcher configuration (its stored YAML text). A configuration
+    that does not parse allows nothing (the API refuses to store one)."""
+    try:
+        return FilePolicy.from_dispatcher(yaml.safe_load(config or "") or {})
+    except (yaml.YAMLError, ValueError, AttributeError) as exc:
+        log.warning("a worker's dispatcher configuration has no valid file policy, nothing is allowed: %s", exc)
+        return FilePolicy()
+
+
+def policy_faults(found: list[Access], policies: tuple[tuple[str, FilePolicy], ...], device_type: str,
+                  doc: Any) -> list[Fault]:
+    """A fault for each access of ``found`` that no worker in ``policies`` allows, naming the setting
+    that would allow it and what each worker sets it to; one more if each is allowed somewhere but
+    no worker allows them all."""
+    faults = []
+    for access in found:
+        reasons = [policy.reason(access) for _, policy in policies]
+        if any(reason is None for reason in reasons):
+            continue  # some worker allows it
+        reason = reasons[0] if reasons else FilePolicy().reason(access)
+        if reason is None:
+            continue
+        if reason.key is None:
+            message = reason.message(FilePolicy())
+        else:
+            settings = "; ".join(f"{hostname}: {policy.values(reason.key)}" for hostname, policy in policies)
+            message = (f"{REFUSED}: {reason.what}; {reason.key} of no worker with a {device_type} device allows "
+                       f"it ({settings or f'no {device_type} device is on a worker'}): a lab admin can add it "
+                       "to a worker's dispatcher configuration (lavacli workers config set, "
+                       "PUT /api/v0.2/workers/NAME/config/)")
+        faults.append(Fault(format_path(access.path), message, doc.line(access.path)))
+    if policies and not faults and not any(policy.allows_all(found) for _, policy in policies):
+        where = [access.location for access in found]
+        faults.append(Fault("actions", f"{REFUSED}: no worker with a {device_type} device allows all of "
+                                       f"{', '.join(where)} (each is allowed on some worker)"))
+    return faults
 
 
 def check_size(text: str | bytes) -> None:
@@ -226,14 +288,17 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         log.warning("device %s does not render: %s", device.hostname, exc)
         raise fault(("device_type",), f"the configuration of device {device.hostname} ({name}) does not "
                                       f"render, ask the lab admins: {exc}") from None
+    # what the job reads from the worker itself must be allowed by some worker that can run it
+    local = local_accesses(data)
+    refused = policy_faults(local, candidate_policies(dtype, tags), name, doc) if local else []
     pool = _pool
     faults = pool.validate(text, config) if pool is not None else validate_job(text, config)
-    if faults:
-        raise Invalid("invalid job definition", faults)
+    if faults or refused:
+        raise Invalid("invalid job definition", sorted(faults + refused, key=lambda f: f.line or 0))
     return JobRequest(
         definition=text, name=str(data.get("job_name", "")), device_type=dtype, tags=tags,
         priority=priority, visibility=visibility if isinstance(visibility, str) else "group",
-        context=context,
+        context=context, local_urls=[[access.kind, access.location] for access in local],
     )
 
 

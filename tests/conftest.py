@@ -5,6 +5,8 @@ and the LAVA corpus.
   default ``~/.cache/pumice``, by ``tools/build_dut_images.py`` when absent or stale).
 - ``http_server``: a directory served over HTTP on 127.0.0.1 (ephemeral port).
 - ``lava_corpus``: the LAVA 2023.01 test data in ``../shared/lava-corpus``.
+- ``allowing()``: a worker's dispatcher configuration whose file policy allows exactly what a test
+  reads from this machine (its image directories, its loopback servers).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -109,6 +111,17 @@ def dut_images(dut_builder: ModuleType) -> DutImages:
     )
 
 
+# --- the worker's file policy -------------------------------------------------------------------
+
+
+def allowing(dirs: Iterable[Path | str] = (), addresses: Iterable[str] = (), **config: object) -> dict:
+    """A worker's dispatcher configuration: ``config`` and a file policy (agent.policy) that allows
+    exactly reading files under ``dirs`` and reaching ``addresses`` of the worker itself (the
+    ``127.0.0.1:PORT`` of the tests' loopback servers: :attr:`HttpServer.address`). The tests'
+    jobs read their images from this machine, which a worker refuses by default."""
+    return {**config, "allowed_file_dirs": [str(d) for d in dirs], "allowed_local_addresses": list(addresses)}
+
+
 # --- HTTP server --------------------------------------------------------------------------------
 
 
@@ -135,6 +148,11 @@ class HttpServer:
             daemon=True,
         )
         self._thread.start()
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``: what a worker's file policy must allow for jobs to download from it."""
+        return f"127.0.0.1:{self.port}"
 
     def url(self, path: str = "") -> str:
         """URL of a file under ``root``, as seen from this host."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import allowing
 
 from agent.job import load_job
 from agent.logger import JobLogger
@@ -67,8 +68,12 @@ class Server:
         self.httpd.daemon_threads = True
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.httpd.server_address[1]}"
+
     def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+        return f"http://{self.address}/{name}"
 
     def close(self) -> None:
         self.release.set()
@@ -105,11 +110,11 @@ def deploy_job(server: Server, sums: dict[str, str] | None = None, timeouts: dic
     return yaml.safe_dump(job, sort_keys=False)
 
 
-def run(text: str, device: dict, tmp_path: Path):
+def run(text: str, device: dict, tmp_path: Path, server: Server):
     log = tmp_path / "output.yaml"
     logger = JobLogger(log)
     job = load_job(text, device, job_id="9", logger=logger, output_dir=tmp_path,
-                   dispatcher={"tmp_dir": str(tmp_path)})
+                   dispatcher=allowing(addresses=[server.address], tmp_dir=str(tmp_path)))
     health = job.run()
     logger.close()
     return job, health, [record.msg for record in read_log(log)]
@@ -117,7 +122,7 @@ def run(text: str, device: dict, tmp_path: Path):
 
 def test_images_come_side_by_side_and_are_checked(server, device, tmp_path) -> None:
     server.delay["vmlinuz"] = 0.5  # the kernel's body comes late: the others must not wait for it
-    job, health, messages = run(deploy_job(server), device, tmp_path)
+    job, health, messages = run(deploy_job(server), device, tmp_path, server)
     assert health == "Complete", job.error
     started = dict(server.requests)
     served = dict(server.served)
@@ -131,7 +136,7 @@ def test_images_come_side_by_side_and_are_checked(server, device, tmp_path) -> N
 
 
 def test_a_bad_image_fails_in_its_own_turn(server, device, tmp_path) -> None:
-    job, health, messages = run(deploy_job(server, sums={"ramdisk": "0" * 64}), device, tmp_path)
+    job, health, messages = run(deploy_job(server, sums={"ramdisk": "0" * 64}), device, tmp_path, server)
     assert health == "Incomplete"
     assert "ramdisk: sha256 checksum mismatch" in str(job.error)
     results = {(r.level, r.case): r.result for r in job.results}
@@ -142,7 +147,7 @@ def test_a_bad_image_fails_in_its_own_turn(server, device, tmp_path) -> None:
 
 def test_a_retry_downloads_again(server, device, tmp_path) -> None:
     server.fail_first.add("initrd.gz")
-    job, health, messages = run(deploy_job(server), device, tmp_path)
+    job, health, messages = run(deploy_job(server), device, tmp_path, server)
     assert health == "Complete", job.error
     assert [name for name, _ in server.requests].count("initrd.gz") == 2
     assert any(isinstance(m, str) and "download-retry failed" in m and "HTTP 500" in m for m in messages)
@@ -151,7 +156,8 @@ def test_a_retry_downloads_again(server, device, tmp_path) -> None:
 def test_a_silent_server_times_the_download_out(server, device, tmp_path) -> None:
     server.silent.add("board.dtb")
     start = time.monotonic()
-    job, health, _ = run(deploy_job(server, timeouts={"actions": {"http-download": {"seconds": 2}}}), device, tmp_path)
+    text = deploy_job(server, timeouts={"actions": {"http-download": {"seconds": 2}}})
+    job, health, _ = run(text, device, tmp_path, server)
     assert health == "Incomplete"
     assert "timed out" in str(job.error) and "board.dtb" in str(job.error)
     assert time.monotonic() - start < 20

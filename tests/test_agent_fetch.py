@@ -1,5 +1,6 @@
 """agent.fetch: downloads through urllib, against a loopback server that answers exactly what
-each test says (status, headers, body framing): every failure is an OSError that says what."""
+each test says (status, headers, body framing): every failure is an OSError that says what. The
+worker's file policy allows each test exactly the loopback port it fetches from."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
+from conftest import allowing
 
 from agent.fetch import HTTPStatusError, open_url
+from agent.policy import FilePolicy
 
 
 class Canned:
@@ -68,8 +71,12 @@ def canned() -> Iterator[Callable[[Callable[[bytes], bytes]], Canned]]:
         server.close()
 
 
-def fetch(url: str, **kwargs) -> bytes:
-    with open_url(url, timeout=10, **kwargs) as body:
+def fetch(url: str, allow: FilePolicy | None = None, **kwargs) -> bytes:
+    """The body at ``url``, the policy allowing ``allow`` (default: the port of ``url`` on 127.0.0.1)."""
+    if allow is None:
+        port = url.split("127.0.0.1:", 1)[-1].split("/", 1)[0]
+        allow = FilePolicy.from_dispatcher(allowing(addresses=[f"127.0.0.1:{port}"]))
+    with open_url(url, allow, timeout=10, **kwargs) as body:
         parts = []
         while chunk := body.read(7):  # small reads: framing across read boundaries
             parts.append(chunk)
@@ -125,7 +132,8 @@ def test_redirects_are_followed(canned) -> None:
         return f"HTTP/1.1 301 Moved\r\nLocation: {target.url('/final')}\r\n\r\n".encode()
 
     server = canned(answer)
-    assert fetch(server.url("/first")) == b"done"
+    both = FilePolicy.from_dispatcher(allowing(addresses=[f"127.0.0.1:{server.port}", f"127.0.0.1:{target.port}"]))
+    assert fetch(server.url("/first"), both) == b"done"
     assert [r.split(b"\r\n")[0] for r in server.requests] == [b"GET /first HTTP/1.1", b"GET /second HTTP/1.1"]
     assert target.requests[0].startswith(b"GET /final HTTP/1.1")
 
@@ -175,11 +183,13 @@ def test_proxy_and_file_urls(canned, monkeypatch, tmp_path) -> None:
     # urlopen's opener reads the proxies once and is kept: a fresh one here, and none kept after
     urllib.request.install_opener(None)
     try:
-        assert fetch("http://image-server.invalid/kernel") == b"proxied"
+        proxied = FilePolicy.from_dispatcher(allowing(addresses=[f"127.0.0.1:{proxy.port}"]))
+        assert fetch("http://image-server.invalid/kernel", proxied) == b"proxied"
         assert proxy.requests[0].startswith(b"GET http://image-server.invalid/kernel HTTP/1.1")
         monkeypatch.delenv("http_proxy")
         urllib.request.install_opener(None)
         (tmp_path / "definition.yaml").write_text("run: {}\n")
-        assert fetch((tmp_path / "definition.yaml").as_uri()) == b"run: {}\n"
+        definition = (tmp_path / "definition.yaml").as_uri()
+        assert fetch(definition, FilePolicy.from_dispatcher(allowing([tmp_path]))) == b"run: {}\n"
     finally:
         urllib.request.install_opener(None)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import allowing
 
 from results.bundle import load_bundle
 from results.log import read_log
@@ -39,7 +40,7 @@ def board(dut_images, http_server, tmp_path: Path):
     # the job's scratch files (and so QEMU's command line) under tmp_path: the tests find its QEMU
     (tmp_path / "work").mkdir()
     dispatcher = tmp_path / "dispatcher.yaml"
-    dispatcher.write_text(yaml.safe_dump({"tmp_dir": str(tmp_path / "work")}))
+    dispatcher.write_text(yaml.safe_dump(allowing(addresses=[http_server.address], tmp_dir=str(tmp_path / "work"))))
 
     def job(text: str | None = None, **replace: str) -> Path:
         text = text or (DATA / "smoke-job.yaml").read_text()
@@ -169,8 +170,13 @@ def test_checksum_mismatch_is_a_job_error(board) -> None:
     assert yaml.safe_load((out / "description.yaml").read_text())["pipeline"]
 
 
-def test_unreachable_url_is_an_infrastructure_error(board) -> None:
-    done, out = pumice_run(board, board.job(**{"@RAMDISK_URL@": "http://127.0.0.1:9/nothing.cpio.gz"}))
+def test_unreachable_url_is_an_infrastructure_error(board, http_server) -> None:
+    # the worker's policy lets the job try port 9 of the worker itself (nothing listens there)
+    dispatcher = board.root / "dispatcher-port-9.yaml"
+    config = allowing(addresses=[http_server.address, "127.0.0.1:9"], tmp_dir=str(board.root / "work"))
+    dispatcher.write_text(yaml.safe_dump(config))
+    done, out = pumice_run(board, board.job(**{"@RAMDISK_URL@": "http://127.0.0.1:9/nothing.cpio.gz"}),
+                           "--dispatcher", str(dispatcher))
     assert done.returncode == 1
     result = lava_job_result(out)
     assert result["error_type"] == "Infrastructure"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import allowing
 from test_broker_support import BrokerLab, db_wait, make_broker_lab, timed_job, wait_for
-from test_master_support import job_text
+from test_master_support import LOCAL_IMAGES, job_text
 
 from agent import messages as m
 from master import jobs
@@ -136,11 +137,12 @@ def test_silent_worker_goes_offline_and_bye_at_once(broker_lab: BrokerLab) -> No
 def test_start_carries_device_env_and_config(broker_lab: BrokerLab) -> None:
     with connection():
         lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
-        lab_service.set_worker_text(SYSTEM, "w1", "config", "dispatcher_ip: 192.0.2.1\n")
+        config = allowing(addresses=[LOCAL_IMAGES], dispatcher_ip="192.0.2.1")
+        lab_service.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(config))
     agent = broker_lab.agent()
     job_id, start = started(broker_lab, agent)
     assert start.env == {"purge": False, "removes": [], "overrides": {"http_proxy": "http://proxy:3128"}}
-    assert start.dispatcher == {"dispatcher_ip": "192.0.2.1"}
+    assert start.dispatcher == config  # the file policy goes with it: the agent applies it too
     assert start.timeout == 300
     with connection():
         device = Device.get_by_id(Job.get_by_id(job_id).actual_device_id)

@@ -62,9 +62,10 @@ def long_job(root: Path, files: dict[str, str], ticks: int) -> Path:
 
 
 @pytest.fixture
-def plab(tmp_path: Path) -> Iterator[ProcessLab]:
+def plab(tmp_path: Path, http_server) -> Iterator[ProcessLab]:
     lab = ProcessLab(tmp_path)
     lab.start_master()
+    lab.allow(http_server.address)  # the board's files
     try:
         yield lab
     finally:
@@ -158,10 +159,11 @@ def test_link_cut_for_30_seconds_mid_job(plab: ProcessLab, board_files) -> None:
     assert "worker w1 silent for" not in log or "worker w1 connected" in log
 
 
-def test_encrypted_job(tmp_path: Path, board_files) -> None:
+def test_encrypted_job(tmp_path: Path, board_files, http_server) -> None:
     lab = ProcessLab(tmp_path, encrypt=True)
     try:
         lab.start_master()
+        lab.allow(http_server.address)
         keys = tmp_path / "keys"
         from agent.worker import main as agent_main
 

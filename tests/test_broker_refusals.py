@@ -26,7 +26,7 @@ actions:
     to: tmpfs
     images:
       kernel:
-        url: http://127.0.0.1:9/vmlinuz
+        url: http://images.invalid/vmlinuz
         image_arg: -kernel {kernel}
 - boot:
     method: qemu

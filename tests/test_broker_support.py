@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 import zmq
+from conftest import allowing
 from test_master_support import build_lab, job_text
 
 from agent.messages import PROTOCOL_VERSION, Hello, Message, Ping, Pong, Welcome, decode, encode
@@ -258,7 +260,13 @@ class ProcessLab:
             raise
         if not getattr(self, "_configured", False):
             self._configured = True
-            self.api("PUT", "/workers/w1/config/", f"tmp_dir: {self.root / 'work'}\n")
+            self.allow()
+
+    def allow(self, *addresses: str) -> None:
+        """w1's dispatcher configuration: job scratch files under ``root``, and a file policy that lets
+        jobs reach ``addresses`` of the worker (the tests' loopback servers, ``127.0.0.1:PORT``)."""
+        config = allowing(addresses=addresses, tmp_dir=str(self.root / "work"))
+        self.api("PUT", "/workers/w1/config/", yaml.safe_dump(config))
 
     def _up(self) -> bool:
         import urllib.error

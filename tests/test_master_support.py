@@ -16,6 +16,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import yaml
+from conftest import allowing
 
 from master import lab as lab_service
 from master.db import close_database
@@ -50,6 +52,9 @@ QEMU_DICTIONARY = """{% extends 'qemu.jinja2' %}
 {% set no_kvm = True %}
 """
 
+#: where the test job's image is: an address of the worker itself, that w1's file policy allows
+LOCAL_IMAGES = "127.0.0.1:80"
+
 #: a small valid job for the qemu devices above
 JOB = """device_type: qemu
 job_name: {name}
@@ -67,7 +72,7 @@ actions:
     to: tmpfs
     images:
       rootfs:
-        url: http://127.0.0.1/rootfs.img
+        url: http://{local_images}/rootfs.img
         image_arg: -drive format=raw,file={{rootfs}}
 - boot:
     method: qemu
@@ -82,8 +87,10 @@ def job_text(
     visibility: str = "public",
     priority: str | int = "medium",
     tags: list[str] | None = None,
+    images: str = LOCAL_IMAGES,
 ) -> str:
-    text = JOB.format(name=name, visibility=visibility, priority=priority)
+    """The test job; its image comes from ``images`` (host[:port])."""
+    text = JOB.format(name=name, visibility=visibility, priority=priority, local_images=images)
     if tags:
         text += "tags: [" + ", ".join(tags) + "]\n"
     return text
@@ -140,6 +147,8 @@ def build_lab(data_dir: Path, database_url: str | None, *, devices: int = 2, nam
     instance = open_instance(data_dir, database_url, name=name, url=url)
     lab_service.add_device_type(SYSTEM, "qemu", description="QEMU x86_64")
     lab_service.add_worker(SYSTEM, "w1", description="the test worker")
+    # the test job downloads from http://127.0.0.1/ (never fetched: these runners are fakes)
+    lab_service.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(allowing(addresses=[LOCAL_IMAGES])))
     for number in range(1, devices + 1):
         lab_service.add_device(
             SYSTEM, f"qemu{number:02d}", "qemu", worker="w1", health="Good", dictionary=QEMU_DICTIONARY

@@ -69,7 +69,7 @@ def test_ramdisk_job_through_pyserial_with_header_and_modules(board, dut_images,
                                               "/lib/modules/pumice-test/marker\n"
                                               "          - lava-test-case overlay",
     })  # fmt: skip
-    run = run_job(board, job, tmp_path, connection="serial")
+    run = run_job(board, job, tmp_path, connection="serial", dispatcher=board.dispatcher(tmp_path))
     assert run.returncode == 0, run.explain()
     results = run.results()
     for case in ("arch", "overlay", "modules"):

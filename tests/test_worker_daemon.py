@@ -82,8 +82,9 @@ def agent(broker_lab: BrokerLab, tmp_path: Path) -> Iterator:
 
 
 def submit(bl: BrokerLab, spec: str, name: str = "fake") -> int:
+    """Submit a job for the fake runner (which fetches nothing: the image is on no worker)."""
     with connection():
-        [job_id] = jobs.submit_job(f"# {spec}\n" + job_text(name), bl.lab.user("alice"))
+        [job_id] = jobs.submit_job(f"# {spec}\n" + job_text(name, images="images.example"), bl.lab.user("alice"))
     Scheduler().loop_once()
     return job_id
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import allowing
 
 from agent import __version__
 
@@ -129,10 +130,14 @@ def live(dut_images, http_server, tmp_path_factory) -> Iterator[LiveLab]:
 
 
 @pytest.fixture(scope="module")
-def job_id(live: LiveLab) -> int:
+def job_id(live: LiveLab, http_server) -> int:
     """The smoke job, submitted with lavacli and run to its end on the QEMU DUT."""
     live.lavacli("identities", "add", "--uri", f"{live.url}/RPC2", "--username", "admin", "--token",
                  live.tokens["admin"], "default")
+    # the worker's file policy lets the job download the board's files from this machine
+    config = live.home / "dispatcher.yaml"
+    config.write_text(yaml.safe_dump(allowing(addresses=[http_server.address])))
+    live.lavacli("workers", "config", "set", "w1", str(config))
     # the worker must be online before the job can run (lavacli shows the state)
     _wait("worker w1 online", lambda: "state       : Online" in live.lavacli("workers", "show", "w1").stdout, 60)
     out = live.lavacli("jobs", "submit", str(live.job_file)).stdout

@@ -163,7 +163,10 @@ def prepare(work: Path, url: str, www: Path) -> tuple[dict, dict[str, list[str]]
     # the ramdisk gzip'd, as published (each runner decides what it boots: see the docstring)
     job = job.replace("        format: cpio.newc\n", "        format: cpio.newc\n        compression: gz\n")
     (work / "job.yaml").write_text(job)
-    runners = {"pumice": [str(Path(sys.executable).parent / "pumice-run"), "--device", "device.yaml"]}
+    # the worker's file policy lets the job download from the loopback server, nothing else of it
+    (work / "dispatcher.yaml").write_text(yaml.safe_dump({"allowed_local_addresses": [url.split("//", 1)[1]]}))
+    runners = {"pumice": [str(Path(sys.executable).parent / "pumice-run"), "--device", "device.yaml",
+                          "--dispatcher", "dispatcher.yaml"]}
     lava = shutil.which("lava-run")
     if lava and os.geteuid() == 0:
         lava_device = DeviceTypes(template_dirs=[CORPUS / "device-types"]).device_config(

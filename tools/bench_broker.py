@@ -65,7 +65,7 @@ actions:
     to: tmpfs
     images:
       kernel:
-        url: file://{path}
+        url: {url}
         image_arg: -kernel {{kernel}}
 """
 
@@ -166,7 +166,10 @@ def latency_and_rss(work: Path) -> None:
     try:
         payload = work / "latency" / "kernel.bin"
         payload.write_bytes(b"\0" * 1024)
-        job = MINI_JOB.format(path=payload).encode()
+        job = MINI_JOB.format(url=payload.as_uri()).encode()
+        # the worker's file policy lets the job read the payload's directory, nothing else of it
+        policy = f"allowed_file_dirs: ['{payload.parent}']\n".encode()
+        master.api("PUT", "/workers/bench-worker/config/", policy, token)
         deadline = time.monotonic() + 30
         while master.api("GET", "/workers/bench-worker/")["state"] != "Online":
             if time.monotonic() > deadline:
@@ -225,7 +228,7 @@ def prepare_throughput_lab(data: Path) -> None:
         lab_service.worker_seen(f"sim-{n:03d}", "0.1.0")
     user = get_or_create_user("bench")
     for _ in range(AGENTS):
-        jobs.submit_job(MINI_JOB.format(path="/dev/null"), user)
+        jobs.submit_job(MINI_JOB.format(url="http://images.example/kernel"), user)  # simulated: never fetched
     Scheduler().loop_once()
     close_database()
 

@@ -52,10 +52,10 @@ actions:
     to: tmpfs
     images:
       kernel:
-        url: http://127.0.0.1/bzImage
+        url: http://images.example/bzImage
         image_arg: -kernel {{kernel}} -append "console=ttyS0"
       ramdisk:
-        url: http://127.0.0.1/rootfs.cpio.gz
+        url: http://images.example/rootfs.cpio.gz
         image_arg: -initrd {{ramdisk}}
 - boot:
     method: qemu

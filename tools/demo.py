@@ -121,6 +121,13 @@ def main() -> int:
             stdout=(logs / "agent.log").open("w"), stderr=subprocess.STDOUT))  # noqa: SIM115
         wait_until("the worker to come online",
                    lambda: api(url, token, "workers/demo-worker/")["state"].lower() == "online", 30)
+        step("the worker's file policy: jobs may download from the files server on this machine")
+        # a worker refuses jobs that read its own files or services unless its dispatcher
+        # configuration allows them: here, exactly the files server's address
+        policy = f"allowed_local_addresses: ['127.0.0.1:{files.server_address[1]}']\n"
+        print(f"    curl -X PUT -H 'Authorization: Token {token}' --data-binary \"{policy.strip()}\" "
+              f"{url}/api/v0.2/workers/demo-worker/config/")
+        api(url, token, "workers/demo-worker/config/", policy.encode())
 
         step("job: a LAVA-format job submitted over the REST API (what curl does)")
         job = (DATA / "smoke-job.yaml").read_text()

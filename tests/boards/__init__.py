@@ -66,6 +66,8 @@ class Arm64Board:
     directory: Path
     tftp_root: Path
     port: int
+    #: the directory of its images (U-Boot, kernel, ramdisk, dtb): jobs read them as file:// URLs
+    images: Path
     name: str = "arm64-01"
     processes: list[subprocess.Popen] = field(default_factory=list)
 
@@ -100,9 +102,12 @@ class Arm64Board:
         config.setdefault("hostname", self.name)
         return config
 
-    def dispatcher(self) -> dict:
-        """The worker configuration for jobs on this board (TFTP root shared with QEMU)."""
-        return {"tftp_root": str(self.tftp_root), "dispatcher_ip": "10.0.2.2"}
+    def dispatcher(self, *dirs: Path) -> dict:
+        """The worker configuration for jobs on this board (TFTP root shared with QEMU); its file
+        policy lets jobs read the board's images and files under ``dirs``."""
+        from conftest import allowing
+
+        return allowing([self.images, *dirs], tftp_root=str(self.tftp_root), dispatcher_ip="10.0.2.2")
 
     # -- state and faults ------------------------------------------------------------------------------
     def qemu_pid(self) -> int | None:
@@ -221,7 +226,7 @@ def start_board(uboot: Path, directory: Path, tftp_root: Path | None = None,
     directory.mkdir(parents=True, exist_ok=True)
     tftp_root = tftp_root or directory / "tftp"
     tftp_root.mkdir(parents=True, exist_ok=True)
-    board = Arm64Board(directory=directory, tftp_root=tftp_root, port=free_port())
+    board = Arm64Board(directory=directory, tftp_root=tftp_root, port=free_port(), images=uboot.parent)
     qemu = ["qemu-system-aarch64", *MACHINE, "-bios", str(uboot),
             "-netdev", f"user,id=net0,tftp={tftp_root}", "-device", "virtio-net-device,netdev=net0"]
     (directory / "board.json").write_text(json.dumps({"qemu": qemu, "tftp_root": str(tftp_root)}))

@@ -12,6 +12,7 @@ import voluptuous as v
 
 from agent.errors import Bug, InfrastructureError, JobError, PumiceError
 from agent.pipeline import Action, RetryAction
+from agent.policy import scheme_of
 from agent.timeout import Deadline
 
 CHECKSUMS = ("md5sum", "sha256sum", "sha512sum")
@@ -59,7 +60,7 @@ class DownloaderAction(RetryAction):
     def populate(self, parameters: dict) -> None:
         self.max_retries = 3
         url = self.params.get("url", "")
-        scheme = urlparse(url).scheme
+        scheme = scheme_of(url)
         handler = {"http": HttpDownloadAction, "https": HttpDownloadAction, "file": FileDownloadAction}.get(scheme)
         pipeline = self.child_pipeline(parameters)
         if handler is None:
@@ -177,7 +178,8 @@ class HttpDownloadAction(DownloadHandler):
         from agent.fetch import HTTPStatusError, open_url
 
         try:
-            return open_url(self.url, self.params.get("headers") or {}, timeout=deadline.within(30.0))
+            return open_url(self.url, self.job.policy, self.params.get("headers") or {},
+                            timeout=deadline.within(30.0))
         except HTTPStatusError as exc:
             # a 4xx is the job's fault (a wrong URL); a 5xx is the server's
             error = JobError if 400 <= exc.code < 500 else InfrastructureError
@@ -187,16 +189,15 @@ class HttpDownloadAction(DownloadHandler):
 
 
 class FileDownloadAction(DownloadHandler):
-    """Copy an image from a file:// URL on the worker."""
+    """Copy an image from a file:// URL on the worker (under a directory its file policy allows)."""
 
     name = "file-download"
     description = "use file to download the file"
     summary = "file download"
 
     def open_source(self, deadline: Deadline):
-        path = urlparse(self.url).path
         try:
-            return open(path, "rb")
+            return self.job.policy.open_file(self.url)
         except OSError as exc:
             raise JobError(f"cannot read {self.url}: {exc.strerror}") from None
 

@@ -11,6 +11,7 @@ import yaml
 from agent.errors import InfrastructureError, JobError, TestError
 from agent.overlay import DEFAULT_RESULTS_DIR, TestDefinition, append_to_ramdisk, build_overlay
 from agent.pipeline import Action
+from agent.policy import Access, PolicyRefusal, host_of, inside, scheme_of, target
 from agent.timeout import Deadline
 
 
@@ -75,8 +76,9 @@ class RepoAction(Action):
         return path
 
     def load(self, source: Path) -> dict:
-        """Read the definition YAML at ``path`` inside ``source``."""
-        path = source / self.params["path"]
+        """Read the definition YAML at ``path`` inside ``source`` (never outside it: a ``path`` with
+        ``..`` or a symlink to a file of the worker is refused)."""
+        path = Path(inside(source, self.params["path"], f"test definition {self.params['name']!r}: path"))
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -129,7 +131,7 @@ class GitRepoAction(RepoAction):
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
         folder = self.folder()
-        command = ["git", "clone", "--quiet"]
+        command = ["git", *self._pinned(), "clone", "--quiet"]
         if not self.params.get("revision") and not self.params.get("history", True):
             command += ["--depth", "1"]
         if self.params.get("branch"):
@@ -146,13 +148,34 @@ class GitRepoAction(RepoAction):
         self.keep(self.load(folder), folder)
         return connection
 
+    def _pinned(self) -> list[str]:
+        """Apply the worker's file policy to the repository before cloning (PolicyRefusal): a local
+        repository must be under an allowed directory; a host is resolved now and each address
+        checked, and for http(s) git is told to use those addresses (so a second lookup cannot
+        answer with another). Returns git's ``-c`` options for that."""
+        access = Access("git", self.params["repository"])
+        refusal = self.job.policy.refusal(access, resolve=True)
+        if refusal:
+            raise PolicyRefusal(refusal)
+        addresses = self.job.policy.resolve_host(access)
+        where = host_of(access)
+        if not addresses or where is None or scheme_of(access.location) not in ("http", "https"):
+            return []
+        listed = ",".join(f"[{a}]" if a.version == 6 else str(a) for a in addresses)
+        return ["-c", f"http.curloptResolve={where[0]}:{where[1]}:{listed}"]
+
     def _git(self, command: list[str], deadline: Deadline) -> str:
         import subprocess
 
         self.logger.debug(" ".join(command))
+        # git's transports: never a remote helper (ext:: runs commands); local paths only when the
+        # policy allowed this one (checked in _pinned)
+        local = target(Access("git", self.params["repository"]))
+        allowed = "http:https:git:ssh" + (":file" if local and local.file else "")
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=deadline.remaining(),
-                                  env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin"})
+                                  env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin",
+                                       "GIT_ALLOW_PROTOCOL": allowed})
         except subprocess.TimeoutExpired:
             raise self.timed_out(" ".join(command)) from None
         if done.returncode:
@@ -168,6 +191,14 @@ class UrlRepoAction(RepoAction):
     description = "apply a single test file to the test image"
     summary = "download file test"
 
+    def validate(self) -> None:
+        from agent.fetch import SCHEMES
+
+        scheme = scheme_of(self.params.get("repository") or "")
+        if scheme not in SCHEMES:
+            self.errors.append(f"test definition {self.params.get('name')!r}: unsupported URL scheme {scheme!r} "
+                               f"in {self.params.get('repository')!r}; known: {', '.join(SCHEMES)}")
+
     def run(self, connection: Any, deadline: Deadline) -> Any:
         import tarfile
 
@@ -177,7 +208,8 @@ class UrlRepoAction(RepoAction):
         url = self.params["repository"]
         archive = folder.parent / f".{folder.name}.download"
         try:
-            with open_url(url, timeout=deadline.within(30.0)) as response, open(archive, "wb") as out:
+            with open_url(url, self.job.policy, timeout=deadline.within(30.0)) as response, \
+                    open(archive, "wb") as out:
                 shutil.copyfileobj(response, out)
         except HTTPStatusError as exc:
             raise JobError(f"cannot download test definition {url}: HTTP {exc.code}") from None
@@ -187,9 +219,9 @@ class UrlRepoAction(RepoAction):
             with tarfile.open(archive) as tar:
                 tar.extractall(folder, filter="data")
         else:
-            target = folder / self.params["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            archive.replace(target)
+            where = Path(inside(folder, self.params["path"], f"test definition {self.params['name']!r}: path"))
+            where.parent.mkdir(parents=True, exist_ok=True)
+            archive.replace(where)
         archive.unlink(missing_ok=True)
         self.keep(self.load(folder), folder)
         return connection
