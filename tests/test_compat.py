@@ -182,3 +182,16 @@ def test_the_in_process_validation_is_what_pumice_run_validate_says(tmp_path: Pa
         valid, pipeline = _pumice_run(case, tmp_path)
         assert valid == verdict.valid, case.id
         assert pipeline == verdict.pipeline, case.id
+
+
+def test_the_readme_table_is_the_reports() -> None:
+    if CORPUS is None:
+        pytest.skip("LAVA corpus not found (set PUMICE_LAVA_CORPUS): the report counts its jobs")
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "compat_report.py"), "--markdown"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=True)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = done.stdout.strip().splitlines()
+    for block in done.stdout.strip().split("\n\n"):
+        if block.startswith("|"):
+            assert block in readme, "README's side-by-side table is stale: paste compat_report.py --markdown"
+    assert f"{lines[0]}; {lines[1]}." in readme
