@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compat import DATA  # noqa: E402
 
 JOBS = DATA / "jobs"
-VENV = Path(os.environ.get("COMPAT_VENV", Path(__file__).resolve().parent.parent / ".compat-venv"))
+VENV = Path(os.environ.get("COMPAT_VENV", Path(__file__).resolve().parent.parent / ".compat-venv")).resolve()
 
 
 def log(message: str) -> None:
