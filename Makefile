@@ -15,7 +15,7 @@ APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-sta
 BENCH_PACKAGES := tftpd-hpa
 APT_INSTALL ?= $(APT_PACKAGES)
 
-.PHONY: setup apt venv compile images test demo bench lint golden clean
+.PHONY: setup apt venv compile images test demo bench lint golden compat clean
 
 setup: apt venv compile images
 
@@ -62,6 +62,21 @@ lint: venv
 
 golden: venv
 	PUMICE_GOLDEN=update $(PY) -m pytest -q tests -k golden
+
+# the side-by-side validation suite's data (tests/data/compat): collect the jobs with the pinned
+# generators (in a tools venv of their own), render their devices with LAVA's templates, record
+# lava-run --validate's verdicts (takes minutes), then the report. KernelCI's jobs are rendered
+# again only when KERNELCI_CORE and KERNELCI_PIPELINE name checkouts (or git directories) of
+# kernelci-core and kernelci-pipeline; otherwise the stored ones are kept.
+COMPAT_VENV ?= .compat-venv
+COMPAT_GENERATORS := lava-test-plans==3.2.0 tuxlava==0.28.0 jinja2==3.1.6 pyyaml==6.0.4
+compat: apt venv
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q $(COMPAT_GENERATORS)
+	COMPAT_VENV=$(COMPAT_VENV) $(COMPAT_VENV)/bin/python tools/compat_collect.py
+	$(PY) tools/compat_lava.py devices
+	$(PY) tools/compat_lava.py goldens
+	$(PY) tools/compat_report.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
