@@ -195,5 +195,5 @@ def test_the_readme_table_is_the_reports() -> None:
     lines = done.stdout.strip().splitlines()
     for block in done.stdout.strip().split("\n\n"):
         if block.startswith("|"):
-            assert block in readme, "README's side-by-side table is stale: paste compat_report.py --markdown"
+            assert block in readme, "README's side-by-side table is stale: run tools/compat_report.py --write-readme"
     assert f"{lines[0]}; {lines[1]}." in readme

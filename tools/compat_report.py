@@ -7,7 +7,8 @@ and worker policy refusals, and the disagreements; then every disagreement and p
 with what differs. Reads tests/data/compat (``make compat`` writes it); never runs lava-run.
 
     .venv/bin/python tools/compat_report.py              # the report
-    .venv/bin/python tools/compat_report.py --markdown   # the tables only, for README
+    .venv/bin/python tools/compat_report.py --markdown   # the tables only
+    .venv/bin/python tools/compat_report.py --write-readme   # the tables into README
     .venv/bin/python tools/compat_report.py --write-known  # list today's disagreements (then review)
 """
 
@@ -133,10 +134,26 @@ def write_known(judged) -> None:
     print(f"{len(entries)} known disagreements written to {compat.KNOWN}", file=sys.stderr)
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def write_readme(markdown: list[str]) -> None:
+    """Put today's summary and tables into README's side-by-side section, in place of the old ones
+    (from the line that counts the jobs to the next section)."""
+    text = README.read_text(encoding="utf-8")
+    section = text.index("### Side by side with LAVA")
+    start = re.compile(r"^\d+ jobs \(corpus ", re.MULTILINE).search(text, section).start()
+    end = text.index("\n## ", start)
+    block = "\n".join([f"{markdown[0]}; {markdown[1]}.", *markdown[2:]]).strip()
+    README.write_text(text[:start] + block + "\n" + text[end:], encoding="utf-8")
+    print(f"README's side-by-side table rewritten ({README})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="only the summary and the two tables")
     parser.add_argument("--write-known", action="store_true", help="rewrite known-disagreements.yaml")
+    parser.add_argument("--write-readme", action="store_true", help="rewrite README's summary and tables")
     options = parser.parse_args(argv)
     judged = judge_all()
     if options.write_known:
@@ -145,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     out = [*summary(judged), ""]
     out += table(judged, "deploy `to:`", lambda deploys, boots: deploys) + [""]
     out += table(judged, "boot `method:`", lambda deploys, boots: boots)
+    if options.write_readme:
+        write_readme(out)
+        return 0
     if not options.markdown:
         out += ["", "Causes of disagreement (jobs per cause):", *causes(judged)]
         out += ["", "Disagreements (LAVA's errors for pumice-accepts, Pumice's for pumice-refuses, "
