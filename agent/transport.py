@@ -314,7 +314,9 @@ class Transport:
                           if self.curve is None else "the master runs --insecure-plain, or the master key "
                           "this agent holds (master.key) is not the master's")
         elif kind == zmq.EVENT_DISCONNECTED:
-            log.info("disconnected from the master at %s", self.master)
+            # (a refused handshake disconnects at every retry: said once above, not twice a second)
+            log.log(logging.INFO if self.online else logging.DEBUG, "disconnected from the master at %s",
+                    self.master)
             self.online = False
 
     def _receive(self, sock: zmq.Socket, out: list[Message]) -> None:

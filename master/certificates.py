@@ -57,7 +57,7 @@ log = logging.getLogger("pumice.certificates")
 
 #: how long a join token is valid by default, and the range allowed (seconds)
 JOIN_TOKEN_LIFETIME = 3600.0
-JOIN_TOKEN_LIFETIME_RANGE = (60.0, 30 * 86400.0)
+JOIN_TOKEN_LIFETIME_RANGE = (1.0, 30 * 86400.0)
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -334,7 +334,7 @@ def admit(hostname: str, public_key: str) -> str | None:
     if row.public_key == public_key:
         return None
     owner = owner_of_key(public_key)
-    presented = f"the CURVE key of worker {owner}" if owner else f"an unknown CURVE key {public_key}"
+    presented = f"the CURVE key of worker {owner}" if owner else f"the CURVE key {public_key}, registered for no worker"
     if not row.public_key:
         return (f"worker {hostname} presented {presented}, and has no registered key (never enrolled, or "
                 f"revoked): enrol it with 'pumice-agent --join TOKEN', TOKEN from 'pumice-master workers rotate "
