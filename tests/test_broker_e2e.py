@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_broker_support import ProcessLab, wait_for
+from test_broker_support import ProcessLab, running_process_lab, wait_for
 
 from master.broker import results_in_lines
 from results.logfile import LogFile
@@ -63,12 +63,7 @@ def long_job(root: Path, files: dict[str, str], ticks: int) -> Path:
 
 @pytest.fixture
 def plab(tmp_path: Path) -> Iterator[ProcessLab]:
-    lab = ProcessLab(tmp_path)
-    lab.start_master()
-    try:
-        yield lab
-    finally:
-        lab.close()
+    yield from running_process_lab(tmp_path)
 
 
 def wait_for_log(lab: ProcessLab, job_id: int, text: str, timeout: float = 120) -> None:

@@ -425,3 +425,13 @@ class ProcessLab:
                 except Exception:
                     proc.kill()
                     proc.wait(10)
+
+
+def running_process_lab(root: Path, **options: Any) -> Iterator[ProcessLab]:
+    """For a ``plab`` fixture: a ProcessLab with its master started, closed after the test."""
+    lab = ProcessLab(root, **options)
+    try:
+        lab.start_master()
+        yield lab
+    finally:
+        lab.close()

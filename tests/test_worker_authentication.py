@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from test_broker_support import BrokerLab, FakeAgent, ProcessLab, make_broker_lab, wait_for
+from test_broker_support import BrokerLab, FakeAgent, ProcessLab, make_broker_lab, running_process_lab, wait_for
 from test_master_support import job_text
 
 from agent import messages as m
@@ -196,12 +196,7 @@ def test_join_tokens_are_single_use_expire_and_enrol_one_worker(broker_lab: Brok
 
 @pytest.fixture
 def plab(tmp_path: Path) -> Iterator[ProcessLab]:
-    lab = ProcessLab(tmp_path)
-    lab.start_master()
-    try:
-        yield lab
-    finally:
-        lab.close()
+    yield from running_process_lab(tmp_path)
 
 
 def online(lab: ProcessLab, hostname: str = "w1") -> bool:
@@ -440,3 +435,40 @@ def test_plain_mode_needs_the_flag_and_is_logged_loudly(tmp_path: Path) -> None:
         assert "WARNING pumice.worker: connecting WITHOUT authentication (--insecure-plain)" in lab.agent_log(agent)
     finally:
         lab.close()
+
+
+def test_an_older_lab_is_upgraded_with_its_worker_keys(tmp_path: Path, database_url: str | None) -> None:
+    """A database of the previous release (no join_tokens, no master_keys) is migrated, and the
+    key files of its old key directory are taken into the database when the broker starts."""
+    from test_master_support import build_lab
+
+    from agent.transport import write_certificate
+    from master.broker import Broker
+    from master.db import db
+    from master.migrations import MIGRATIONS, current_version, migrate
+    from master.models import SchemaVersion
+
+    lab = build_lab(tmp_path / "data", database_url)
+    with connection():
+        db.obj.execute_sql("DROP TABLE join_tokens")
+        db.obj.execute_sql("DROP TABLE master_keys")
+        SchemaVersion.delete().where(SchemaVersion.version >= 4).execute()
+        assert migrate() == [(4, MIGRATIONS[3][1])] and current_version() == 4
+        assert certificates.master_public_key() is None
+    public, _ = zmq.curve_keypair()
+    old = lab.instance.data_dir / "certificates" / "workers"
+    old.mkdir(parents=True)
+    write_certificate(old / "w1.key", public)
+    write_certificate(old / "gone.key", zmq.curve_keypair()[0])  # no such worker: left alone
+    broker = Broker("tcp://127.0.0.1:*", heartbeat=0.5).bind()
+    try:
+        with connection():
+            assert certificates.worker_key("w1") == public.decode()
+            assert certificates.master_public_key() == broker_master_key(lab)
+    finally:
+        broker.stop()
+
+
+def broker_master_key(lab) -> str:
+    path = lab.instance.data_dir / "certificates" / "master.key"
+    return path.read_text().split('public-key = "')[1].split('"')[0]
