@@ -190,13 +190,15 @@ class Broker:
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, log_endpoint: str | None = None,
                  heartbeat: float = DEFAULT_HEARTBEAT, encrypt: bool = True, master_cert: Path | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 old_keys: Path | None = None, context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint
         self.log_endpoint = log_endpoint
         self.heartbeat = heartbeat
         #: CURVE authentication and encryption of every worker (False: --insecure-plain)
         self.encrypt = encrypt
         self.master_cert = Path(master_cert) if master_cert else None
+        #: a directory of <hostname>.key files of an older release, imported at bind
+        self.old_keys = Path(old_keys) if old_keys else None
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.sessions: dict[str, Session] = {}
@@ -263,7 +265,7 @@ class Broker:
                                        "that has, or run --insecure-plain")
             with connection():
                 public, secret = certificates.load_master_keys(self.master_cert)
-                old = current().data_dir / "certificates" / "workers"
+                old = self.old_keys or current().data_dir / "certificates" / "workers"
                 if old.is_dir():
                     for hostname in certificates.import_key_directory(old):
                         log.warning("worker %s: its key file in %s is now in the database", hostname, old)
@@ -991,6 +993,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "take a worker's jobs; for a closed test network only, logged as a warning")
     # CURVE is the default now: the old switch is accepted and changes nothing
     group.add_argument("--encrypt", action="store_true", help=argparse.SUPPRESS)
+    # the key directory of an older release: its keys are taken into the database at start
+    group.add_argument("--workers-certs", metavar="DIR", help=argparse.SUPPRESS)
     group.add_argument("--master-cert", metavar="FILE",
                        help="the master's key pair (default DATA/certificates/master.key_secret, "
                             "created if missing)")
@@ -1006,7 +1010,8 @@ def start_from_args(args: argparse.Namespace) -> Broker | None:
     try:
         broker = Broker(endpoint, log_endpoint=args.broker_logs, heartbeat=args.heartbeat,
                         encrypt=not args.insecure_plain,
-                        master_cert=Path(args.master_cert) if args.master_cert else None)
+                        master_cert=Path(args.master_cert) if args.master_cert else None,
+                        old_keys=Path(args.workers_certs) if args.workers_certs else None)
         broker.bind()
     except zmq.ZMQError as exc:
         raise SystemExit(f"pumice-master: cannot bind the broker on {endpoint}: {exc}") from None
