@@ -14,24 +14,20 @@ secret the master keeps only as a hash. The agent
    the hash of the token (``join.sha256``) so that starting again with the same ``--join`` is not
    an error but a no-op.
 
-Only the standard library (urllib is imported when enrolling: the idle daemon stays small). The
+Only the standard library, imported when enrolling: the idle daemon stays small. The
 master imports :func:`fingerprint`, :func:`make_join_token`, :func:`parse_join_token` and
 :func:`token_digest`, so that both sides read tokens the same way.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import logging
 import os
-import secrets
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+# hashlib, hmac, secrets, json and urllib are imported where they are used: hashlib alone loads
+# OpenSSL's libcrypto (4 MB of RSS) into a daemon that, enrolled, never needs it
 
 log = logging.getLogger("pumice.enrolment")
 
@@ -47,6 +43,9 @@ class JoinError(Exception):
 
 def fingerprint(public_key: str | bytes) -> str:
     """The fingerprint of a Z85 CURVE public key: SHA-256 of its 32 bytes, base64url (43 chars)."""
+    import base64
+    import hashlib
+
     from zmq.utils import z85
 
     key = public_key.encode("ascii") if isinstance(public_key, str) else public_key
@@ -56,6 +55,8 @@ def fingerprint(public_key: str | bytes) -> str:
 
 def make_join_token(master_public_key: str) -> str:
     """A new join token for the master whose public key is given (the secret is random)."""
+    import secrets
+
     return f"{TOKEN_PREFIX}.{fingerprint(master_public_key)}.{secrets.token_urlsafe(32)}"
 
 
@@ -70,6 +71,8 @@ def parse_join_token(token: str) -> str:
 
 def token_digest(token: str) -> str:
     """What is kept of a token: its SHA-256 (the master looks tokens up by it)."""
+    import hashlib
+
     return hashlib.sha256(token.strip().encode("utf-8")).hexdigest()
 
 
@@ -102,6 +105,7 @@ class KeyFiles:
 
 def _request(url: str, data: dict | None = None) -> dict:
     """GET (or POST ``data`` as JSON) and the JSON answer; JoinError with the master's message."""
+    import json
     import urllib.error
     import urllib.request  # here: http.client and ssl would cost an idle daemon megabytes
 
@@ -131,6 +135,9 @@ def join(token: str, url: str, hostname: str, keys: KeyFiles, *, worker_cert: Pa
 
     Raises JoinError (nothing is changed in ``keys.directory``) when the master's key does not
     match the token, or the master refuses the token."""
+    import hmac
+    import shutil
+    import tempfile
     import urllib.parse
 
     import zmq
