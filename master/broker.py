@@ -13,8 +13,8 @@ artifact store after a restart.
   (``--insecure-plain``) admits anyone who knows a worker's name, and is logged as a WARNING at
   start, every 10 minutes and at every worker's connection.
 - HELLO from a worker: the protocol version must match and the hostname be a registered worker,
-  else REFUSED with the reason, logged on both sides. WELCOME is followed by STATUS (the jobs the master thinks run
-  there), START for its Scheduled jobs and CANCEL for its Canceling ones.
+  else REFUSED with the reason, logged on both sides. WELCOME is followed by STATUS (the jobs the
+  master thinks run there), START for its Scheduled jobs and CANCEL for its Canceling ones.
 - Worker online/offline from heartbeats: offline after ``LIVENESS`` silent intervals. A job whose
   worker stays away longer than the job's timeout ends Incomplete (Infrastructure error; the
   device's health goes to Unknown).
@@ -109,6 +109,8 @@ _ALL = zmq.POLLIN
 ZAP_DOMAIN = "pumice"
 #: where libzmq asks its ZAP handler (RFC 27) about each new connection
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+#: seconds between two log lines about the same refused CURVE key
+ZAP_LOG_EVERY = 60.0
 #: seconds between two WARNING lines of a broker that runs without authentication
 PLAIN_WARNING_EVERY = 600.0
 PLAIN_WARNING = ("the broker runs WITHOUT worker authentication (--insecure-plain): anyone who can reach "
@@ -220,6 +222,8 @@ class Broker:
         #: the ZAP handler's socket (CURVE): libzmq asks it about every new connection
         self._zap: zmq.Socket | None = None
         self._next_plain_warning = 0.0
+        #: when each refused key was last logged
+        self._zap_logged: dict[str, float] = {}
         self.sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
         self._next_timers = 0.0
@@ -483,8 +487,16 @@ class Broker:
             owner = certificates.owner_of_key(key)
         if owner is None:
             self.stats.refused += 1
-            log.error("refused a connection from %s: unknown CURVE key %s (registered for no worker: enrol the "
-                      "worker with 'pumice-agent --join', or its key was revoked)", address, key)
+            # an agent retries every few seconds: its refusal is logged once a minute, not each time
+            now = time.monotonic()
+            if len(self._zap_logged) > 1000:
+                self._zap_logged.clear()
+            quiet = now - self._zap_logged.get(key, -ZAP_LOG_EVERY) < ZAP_LOG_EVERY
+            if not quiet:
+                self._zap_logged[key] = now
+            log.log(logging.DEBUG if quiet else logging.ERROR,
+                    "refused a connection from %s: unknown CURVE key %s (registered for no worker: enrol the "
+                    "worker with 'pumice-agent --join', or its key was revoked)", address, key)
             return b"400", b"unknown key", b""
         log.debug("CURVE key of %s admitted from %s", owner, address)
         return b"200", b"OK", key.encode("ascii")
