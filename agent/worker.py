@@ -1,15 +1,23 @@
 """``pumice-agent``: the daemon on a lab box. It connects to the master, runs each job it is given
 as a ``pumice-run`` subprocess in its own spool directory and streams the job's log back.
 
-    pumice-agent --master tcp://HOST:5556 [--logger tcp://HOST:5555] --hostname NAME
-                 [--encrypt --master-cert master.key --worker-cert NAME.key_secret] [--spool DIR]
+    pumice-agent --master tcp://HOST:5556 [--logger tcp://HOST:5555] --hostname NAME [--spool DIR]
+                 [--join TOKEN --url http://HOST:8000]
+                 [--master-cert master.key --worker-cert NAME.key_secret | --insecure-plain]
     pumice-agent create-certificate NAME [--directory DIR]
+
+The connection is authenticated and encrypted with CURVE: the agent's keys are in ``SPOOL/keys``
+(``master.key``, ``NAME.key_secret``), put there by its enrolment (``--join TOKEN``, see
+:mod:`agent.enrolment`), or given with ``--master-cert`` and ``--worker-cert``. ``--insecure-plain``
+connects without authentication, to a master that runs ``--insecure-plain`` too.
 
 Settings come from the command line, else the environment (``PUMICE_MASTER_URL`` or LAVA's
 ``MASTER_URL``, ``PUMICE_LOGGER_URL`` or ``LOGGER_URL``, ``PUMICE_HOSTNAME``, ``PUMICE_SPOOL``,
-``PUMICE_ENCRYPT``, ``PUMICE_MASTER_CERT``, ``PUMICE_WORKER_CERT``), else the config file
-(``--config``, default ``/etc/pumice/agent.yaml``: the same names in lower case, ``master``,
-``logger``, ``hostname``, ``spool``, ``encrypt``, ``master_cert``, ``worker_cert``, ``cancel_grace``).
+``PUMICE_URL``, ``PUMICE_JOIN_TOKEN``, ``PUMICE_MASTER_CERT``, ``PUMICE_WORKER_CERT``,
+``PUMICE_INSECURE_PLAIN``), else the config file (``--config``, default ``/etc/pumice/agent.yaml``:
+the same names in lower case, ``master``, ``logger``, ``hostname``, ``spool``, ``url``, ``join``,
+``master_cert``, ``worker_cert``, ``insecure_plain``, ``cancel_grace``). ``encrypt`` (CURVE was
+optional once) is still accepted and changes nothing.
 
 The agent knows nothing of its devices: each START carries the device YAML the master rendered.
 Spool layout, one directory per job (``SPOOL/jobs/<id>/``): ``job.yaml``, ``device.yaml``,
@@ -44,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__, scratch
+from agent.enrolment import JoinError, KeyFiles, join
 from agent.messages import (
     JOB_FINISHED,
     JOB_RUNNING,
@@ -91,9 +100,15 @@ class AgentConfig:
     hostname: str
     spool: Path
     logger: str | None = None
-    encrypt: bool = False
+    #: the master's REST API (http://HOST:8000), for the enrolment
+    url: str | None = None
+    #: a join token to enrol with before connecting
+    join: str | None = None
+    #: the master's public key and this worker's key pair (default: SPOOL/keys, from the enrolment)
     master_cert: str | None = None
     worker_cert: str | None = None
+    #: connect without CURVE (the master must run --insecure-plain too)
+    insecure_plain: bool = False
     #: seconds between SIGTERM and SIGKILL when a job is canceled
     cancel_grace: float = 60.0
     #: finished job directories kept in the spool (the oldest are removed)
@@ -103,6 +118,27 @@ class AgentConfig:
     #: the command that runs one job (``pumice-run``)
     runner: list[str] = field(default_factory=lambda: [sys.executable, "-m", "agent.run"])
 
+    def key_files(self) -> KeyFiles:
+        """Where the enrolment keeps this worker's keys."""
+        return KeyFiles(self.spool / "keys", self.hostname)
+
+    def curve_keys(self) -> CurveKeys | None:
+        """The CURVE keys to connect with (None: --insecure-plain); CertificateError, saying how to
+        enrol, when there are none."""
+        if self.insecure_plain:
+            return None
+        keys = self.key_files()
+        master_cert, worker_cert = self.master_cert or keys.master_cert, self.worker_cert or keys.worker_cert
+        missing = [str(path) for path in (master_cert, worker_cert) if not os.path.exists(path)]
+        if missing:
+            raise CertificateError(
+                f"no CURVE keys for worker {self.hostname} ({', '.join(missing)} missing): enrol this worker "
+                "with 'pumice-agent --join TOKEN --url http://MASTER:8000' (an admin prints TOKEN with "
+                f"'pumice-master workers add {self.hostname}' or 'workers rotate {self.hostname}'), or give "
+                "--master-cert and --worker-cert; --insecure-plain connects without authentication, to a "
+                "master that runs --insecure-plain")
+        return CurveKeys.load(master_cert, worker_cert)
+
 
 _SETTINGS = {
     # name: (environment variables, type)
@@ -110,9 +146,13 @@ _SETTINGS = {
     "logger": (("PUMICE_LOGGER_URL", "LOGGER_URL"), str),
     "hostname": (("PUMICE_HOSTNAME",), str),
     "spool": (("PUMICE_SPOOL",), str),
-    "encrypt": (("PUMICE_ENCRYPT",), bool),
+    "url": (("PUMICE_URL",), str),
+    "join": (("PUMICE_JOIN_TOKEN",), str),
     "master_cert": (("PUMICE_MASTER_CERT",), str),
     "worker_cert": (("PUMICE_WORKER_CERT",), str),
+    "insecure_plain": (("PUMICE_INSECURE_PLAIN",), bool),
+    # CURVE is the default now: still read (and checked) so that old files and scripts work
+    "encrypt": (("PUMICE_ENCRYPT",), bool),
     "cancel_grace": (("PUMICE_CANCEL_GRACE",), float),
     "keep_jobs": (("PUMICE_KEEP_JOBS",), int),
 }
@@ -177,9 +217,13 @@ def build_config(options: argparse.Namespace, environ: Mapping[str, str] = os.en
                          f"'master:' in {config_path or DEFAULT_CONFIG}")
     values.setdefault("hostname", socket.gethostname())
     values["spool"] = Path(values.get("spool") or DEFAULT_SPOOL)
-    if values.get("encrypt") and not (values.get("master_cert") and values.get("worker_cert")):
-        raise SystemExit("pumice-agent: --encrypt needs --master-cert (the master's public key, "
-                         "master.key) and --worker-cert (this worker's NAME.key_secret)")
+    encrypt = values.pop("encrypt", None)
+    if values.get("insecure_plain") and (encrypt or values.get("join")):
+        other = "--join" if values.get("join") else "--encrypt"
+        raise SystemExit(f"pumice-agent: --insecure-plain contradicts {other}")
+    if values.get("join") and not values.get("url"):
+        raise SystemExit("pumice-agent: --join needs --url, the master's REST API (e.g. http://master:8000), "
+                         "where the agent checks the master's key and registers its own")
     config = AgentConfig(**values)
     if options.heartbeat:
         config.heartbeat = options.heartbeat
@@ -364,7 +408,11 @@ class Worker:
         self.stopping = False
         self._load_spool()
         if transport is None:
-            curve = CurveKeys.load(config.master_cert, config.worker_cert) if config.encrypt else None
+            curve = config.curve_keys()
+            if curve is None:
+                log.warning("connecting WITHOUT authentication (--insecure-plain): whoever answers at %s gets "
+                            "this worker's logs, and a master must run --insecure-plain to accept it",
+                            config.master)
             transport = Transport(config.master, config.hostname, logger=config.logger, curve=curve,
                                   heartbeat=config.heartbeat, jobs=self.unfinished)
         self.transport = transport
@@ -634,9 +682,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--logger", help="a separate endpoint for logs, e.g. tcp://master:5555 (env LOGGER_URL)")
     p.add_argument("--hostname", help="this worker's name on the master (default: the host name)")
     p.add_argument("--spool", help=f"where jobs run and logs wait for the master (default {DEFAULT_SPOOL})")
-    p.add_argument("--encrypt", action="store_true", default=None, help="CURVE-encrypt the connection")
-    p.add_argument("--master-cert", help="the master's public key file (master.key)")
-    p.add_argument("--worker-cert", help="this worker's key pair (NAME.key_secret)")
+    p.add_argument("--join", metavar="TOKEN",
+                   help="enrol this worker first with a join token ('pumice-master workers add/rotate NAME' "
+                        "prints one): check the master's key, register this worker's (env PUMICE_JOIN_TOKEN)")
+    p.add_argument("--url", help="the master's REST API for --join, e.g. http://master:8000 (env PUMICE_URL)")
+    p.add_argument("--master-cert", help="the master's public key file (default SPOOL/keys/master.key)")
+    p.add_argument("--worker-cert", help="this worker's key pair (default SPOOL/keys/NAME.key_secret)")
+    p.add_argument("--insecure-plain", action="store_true", default=None,
+                   help="connect WITHOUT authentication (no CURVE), to a master that runs --insecure-plain: "
+                        "for a closed test network only")
+    # CURVE is the default now: the old switch is accepted and changes nothing
+    p.add_argument("--encrypt", action="store_true", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cancel-grace", type=float,
                    help="seconds from SIGTERM to SIGKILL on cancel (default 60)")
     p.add_argument("--keep-jobs", type=int, help="finished job directories kept in the spool (default 20)")
@@ -671,6 +727,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if options.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(options)
+    if config.join:
+        try:
+            join(config.join, config.url or "", config.hostname, config.key_files(),
+                 worker_cert=Path(config.worker_cert) if config.worker_cert else None)
+        except JoinError as exc:
+            print(f"pumice-agent: enrolment failed: {exc}", file=sys.stderr)
+            return 1
     try:
         worker = Worker(config)
     except CertificateError as exc:

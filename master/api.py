@@ -18,7 +18,7 @@ from typing import Any
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
-from master import jobs, lab
+from master import certificates, jobs, lab
 from master.db import connection
 from master.errors import Invalid, ServiceError, TooLarge
 from master.instance import current
@@ -458,14 +458,41 @@ def make_app() -> Bottle:
         route(f"/workers/<hostname>/{what}/")(get_text)
         route(f"/workers/<hostname>/{what}/", ["PUT", "POST"])(set_text)
 
+    # ---- CURVE keys and enrolment (master.certificates) ----
+
+    @route("/system/certificate/")
+    def master_certificate() -> dict:
+        return certificates.master_certificate()
+
+    @route("/workers/<hostname>/certificate/")
+    def worker_certificate(hostname: str) -> dict:
+        return certificates.worker_certificate(user(), hostname)
+
+    @route("/workers/<hostname>/certificate/", ["POST", "PUT"])
+    def set_worker_certificate(hostname: str) -> dict:
+        return certificates.set_worker_key(user(), hostname, text_field("certificate"))
+
+    @route("/workers/<hostname>/certificate/", "DELETE")
+    def revoke_worker_certificate(hostname: str) -> dict:
+        return certificates.revoke_worker_key(user(), hostname)
+
+    @route("/workers/<hostname>/join-token/", "POST")
+    def issue_join_token(hostname: str) -> dict:
+        reply = certificates.issue_join_token(user(), hostname, body_fields().get("lifetime"))
+        response.status = 201
+        return reply
+
+    @route("/workers/<hostname>/join/", "POST")
+    def join(hostname: str) -> dict:
+        data = body_json()
+        reply = certificates.join(hostname, data.get("token"), data.get("public_key"))
+        response.status = 201
+        return reply
+
     # LAVA's XML-RPC API (lavacli) at /RPC2: the same service layer behind a second front door
     from master.xmlrpc import install as install_xmlrpc
 
     install_xmlrpc(app)
-    # the CURVE certificate endpoints of the broker (system and workers' public keys)
-    from master.broker import install_routes as install_certificates
-
-    install_certificates(app)
     return app
 
 

@@ -2,7 +2,7 @@
 
     pumice-master serve [--http 127.0.0.1:8000]
     pumice-master db migrate
-    pumice-master workers add|update|list
+    pumice-master workers add|update|list|rotate|revoke
     pumice-master devices add|update|list
     pumice-master device-types add|list
     pumice-master device-dictionary --hostname X --import F | --export | --review
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from master import lab
+from master import certificates, lab
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
 from master.users import SYSTEM
@@ -92,10 +92,38 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_join_token(issued: dict[str, Any]) -> None:
+    """The join token and the command that uses it (the token is shown here only)."""
+    hostname = issued["hostname"]
+    print(f"join token: {issued['token']}")
+    print(f"  single use, valid until {issued['expires']}; master key {issued['master_fingerprint']}")
+    print(f"  on {hostname}: pumice-agent --join TOKEN --url http://MASTER:8000 --master tcp://MASTER:5556 "
+          f"--hostname {hostname}")
+
+
 def cmd_workers_add(args: argparse.Namespace) -> int:
     record = lab.add_worker(SYSTEM, args.hostname, description=args.description or "", disabled=args.disable,
                             job_limit=args.job_limit)
     print(f"worker {record['hostname']} added ({record['health']})")
+    if not args.no_token:
+        _print_join_token(certificates.issue_join_token(SYSTEM, args.hostname, args.token_lifetime))
+    return 0
+
+
+def cmd_workers_rotate(args: argparse.Namespace) -> int:
+    issued = certificates.issue_join_token(SYSTEM, args.hostname, args.token_lifetime)
+    print(f"worker {args.hostname}: new join token; "
+          + ("its current key stays valid until a key is enrolled with it" if issued["has_key"]
+             else "it has no key: it connects once enrolled"))
+    _print_join_token(issued)
+    return 0
+
+
+def cmd_workers_revoke(args: argparse.Namespace) -> int:
+    done = certificates.revoke_worker_key(SYSTEM, args.hostname)
+    print(f"worker {args.hostname}: " + ("key revoked" if done["revoked"] else "it had no key")
+          + (f", {done['join_tokens_voided']} unused join token(s) voided" if done["join_tokens_voided"] else "")
+          + f"; it cannot connect until it enrols again ('pumice-master workers rotate {args.hostname}')")
     return 0
 
 
@@ -222,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description")
     p.add_argument("--disable", action="store_true", help="add it Retired (no jobs until updated)")
     p.add_argument("--job-limit", type=int, default=0, help="most jobs at once (0: no limit)")
+    p.add_argument("--no-token", action="store_true", help="print no join token (e.g. for --insecure-plain)")
+    lifetime = ("how long the join token is valid: seconds, or 30m, 1h, 2d "
+                f"(default {certificates.JOIN_TOKEN_LIFETIME / 3600:.0f}h)")
+    p.add_argument("--token-lifetime", metavar="DURATION", help=lifetime)
+    p = leaf(workers, "rotate", cmd_workers_rotate,
+             "print a new join token for the worker ('pumice-agent --join'); its current key stays valid "
+             "until a new key is enrolled with the token, which replaces it")
+    p.add_argument("hostname")
+    p.add_argument("--token-lifetime", metavar="DURATION", help=lifetime)
+    p = leaf(workers, "revoke", cmd_workers_revoke,
+             "remove the worker's key at once (its connection is dropped within seconds) and void its "
+             "unused join tokens")
+    p.add_argument("hostname")
     p = leaf(workers, "update", cmd_workers_update, "change a worker")
     p.add_argument("hostname")
     p.add_argument("--description")

@@ -15,7 +15,7 @@ from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_columns
 
 from master.db import db
-from master.models import JOB_QUEUE_INDEX, MODELS, Device, Job, SchemaVersion
+from master.models import JOB_QUEUE_INDEX, MODELS, Device, Job, JoinToken, MasterKey, SchemaVersion
 
 log = logging.getLogger("pumice.migrations")
 
@@ -55,12 +55,19 @@ def _scheduling_order(database: Database) -> None:
         database.execute_sql(f'ALTER TABLE "{Device._meta.table_name}" SET (fillfactor = {DEVICES_FILLFACTOR})')
 
 
+def _worker_enrolment(database: Database) -> None:
+    # workers' keys were files of DATA/certificates/workers (and a copy in workers.public_key): the
+    # database is now the one place, which the broker imports the files into at its next start
+    database.create_tables([JoinToken, MasterKey])
+
+
 #: (version, name, step); versions are consecutive from 1
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "jobs.source: where an imported job comes from", _job_source),
     (3, "jobs_queue: the queue index in scheduling order; devices updated in place", _scheduling_order),
     (4, "jobs.local_urls: what a job reads from its worker itself (the file policy)", _job_local_urls),
+    (5, "join_tokens, master_keys: worker enrolment with one-time join tokens", _worker_enrolment),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -120,6 +120,7 @@ class Worker(BaseModel):
     health = CharField(max_length=20, default=WorkerHealth.ACTIVE)
     last_seen = DateTimeField(null=True)
     version = CharField(max_length=50, null=True)
+    #: the worker's CURVE public key (Z85, 40 characters): the only key the broker admits for it
     public_key = TextField(null=True)
     #: YAML: environment for jobs on this worker (proxy settings: overrides, purge)
     env = TextField(null=True)
@@ -252,6 +253,33 @@ class TestCase(BaseModel):
         indexes = ((("job", "level", "name"), False),)
 
 
+class JoinToken(BaseModel):
+    """A one-time token that lets a worker register its CURVE key (``pumice-agent --join``).
+
+    Only the SHA-256 of the token is kept; ``used`` is set when it enrolled a key (a second use is
+    refused, and said to be one)."""
+
+    worker = ForeignKeyField(Worker, backref="join_tokens", on_delete="CASCADE")
+    digest = CharField(max_length=64, unique=True)
+    created = DateTimeField(default=utcnow)
+    expires = DateTimeField()
+    used = DateTimeField(null=True)
+
+    class Meta:
+        table_name = "join_tokens"
+
+
+class MasterKey(BaseModel):
+    """The public half of the master's CURVE key pair (its secret stays in a file of the broker's
+    host): every process that issues join tokens or serves the key reads it here."""
+
+    public_key = CharField(max_length=40)
+    created = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "master_keys"
+
+
 class SchemaVersion(BaseModel):
     """One row per applied migration (see :mod:`master.migrations`)."""
 
@@ -265,5 +293,6 @@ class SchemaVersion(BaseModel):
 
 #: every table, in creation order (referenced before referencing)
 MODELS: tuple[type[BaseModel], ...] = (
-    User, Token, Tag, DeviceType, Worker, Device, DeviceTag, Job, JobTag, TestSuite, TestCase,
+    User, Token, Tag, DeviceType, Worker, Device, DeviceTag, Job, JobTag, TestSuite, TestCase, JoinToken,
+    MasterKey,
 )

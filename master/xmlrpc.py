@@ -32,7 +32,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 import yaml
 from bottle import Bottle, HTTPResponse, request
 
-from master import jobs, lab
+from master import certificates, jobs, lab
 from master.db import connection
 from master.errors import Invalid, NotFound, ServiceError, Unauthorized
 from master.instance import current
@@ -157,13 +157,7 @@ def system_method_signature(user: User | None, name: str) -> str:
 @method("system.get_master_certificate")
 def system_master_certificate(user: User | None) -> str:
     """system.get_master_certificate(): the master's public CURVE certificate (give it to workers)."""
-    from agent.transport import read_certificate
-    from master.broker import certificate_text, curve_paths
-
-    path = curve_paths().master_cert
-    if not path.exists():
-        raise NotFound("the master has no CURVE key pair: start it with 'pumice-master serve --encrypt'")
-    return certificate_text(read_certificate(path)[0].decode("ascii"))
+    return certificates.master_certificate()["certificate"]
 
 
 # ---- jobs ----
@@ -617,32 +611,14 @@ _worker_text_methods("config")
 @method("scheduler.workers.get_certificate")
 def workers_get_certificate(user: User | None, hostname: str) -> str:
     """scheduler.workers.get_certificate(hostname): [admin] the worker's public CURVE certificate."""
-    from master.broker import KeyDirectory, certificate_text, curve_paths
-
-    lab.require_admin(user, "read worker certificates")
-    worker = lab.get_worker(hostname)
-    key = KeyDirectory(curve_paths().workers_certs).get(hostname) or worker.public_key
-    if not key:
-        raise NotFound(f"worker {hostname!r} has no certificate: set it from its NAME.key file")
-    return certificate_text(key)
+    return certificates.worker_certificate(user, hostname)["certificate"]
 
 
 @method("scheduler.workers.set_certificate")
 def workers_set_certificate(user: User | None, hostname: str, certificate: str) -> bool:
     """scheduler.workers.set_certificate(hostname, certificate): [admin] register the worker's
     public CURVE certificate (the NAME.key file of 'pumice-agent create-certificate'). Returns True."""
-    from master import broker
-    from master.models import Worker
-
-    lab.require_admin(user, "set worker certificates")
-    worker = lab.get_worker(hostname)
-    key = broker.parse_public_key(certificate)
-    broker.KeyDirectory(broker.curve_paths().workers_certs).set(hostname, key)
-    running = getattr(broker, "_running", None)
-    if running is not None and running.keys is not None:
-        running.keys.reload(force=True)
-    Worker.update(public_key=key).where(Worker.id == worker.id).execute()
-    log.info("CURVE key of worker %s set to %s", hostname, key)
+    certificates.set_worker_key(user, hostname, certificate)
     return True
 
 

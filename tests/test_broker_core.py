@@ -86,14 +86,37 @@ def test_hello_welcome_and_worker_online(broker_lab: BrokerLab) -> None:
 
 def test_unregistered_worker_is_refused_and_logged(broker_lab: BrokerLab,
                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """With authentication (the default), a stranger's key is refused in the handshake: it
+    receives nothing at all; the master logs why."""
     caplog.set_level(logging.INFO, "pumice.broker")
     agent = broker_lab.agent("intruder")
-    refused = agent.hello()
-    assert isinstance(refused, m.Refused) and refused.code == "unknown-worker"
-    assert "worker intruder is not registered on this master" in refused.reason
-    assert "pumice-master workers add intruder" in refused.reason
-    assert "refused worker intruder: worker intruder is not registered" in caplog.text
+    agent.send(m.Hello(hostname="intruder", protocol=m.PROTOCOL_VERSION, version="0.1.0", jobs=[]))
+    assert agent.drain(1.0) == []
+    public = broker_lab.keys["intruder"][0].decode()
+    wait_for(lambda: f"unknown CURVE key {public} (registered for no worker" in caplog.text, what="the refusal")
     agent.close()
+
+
+def test_unregistered_worker_is_refused_in_plain_mode(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--insecure-plain: the HELLO of an unregistered hostname is answered REFUSED with the reason."""
+    caplog.set_level(logging.INFO, "pumice.broker")
+    lab = make_broker_lab(tmp_path, plain=True)
+    bl = next(lab)
+    try:
+        assert "the broker runs WITHOUT worker authentication (--insecure-plain)" in caplog.text
+        agent = bl.agent("intruder", plain=True)
+        refused = agent.hello()
+        assert isinstance(refused, m.Refused) and refused.code == "unknown-worker"
+        assert "worker intruder is not registered on this master" in refused.reason
+        assert "pumice-master workers add intruder" in refused.reason
+        assert "refused worker intruder: worker intruder is not registered" in caplog.text
+        agent.close()
+        agent = bl.agent("w1", plain=True)
+        assert isinstance(agent.hello(), m.Welcome)
+        wait_for(lambda: "worker w1 connected WITHOUT authentication" in caplog.text, what="the warning")
+        agent.close()
+    finally:
+        lab.close()
 
 
 def test_wrong_protocol_version_is_refused_and_logged(broker_lab: BrokerLab,
@@ -347,9 +370,7 @@ def test_loop_once_steps_the_broker(broker_lab: BrokerLab) -> None:
     try:
         agent = broker_lab.agent()
         agent.close()
-        from test_broker_support import FakeAgent
-
-        agent = FakeAgent(broker.bound[0])
+        agent = broker_lab.agent(endpoint=broker.bound[0])
         agent.send(m.Hello(hostname="w1", protocol=m.PROTOCOL_VERSION, version="0.1.0"))
         wait_for(lambda: broker.loop_once(0.1), what="the HELLO")
         assert isinstance(agent.recv(), m.Welcome)

@@ -1,5 +1,5 @@
 """Master (SQLite) + agent as separate processes on loopback, jobs submitted with curl, run on a
-real QEMU board: the plain and the encrypted path, and faults (master killed, agent killed, link
+real QEMU board: enrolment and CURVE (the default) and faults (master killed, agent killed, link
 cut for 30 s) with nothing lost and nothing doubled."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_broker_support import ProcessLab, wait_for
+from test_broker_support import ProcessLab, running_process_lab, wait_for
 
 from master.broker import results_in_lines
 from results.logfile import LogFile
@@ -63,13 +63,9 @@ def long_job(root: Path, files: dict[str, str], ticks: int) -> Path:
 
 @pytest.fixture
 def plab(tmp_path: Path, http_server) -> Iterator[ProcessLab]:
-    lab = ProcessLab(tmp_path)
-    lab.start_master()
-    lab.allow(http_server.address)  # the board's files
-    try:
+    for lab in running_process_lab(tmp_path):
+        lab.allow(http_server.address)  # the board's files
         yield lab
-    finally:
-        lab.close()
 
 
 def wait_for_log(lab: ProcessLab, job_id: int, text: str, timeout: float = 120) -> None:
@@ -159,25 +155,18 @@ def test_link_cut_for_30_seconds_mid_job(plab: ProcessLab, board_files) -> None:
     assert "worker w1 silent for" not in log or "worker w1 connected" in log
 
 
-def test_encrypted_job(tmp_path: Path, board_files, http_server) -> None:
-    lab = ProcessLab(tmp_path, encrypt=True)
-    try:
-        lab.start_master()
-        lab.allow(http_server.address)
-        keys = tmp_path / "keys"
-        from agent.worker import main as agent_main
-
-        assert agent_main(["create-certificate", "w1", "--directory", str(keys)]) == 0
-        # the master's public key from the API, the worker's public key to the API (admin token)
-        master_cert = lab.api("GET", "/system/certificate/", token=None)
-        (keys / "master.key").write_text(master_cert["certificate"])
-        lab.api("POST", "/workers/w1/certificate/", (keys / "w1.key").read_text())
-        assert lab.api("GET", "/workers/w1/certificate/")["public_key"] in (keys / "w1.key").read_text()
-        agent = lab.start_agent("w1", "--encrypt", "--master-cert", str(keys / "master.key"),
-                                "--worker-cert", str(keys / "w1.key_secret"))
-        job_id = lab.submit(smoke_job(tmp_path, board_files))
-        assert lab.wait_job(job_id)["health"] == "Complete"
-        check_nothing_lost(lab, job_id, tmp_path / "spool-w1")
-        assert "with CURVE encryption" in lab.agent_log(agent)
-    finally:
-        lab.close()
+def test_enrolled_agent_runs_a_job_over_curve(plab: ProcessLab, board_files, http_server) -> None:
+    """workers add -> join token -> pumice-agent --join -> a job runs over CURVE."""
+    printed = plab.cli("workers", "add", "box2")
+    token = next(line.split()[-1] for line in printed.splitlines() if line.startswith("join token: "))
+    plab.cli("devices", "update", "qemu01", "--worker", "box2")
+    plab.allow(http_server.address, worker="box2")
+    agent = plab.start_agent("box2", "--join", token, "--url", plab.url)
+    job_id = plab.submit(smoke_job(plab.root, board_files))
+    job = plab.wait_job(job_id)
+    assert (job["health"], job["worker"]) == ("Complete", "box2"), job
+    check_nothing_lost(plab, job_id, plab.root / "spool-box2")
+    log = plab.agent_log(agent)
+    assert "enrolled as worker box2" in log and "with CURVE encryption" in log
+    registered = plab.api("GET", "/workers/box2/certificate/")["public_key"]
+    assert registered in (plab.root / "spool-box2" / "keys" / "box2.key").read_text()

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from agent import messages as m
-from master.broker import parse_public_key, results_in_lines, worker_env
+from master.broker import results_in_lines, worker_env
+from master.certificates import parse_public_key
 from master.errors import Invalid
 from results.log import LogRecord
 

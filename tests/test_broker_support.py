@@ -3,7 +3,9 @@
 - ``FakeAgent``: a raw DEALER that speaks :mod:`agent.messages` by hand, to drive the broker
   message by message (and to misbehave: wrong versions, gaps, duplicates).
 - ``make_broker_lab``: the master's test lab (:func:`test_master_support.build_lab`) with a broker
-  running in a thread on a free loopback port.
+  running in a thread on a free loopback port, authenticating workers with CURVE as a master does
+  by default: ``BrokerLab.curve(hostname)`` gives a registered worker a key of its own (an
+  unregistered name gets a key nobody knows), and ``BrokerLab.agent()`` connects with it.
 - ``wait_for``: poll a condition with a timeout (every wait in these tests has one).
 - ``FAKE_RUNNER``: a stand-in for ``pumice-run`` that writes an ``output.yaml`` like the real one
   (records and results through ``results.logfile.LogFile``) without a board.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,12 @@ from conftest import allowing
 from test_master_support import build_lab, job_text
 
 from agent.messages import PROTOCOL_VERSION, Hello, Message, Ping, Pong, Welcome, decode, encode
+from agent.transport import CurveKeys, write_certificate
+from master import certificates
 from master.broker import Broker
 from master.db import close_database, connection
+from master.models import Worker
+from master.users import SYSTEM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,14 +69,20 @@ class FakeAgent:
         self.hostname = hostname
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 0
+        self.socket.sndtimeo = 2000
         self.socket.identity = hostname.encode()
         if curve is not None:
             curve.apply(self.socket)
         self.socket.connect(endpoint)
         self.welcomed = False
 
-    def send(self, msg: Message) -> None:
-        self.socket.send_multipart(encode(msg))
+    def send(self, msg: Message) -> bool:
+        """Send ``msg``; False when it cannot go within 2 s (no connection: a refused handshake)."""
+        try:
+            self.socket.send_multipart(encode(msg))
+        except zmq.Again:
+            return False
+        return True
 
     def send_frames(self, frames: list[bytes]) -> None:
         self.socket.send_multipart(frames)
@@ -119,17 +131,44 @@ class BrokerLab:
     lab: Any
     broker: Broker
     endpoint: str
+    #: each worker's (public, secret) CURVE keys
+    keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
-    def agent(self, hostname: str = "w1", **kwargs: Any) -> FakeAgent:
-        return FakeAgent(self.endpoint, hostname, **kwargs)
+    def curve(self, hostname: str = "w1") -> CurveKeys:
+        """The keys an agent of ``hostname`` connects with: registered for it when it is a worker."""
+        if hostname not in self.keys:
+            public, secret = zmq.curve_keypair()
+            with connection():
+                if Worker.get_or_none(Worker.hostname == hostname) is not None:
+                    certificates.set_worker_key(SYSTEM, hostname, public.decode())
+            self.keys[hostname] = (public, secret)
+        with connection():
+            master = certificates.master_public_key()
+        assert master, "the broker records the master's key when it binds"
+        return CurveKeys(master.encode(), *self.keys[hostname])
+
+    def key_files(self, hostname: str, directory: Path) -> tuple[str, str]:
+        """``(master_cert, worker_cert)`` files of ``hostname``'s keys, for an AgentConfig."""
+        keys = self.curve(hostname)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_certificate(directory / "master.key", keys.master_public)
+        write_certificate(directory / f"{hostname}.key_secret", keys.public, keys.secret)
+        return str(directory / "master.key"), str(directory / f"{hostname}.key_secret")
+
+    def agent(self, hostname: str = "w1", *, endpoint: str | None = None, plain: bool = False,
+              **kwargs: Any) -> FakeAgent:
+        """A FakeAgent with ``hostname``'s keys (``plain``: none, as an agent --insecure-plain)."""
+        curve = kwargs.pop("curve", None) or (None if plain else self.curve(hostname))
+        return FakeAgent(endpoint or self.endpoint, hostname, curve=curve, **kwargs)
 
 
-def make_broker_lab(tmp_path: Path, database_url: str | None = None) -> Iterator[BrokerLab]:
+def make_broker_lab(tmp_path: Path, database_url: str | None = None, *, plain: bool = False
+                    ) -> Iterator[BrokerLab]:
     """For a ``broker_lab`` fixture: a master lab (SQLite, or PostgreSQL at ``database_url``;
     worker w1 online, devices qemu01/qemu02 Good) with a broker thread on a free loopback port
-    (heartbeat 0.5 s)."""
+    (heartbeat 0.5 s), CURVE unless ``plain`` (``--insecure-plain``)."""
     lab = build_lab(tmp_path / "data", database_url)
-    broker = Broker("tcp://127.0.0.1:*", heartbeat=0.5).bind()
+    broker = Broker("tcp://127.0.0.1:*", heartbeat=0.5, encrypt=not plain).bind()
     broker.start()
     bl = BrokerLab(lab, broker, broker.bound[0])
     try:
@@ -211,14 +250,16 @@ class ProcessLab:
 
     Its lab: device type qemu, worker w1 (its dispatcher config puts job scratch files under
     ``root``), device qemu01 (Good) from ``tests/data/qemu-amd64.jinja2``, an admin token.
+    Workers are authenticated (CURVE) unless ``plain``: an agent started without keys in its spool
+    enrols first, with a join token from ``pumice-master workers rotate`` (``--join``).
     """
 
-    def __init__(self, root: Path, *, encrypt: bool = False, heartbeat: float = 1.0) -> None:
+    def __init__(self, root: Path, *, plain: bool = False, heartbeat: float = 1.0) -> None:
         import os
 
         self.root = root
         self.data = root / "data"
-        self.encrypt = encrypt
+        self.plain = plain
         self.heartbeat = heartbeat
         self.http_port, self.broker_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -229,7 +270,7 @@ class ProcessLab:
         self.agents: list[Any] = []
         self.master_log = root / "master.log"
         self.cli("device-types", "add", "qemu")
-        self.cli("workers", "add", "w1")
+        self.cli("workers", "add", "w1", "--no-token")
         self.cli("devices", "add", "qemu01", "--type", "qemu", "--worker", "w1", "--health", "Good",
                  "--dictionary", str(ROOT / "tests" / "data" / "qemu-amd64.jinja2"))
         self.token = self.cli("tokens", "create", "--user", "admin", "--admin").strip()
@@ -248,8 +289,8 @@ class ProcessLab:
 
         command = [sys.executable, "-m", "master.cli", "serve", "--http", f"127.0.0.1:{self.http_port}",
                    "--broker", f"tcp://127.0.0.1:{self.broker_port}", "--heartbeat", str(self.heartbeat)]
-        if self.encrypt:
-            command.append("--encrypt")
+        if self.plain:
+            command.append("--insecure-plain")
         with open(self.master_log, "a") as log:
             self.master = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -262,11 +303,11 @@ class ProcessLab:
             self._configured = True
             self.allow()
 
-    def allow(self, *addresses: str) -> None:
-        """w1's dispatcher configuration: job scratch files under ``root``, and a file policy that lets
-        jobs reach ``addresses`` of the worker (the tests' loopback servers, ``127.0.0.1:PORT``)."""
+    def allow(self, *addresses: str, worker: str = "w1") -> None:
+        """``worker``'s dispatcher configuration: job scratch files under ``root``, and a file policy that
+        lets jobs reach ``addresses`` of the worker (the tests' loopback servers, ``127.0.0.1:PORT``)."""
         config = allowing(addresses=addresses, tmp_dir=str(self.root / "work"))
-        self.api("PUT", "/workers/w1/config/", yaml.safe_dump(config))
+        self.api("PUT", f"/workers/{worker}/config/", yaml.safe_dump(config))
 
     def _up(self) -> bool:
         import urllib.error
@@ -284,14 +325,28 @@ class ProcessLab:
             self.master.send_signal(signum)
             self.master.wait(30)
 
+    def join_token(self, hostname: str = "w1", *args: str) -> str:
+        """A new join token for the worker (``pumice-master workers rotate``)."""
+        import re
+
+        printed = self.cli("workers", "rotate", hostname, *args)
+        found = re.search(r"^join token: (\S+)$", printed, re.MULTILINE)
+        assert found, printed
+        return found.group(1)
+
     def start_agent(self, hostname: str = "w1", *extra: str, python: list[str] | None = None,
-                    spool: Path | None = None) -> Any:
-        """``pumice-agent`` (or ``python`` + its arguments: a patched agent) as a process."""
+                    spool: Path | None = None, enrol: bool = True) -> Any:
+        """``pumice-agent`` (or ``python`` + its arguments: a patched agent) as a process; in
+        CURVE mode it enrols first (``--join``) when its spool holds no keys and ``enrol`` is set."""
         import subprocess
 
         index = len(self.agents)
-        args = ["--master", self.broker_url, "--hostname", hostname,
-                "--spool", str(spool or self.root / f"spool-{hostname}"), *extra]
+        spool = spool or self.root / f"spool-{hostname}"
+        if self.plain:
+            extra = ("--insecure-plain", *extra)
+        elif enrol and not (spool / "keys" / f"{hostname}.key_secret").exists() and "--join" not in extra:
+            extra = ("--join", self.join_token(hostname), "--url", self.url, *extra)
+        args = ["--master", self.broker_url, "--hostname", hostname, "--spool", str(spool), *extra]
         command = (python or [sys.executable, "-m", "agent.worker"]) + args
         log_path = self.root / f"agent-{index}-{hostname}.log"
         with open(log_path, "a") as log:
@@ -378,3 +433,13 @@ class ProcessLab:
                 except Exception:
                     proc.kill()
                     proc.wait(10)
+
+
+def running_process_lab(root: Path, **options: Any) -> Iterator[ProcessLab]:
+    """For a ``plab`` fixture: a ProcessLab with its master started, closed after the test."""
+    lab = ProcessLab(root, **options)
+    try:
+        lab.start_master()
+        yield lab
+    finally:
+        lab.close()

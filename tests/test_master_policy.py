@@ -187,9 +187,12 @@ def two_workers(broker_lab: BrokerLab, tmp_path: Path) -> Iterator[tuple[BrokerL
             lab_service.set_worker_text(SYSTEM, name, "config", yaml.safe_dump({**config, "tmp_dir": str(tmp_path)}))
             lab_service.add_device(SYSTEM, f"dev-{number}", "qemu", worker=name, health="Good",
                                    dictionary=dictionary)
-    agents = {name: Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname=name,
-                                               spool=tmp_path / f"spool-{name}", heartbeat=0.5)))
-              for name in ("deny", "allow")}
+    agents = {}
+    for name in ("deny", "allow"):
+        master_cert, worker_cert = broker_lab.key_files(name, tmp_path / f"keys-{name}")
+        agents[name] = Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname=name,
+                                                  spool=tmp_path / f"spool-{name}", heartbeat=0.5,
+                                                  master_cert=master_cert, worker_cert=worker_cert)))
     try:
         db_wait(lambda: all(lab_service.get_worker(n).state == "Online" for n in agents), 20, "both agents online")
         yield broker_lab, agents, images

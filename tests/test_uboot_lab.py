@@ -82,6 +82,7 @@ def set_dictionary(text: str) -> None:
 def lab(arm64_board, tmp_path_factory) -> Iterator[Lab]:
     from master import lab as lab_service
     from master.broker import Broker
+    from master.certificates import issue_join_token
     from master.db import close_database, connection
     from master.instance import open_instance
     from master.server import MasterServer
@@ -99,9 +100,12 @@ def lab(arm64_board, tmp_path_factory) -> Iterator[Lab]:
         token = create_token("admin", admin=True)
     broker = Broker("tcp://127.0.0.1:*", heartbeat=0.5).bind().start()
     server = MasterServer(port=0, scheduler_interval=2.0, publish_site=False).start()
+    with connection():
+        join_token = issue_join_token(SYSTEM, WORKER)["token"]
     logs = root / "agent.log"
+    # the agent enrols (its key registered with a join token) and connects with CURVE
     agent = subprocess.Popen([str(BIN / "pumice-agent"), "--master", broker.bound[0], "--hostname", WORKER,
-                              "--spool", str(root / "spool")],
+                              "--spool", str(root / "spool"), "--join", join_token, "--url", server.url],
                              stdout=logs.open("w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     lab = Lab(server.url, token)
     try:

@@ -16,6 +16,7 @@ from test_broker_support import BrokerLab, db_wait, fake_runner, make_broker_lab
 from test_master_support import job_text
 
 from agent import worker as agent_worker
+from agent.transport import CertificateError
 from agent.worker import AgentConfig, Worker, build_config, job_environment
 from master import jobs
 from master import lab as lab_service
@@ -70,8 +71,10 @@ def agent(broker_lab: BrokerLab, tmp_path: Path) -> Iterator:
     started: list[Running] = []
 
     def start(spool: Path | None = None, **options) -> Running:
+        master_cert, worker_cert = broker_lab.key_files("w1", tmp_path / "keys")
         config = AgentConfig(master=broker_lab.endpoint, hostname="w1", spool=spool or tmp_path / "spool",
-                             runner=fake_runner(tmp_path), heartbeat=0.5, **options)
+                             runner=fake_runner(tmp_path), heartbeat=0.5, master_cert=master_cert,
+                             worker_cert=worker_cert, **options)
         running = Running(Worker(config))
         started.append(running)
         return running
@@ -284,7 +287,10 @@ def test_settings_come_from_cli_then_environment_then_file(tmp_path: Path) -> No
     ("hostname: x\n", [], "no master: give --master tcp://HOST:5556, set MASTER_URL"),
     ("master: tcp://m:5556\nmaster_url: x\n", [], "unknown setting(s) master_url; allowed: master, logger"),
     ("master: tcp://m:5556\nencrypt: maybe\n", [], "encrypt must be true or false, not 'maybe'"),
-    ("master: tcp://m:5556\n", ["--encrypt"], "--encrypt needs --master-cert"),
+    ("master: tcp://m:5556\n", ["--join", "pj1.x.y"], "--join needs --url, the master's REST API"),
+    ("master: tcp://m:5556\ninsecure_plain: yes\n", ["--encrypt"], "--insecure-plain contradicts --encrypt"),
+    ("master: tcp://m:5556\nurl: http://m:8000\n", ["--join", "pj1.x.y", "--insecure-plain"],
+     "--insecure-plain contradicts --join"),
     ("- master\n", [], "must be a YAML mapping"),
 ])
 def test_bad_settings_say_what_is_wrong(tmp_path: Path, text: str, args: list[str], error: str) -> None:
@@ -307,9 +313,24 @@ def test_create_certificate(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 def test_parser_has_the_issue_options() -> None:
     options = agent_worker.parser().parse_args(
-        ["--master", "tcp://m:5556", "--logger", "tcp://m:5555", "--hostname", "n", "--encrypt",
-         "--master-cert", "master.key", "--worker-cert", "n.key_secret", "--spool", "/s"])
-    assert isinstance(options, argparse.Namespace) and options.encrypt and options.spool == "/s"
+        ["--master", "tcp://m:5556", "--logger", "tcp://m:5555", "--hostname", "n", "--join", "T",
+         "--url", "http://m:8000", "--master-cert", "master.key", "--worker-cert", "n.key_secret", "--spool", "/s"])
+    assert isinstance(options, argparse.Namespace) and options.join == "T" and options.spool == "/s"
+    # CURVE is the default: the old --encrypt is still accepted, and changes nothing
+    config = build_config(agent_worker.parser().parse_args(["--master", "tcp://m:5556", "--encrypt"]), {})
+    assert not config.insecure_plain
+
+
+def test_an_agent_without_keys_says_how_to_enrol(tmp_path: Path) -> None:
+    config = AgentConfig(master="tcp://127.0.0.1:9", hostname="box3", spool=tmp_path / "spool")
+    with pytest.raises(CertificateError) as info:
+        Worker(config)
+    message = str(info.value)
+    assert f"no CURVE keys for worker box3 ({tmp_path / 'spool' / 'keys' / 'master.key'}" in message
+    assert "'pumice-agent --join TOKEN --url http://MASTER:8000'" in message
+    assert "'pumice-master workers add box3' or 'workers rotate box3'" in message
+    assert agent_worker.main(["--master", "tcp://127.0.0.1:9", "--hostname", "box3", "--spool",
+                              str(tmp_path / "spool")]) == 1
 
 
 # ---- the daemon's core, without a master ----

@@ -11,6 +11,7 @@ import xmlrpc.client
 
 import pytest
 import yaml
+import zmq
 from test_master_support import job_text
 
 from master import jobs
@@ -262,3 +263,15 @@ def test_lab_methods(rpc) -> None:
     assert anonymous.scheduler.workers.get_config("w1").data == b"tmp_dir: /tmp\n"
     assert "no certificate" in fault(lambda: admin.scheduler.workers.get_certificate("w1"), 404)
     fault(lambda: anonymous.system.get_master_certificate(), 404)
+    # the same certificates service as REST: a key set here is the one the broker admits
+    from master import certificates
+
+    key = zmq.curve_keypair()[0].decode()
+    assert admin.scheduler.workers.set_certificate("w1", f'curve\n    public-key = "{key}"\n') is True
+    assert f'public-key = "{key}"' in admin.scheduler.workers.get_certificate("w1")
+    with connection():
+        assert certificates.worker_key("w1") == key
+        master = certificates.load_master_keys()[0].decode()
+    assert f'public-key = "{master}"' in anonymous.system.get_master_certificate()
+    fault(lambda: alice.scheduler.workers.get_certificate("w1"), 403)
+    assert "not a CURVE public key" in fault(lambda: admin.scheduler.workers.set_certificate("w1", "nope"), 400)

@@ -87,7 +87,8 @@ def live(dut_images, http_server, tmp_path_factory) -> Iterator[LiveLab]:
     home.mkdir()
     dictionary = (DATA / "qemu-amd64.jinja2").read_text()
     _master_cli(data, "db", "migrate")
-    _master_cli(data, "workers", "add", "w1", "--description", "the lab box")
+    added = _master_cli(data, "workers", "add", "w1", "--description", "the lab box")
+    join_token = next(line.split()[-1] for line in added.splitlines() if line.startswith("join token: "))
     _master_cli(data, "device-types", "add", "qemu")
     _master_cli(data, "devices", "add", "qemu01", "--type", "qemu", "--worker", "w1", "--health", "Good",
                 "--dictionary", str(DATA / "qemu-amd64.jinja2"))
@@ -114,7 +115,7 @@ def live(dut_images, http_server, tmp_path_factory) -> Iterator[LiveLab]:
         _wait("the master", lambda: socket.create_connection(("127.0.0.1", http_port), 1).close() or True, 30)
         processes.append(subprocess.Popen(
             [str(BIN / "pumice-agent"), "--master", f"tcp://127.0.0.1:{broker_port}", "--hostname", "w1",
-             "--spool", str(spool)],
+             "--spool", str(spool), "--join", join_token, "--url", url],
             stdout=(root / "agent.log").open("w"), stderr=subprocess.STDOUT))  # noqa: SIM115
         lab = LiveLab(url, data, home, master_log, tokens, job_file, dictionary)
         yield lab

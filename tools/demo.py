@@ -1,9 +1,11 @@
 """``make demo``: a whole lab on this machine, end to end, then where to look.
 
-A master on SQLite, a local agent, an emulated board (QEMU x86_64 with the Debian kernel and a busybox
+A master on SQLite, a local agent (enrolled with a join token, then authenticated with CURVE, as
+every agent is by default), an emulated board (QEMU x86_64 with the Debian kernel and a busybox
 initramfs), a sample LAVA-format job submitted over the REST API, and the static site the master
 publishes when the job ends. Everything lives under ``demo/`` in the checkout; ``--keep-running``
-leaves the master and the agent up until Ctrl-C.
+leaves the master and the agent up until Ctrl-C. The master listens on loopback only, on free
+ports picked at start.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def main() -> int:
 
     step("lab: a worker, the qemu device type, one board and an admin token")
     master(data, "db", "migrate")
-    master(data, "workers", "add", "demo-worker", "--description", "this machine")
+    added = master(data, "workers", "add", "demo-worker", "--description", "this machine")
+    join_token = next(line.split()[-1] for line in added.splitlines() if line.startswith("join token: "))
     master(data, "device-types", "add", "qemu")
     master(data, "devices", "add", "qemu-01", "--type", "qemu", "--worker", "demo-worker",
            "--dictionary", str(DATA / "qemu-amd64.jinja2"))
@@ -114,10 +117,13 @@ def main() -> int:
         stdout=(logs / "master.log").open("w"), stderr=subprocess.STDOUT)]  # noqa: SIM115
     try:
         wait_until("the master", lambda: api(url, token, "system/version/"), 30)
-        step("agent: pumice-agent connects out to the master")
+        step("agent: pumice-agent enrols with its join token (checks the master's key, registers its own) "
+             "and connects out to the master with CURVE")
+        print(f"    pumice-agent --join {join_token[:12]}... --url {url} --master tcp://127.0.0.1:{broker_port} "
+              "--hostname demo-worker")
         processes.append(subprocess.Popen(
             [str(BIN / "pumice-agent"), "--master", f"tcp://127.0.0.1:{broker_port}",
-             "--hostname", "demo-worker", "--spool", str(spool)],
+             "--hostname", "demo-worker", "--spool", str(spool), "--join", join_token, "--url", url],
             stdout=(logs / "agent.log").open("w"), stderr=subprocess.STDOUT))  # noqa: SIM115
         wait_until("the worker to come online",
                    lambda: api(url, token, "workers/demo-worker/")["state"].lower() == "online", 30)
