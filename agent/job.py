@@ -18,8 +18,9 @@ from agent import __version__
 from agent.errors import Bug, Canceled, Fault, JobDefinitionError, PumiceError
 from agent.logger import JobLogger
 from agent.pipeline import Action, Pipeline, strategy
-from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml
+from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml, timeout_faults
 from agent.timeout import Deadline, parse_duration
+from results.bounded import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:  # results.record is imported once a job runs: validating one makes no result
     from collections.abc import Callable
@@ -291,21 +292,24 @@ def block_schema(cls: type[Action]) -> v.Schema:
     return v.Schema(cls.schema(), extra=v.PREVENT_EXTRA)
 
 
-def parse_job(text: str) -> tuple[dict, YamlDocument]:
-    """Parse and schema-check job YAML; raise JobDefinitionError with every fault."""
-    doc = load_yaml(text)
+def parse_job(text: str, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, YamlDocument]:
+    """Parse and schema-check job YAML within ``limits``; raise JobDefinitionError with every fault."""
+    doc = load_yaml(text, limits=limits)
     if not isinstance(doc.data, dict):
         raise JobDefinitionError([Fault("", "a job definition is a YAML mapping", 1)])
+    faults = timeout_faults(doc.data, doc, limits)
     try:
-        data = job_schema()(doc.data)
+        data = job_schema(limits)(doc.data)
     except v.MultipleInvalid as exc:
-        raise JobDefinitionError(faults_from(exc, doc)) from None
+        faults = sorted(faults_from(exc, doc) + faults, key=lambda f: (f.line or 0, f.path))
+    if faults:
+        raise JobDefinitionError(faults)
     return data, doc
 
 
-def load_job(text: str, device: dict, job_id: str = "0", **kwargs: Any) -> Job:
+def load_job(text: str, device: dict, job_id: str = "0", limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> Job:
     """A built and validated Job, or JobDefinitionError with every fault."""
-    data, doc = parse_job(text)
+    data, doc = parse_job(text, limits)
     try:
         job = Job(job_id, data, device, doc=doc, **kwargs)
     except PumiceError as exc:
@@ -317,14 +321,14 @@ def load_job(text: str, device: dict, job_id: str = "0", **kwargs: Any) -> Job:
     return job
 
 
-def validate_job(text: str, device: dict | None = None) -> list[Fault]:
+def validate_job(text: str, device: dict | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Fault]:
     """Every fault of the job YAML ``text`` against the rendered ``device`` configuration.
 
-    An empty list means the job would run on that device. Checks the YAML syntax, the schema,
-    then builds the real pipeline and validates every action, without side effects.
+    An empty list means the job would run on that device. Checks the YAML syntax and its limits,
+    the schema, then builds the real pipeline and validates every action, without side effects.
     """
     try:
-        load_job(text, device or {}, on_worker=False)
+        load_job(text, device or {}, limits=limits, on_worker=False)
     except JobDefinitionError as exc:
         return exc.faults
     return []

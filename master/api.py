@@ -18,11 +18,13 @@ from typing import Any
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
+from agent.errors import Fault
 from master import jobs, lab
 from master.db import connection
 from master.errors import Invalid, ServiceError, TooLarge
 from master.instance import current
 from master.users import authenticate
+from results import bounded
 
 log = logging.getLogger("pumice.api")
 
@@ -59,15 +61,18 @@ def _is_json() -> bool:
 
 
 def body_json() -> dict[str, Any]:
-    """The JSON object of the body (an empty body is an empty object)."""
+    """The JSON object of the body (an empty body is an empty object), within the limits."""
     text = body_text()
     if not text.strip():
         return {}
     try:
-        data = json.loads(text)
+        data = bounded.load_json(text, current().limits)
     except json.JSONDecodeError as exc:
         raise Invalid(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
                       ) from None
+    except bounded.LimitExceeded as exc:
+        raise Invalid(f"the request body is over a limit: {exc}",
+                      [Fault(bounded.format_path(exc.path), exc.message, exc.line)]) from None
     if not isinstance(data, dict):
         raise Invalid(f"the request body must be a JSON object, not {type(data).__name__}")
     return data
@@ -379,7 +384,7 @@ def make_app() -> Bottle:
             raise Invalid("a device type needs a name")
         record = lab.add_device_type(
             user(), data["name"], description=data.get("description") or "", template=data.get("template"),
-            health_check=data.get("health_check"), health_frequency=int(data.get("health_frequency") or 24),
+            health_check=data.get("health_check"), health_frequency=data.get("health_frequency") or 24,
             health_denominator=data.get("health_denominator") or "hours",
             display=_bool(data.get("display", True)))
         response.status = 201
@@ -394,7 +399,7 @@ def make_app() -> Bottle:
         data = body_fields()
         return lab.update_device_type(
             user(), name, description=data.get("description"),
-            health_frequency=int(data["health_frequency"]) if data.get("health_frequency") else None,
+            health_frequency=data.get("health_frequency") or None,
             health_denominator=data.get("health_denominator"),
             display=_bool(data["display"]) if "display" in data else None)
 
@@ -430,7 +435,7 @@ def make_app() -> Bottle:
             raise Invalid("a worker needs a hostname")
         record = lab.add_worker(user(), data["hostname"], description=data.get("description") or "",
                                 disabled=_bool(data.get("disabled", False)),
-                                job_limit=int(data.get("job_limit") or 0))
+                                job_limit=data.get("job_limit") or 0)
         response.status = 201
         return record
 
@@ -443,8 +448,7 @@ def make_app() -> Bottle:
         data = body_fields()
         return lab.update_worker(user(), hostname, description=data.get("description"),
                                  health=data.get("health"),
-                                 job_limit=int(data["job_limit"]) if data.get("job_limit") not in (None, "")
-                                 else None)
+                                 job_limit=data.get("job_limit") if data.get("job_limit") != "" else None)
 
     for what in ("env", "config"):
         def get_text(hostname: str, what: str = what) -> dict:

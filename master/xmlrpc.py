@@ -22,8 +22,11 @@ import base64
 import binascii
 import contextvars
 import datetime as _dt
+import functools
 import inspect
 import logging
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 from xmlrpc.client import Binary, Fault, dumps, loads
@@ -39,6 +42,7 @@ from master.instance import current
 from master.models import User
 from master.states import DeviceHealth, JobState, WorkerHealth
 from master.users import authenticate
+from results import bounded
 
 log = logging.getLogger("pumice.xmlrpc")
 
@@ -403,7 +407,7 @@ def devices_get_dictionary(user: User | None, hostname: str, render: bool = Fals
     job_context = None
     if context:
         try:
-            job_context = yaml.safe_load(context)
+            job_context = bounded.load_data(context, current().limits)
         except yaml.YAMLError as exc:
             raise Invalid(f"context is not valid YAML: {exc}") from None
         if not isinstance(job_context, dict):
@@ -502,7 +506,7 @@ def device_types_add(user: User | None, name: str, description: str | None = Non
     health_frequency=24, health_denominator="hours"): [admin] add a device type; its template is the
     file NAME.jinja2 until one is set (owners_only is ignored)."""
     lab.add_device_type(user, name, description=description or "", display=bool(display),
-                        health_frequency=int(health_frequency), health_denominator=health_denominator)
+                        health_frequency=health_frequency, health_denominator=health_denominator)
 
 
 @method("scheduler.device_types.update")
@@ -660,9 +664,14 @@ class Dispatcher(SimpleXMLRPCDispatcher):
         func = _known(method)
         user = _caller.get()
         try:
-            inspect.signature(func).bind(user, *params)
+            bound = inspect.signature(func).bind(user, *params)
         except TypeError as exc:
             raise Fault(400, f"wrong arguments for {method}: {exc}; expected {_signature(method, func)}") from None
+        hints = _hints(func)
+        for name, value in list(bound.arguments.items())[1:]:
+            if name in hints and not _accepts(value, hints[name]):
+                raise Fault(400, f"argument {name} of {method} must be {_type_text(hints[name])}, not "
+                                 f"{_value_text(value)}; expected {_signature(method, func)}")
         try:
             return func(user, *params)
         except ServiceError as exc:
@@ -676,9 +685,52 @@ class Dispatcher(SimpleXMLRPCDispatcher):
             raise Fault(exc.status, message) from None
         except Fault:
             raise
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             # int("x") or a list where a name belongs: the caller's values, not a bug of ours
             raise Fault(400, f"bad argument for {method}: {exc}") from None
+
+
+#: the integers a call may carry: what a database column holds (a larger one is no id, count or offset)
+INT_RANGE = range(-(2**63), 2**63)
+
+
+@functools.cache
+def _hints(func: Callable[..., Any]) -> dict[str, Any]:
+    return typing.get_type_hints(func)
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    """Whether an argument fits its parameter's type: a text where a text belongs, a list of texts
+    where one belongs (never a nested structure a method would walk), integers in INT_RANGE.
+    An integer parameter takes a text too, converted by the method (a 400 when it is no number)."""
+    if isinstance(hint, types.UnionType):
+        return any(_accepts(value, option) for option in hint.__args__)
+    if hint is type(None):
+        return value is None
+    if isinstance(hint, types.GenericAlias) and hint.__origin__ is list:
+        return isinstance(value, list) and all(_accepts(item, hint.__args__[0]) for item in value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is int:
+        return isinstance(value, str) or (isinstance(value, int) and value in INT_RANGE)
+    if hint is bool:
+        return isinstance(value, int) and value in INT_RANGE
+    return True
+
+
+def _type_text(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_text(option) for option in hint.__args__)
+    if isinstance(hint, types.GenericAlias) and hint.__origin__ is list:
+        return f"a list of {_type_text(hint.__args__[0])}"
+    return {str: "a string", int: "an integer", bool: "a boolean", type(None): "nil"}.get(hint, str(hint))
+
+
+def _value_text(value: Any) -> str:
+    """What was sent instead, without its contents (a nested list's repr could recurse too deep)."""
+    if isinstance(value, int) and value not in INT_RANGE:
+        return "an integer out of range"
+    return f"a {type(value).__name__}"
 
 
 _dispatcher: Dispatcher | None = None

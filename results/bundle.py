@@ -33,10 +33,13 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from results.log import encode_value
 from results.record import Result, level_key
+
+if TYPE_CHECKING:
+    from results.bounded import Limits
 
 MAGIC = "# Pumice results bundle"
 
@@ -132,16 +135,19 @@ def write_bundle(
         raise
 
 
-def load_bundle(text: str) -> Bundle:
-    """Parse a bundle. Raises BundleError saying what is wrong and on which line."""
+def load_bundle(text: str, limits: Limits | None = None) -> Bundle:
+    """Parse a bundle within ``limits`` (:func:`bundle_limits`). Raises BundleError saying what is
+    wrong and on which line."""
     import yaml  # not needed by the agent's fast paths
 
-    from results.fastyaml import SafeLoader
+    from results.bounded import BoundedLoader, LimitExceeded
 
-    loader = SafeLoader(text)
+    loader = BoundedLoader(text, bundle_limits(len(text), limits))
     try:
         try:
-            root = loader.get_single_node()
+            root = loader.load_node()
+        except LimitExceeded as exc:
+            raise BundleError(str(exc), exc.line or 0) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             raise BundleError(f"not valid YAML: {exc.problem or exc}", mark.line + 1 if mark else 0) from None
@@ -150,6 +156,17 @@ def load_bundle(text: str) -> Bundle:
         return _bundle(loader, root)
     finally:
         loader.dispose()
+
+
+def bundle_limits(size: int, limits: Limits | None = None) -> Limits:
+    """The limits of a bundle of ``size`` characters: those of any document (the defaults, or
+    ``limits``), except that its values, strings and text may grow with it (a job's results do)
+    up to its size. Aliases can at most double it, never multiply it."""
+    from results.bounded import DEFAULT_LIMITS
+
+    base = limits or DEFAULT_LIMITS
+    return base.replace(max_bytes=max(base.max_bytes, 4 * size), max_nodes=max(base.max_nodes, size),
+                        max_string=max(base.max_string, size), max_expanded_bytes=max(base.max_expanded_bytes, size))
 
 
 def _line(node: Any) -> int:

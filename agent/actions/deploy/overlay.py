@@ -12,6 +12,7 @@ from agent.errors import InfrastructureError, JobError, TestError
 from agent.overlay import DEFAULT_RESULTS_DIR, TestDefinition, append_to_ramdisk, build_overlay
 from agent.pipeline import Action
 from agent.timeout import Deadline
+from results.bounded import DEFAULT_LIMITS, LimitExceeded, load_data
 
 
 def results_dir(job) -> str:
@@ -75,13 +76,20 @@ class RepoAction(Action):
         return path
 
     def load(self, source: Path) -> dict:
-        """Read the definition YAML at ``path`` inside ``source``."""
+        """Read the definition YAML at ``path`` inside ``source`` (a stranger's file: within the
+        limits of what users send, as the job itself)."""
         path = source / self.params["path"]
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if path.stat().st_size > DEFAULT_LIMITS.max_bytes:
+                raise JobError(f"test definition {self.params['name']!r}: {self.params['path']} is "
+                               f"{path.stat().st_size} bytes; at most {DEFAULT_LIMITS.max_bytes} (limit max_bytes)")
+            data = load_data(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise JobError(f"test definition {self.params['name']!r}: {self.params['path']!r} not found in "
                            f"{self.params['repository']}") from None
+        except LimitExceeded as exc:
+            raise JobError(f"test definition {self.params['name']!r}: {self.params['path']} is over a limit: "
+                           f"{exc}") from None
         except yaml.YAMLError as exc:
             raise JobError(f"test definition {self.params['name']!r}: invalid YAML in "
                            f"{self.params['path']}: {exc}") from None
