@@ -29,7 +29,7 @@ import types
 import typing
 from collections.abc import Callable
 from typing import Any
-from xmlrpc.client import Binary, Fault, dumps, loads
+from xmlrpc.client import Binary, ExpatParser, Fault, Unmarshaller, dumps
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
 import yaml
@@ -767,6 +767,43 @@ def _authenticate(header: str | None) -> User | None:
     return user
 
 
+class _BoundedUnmarshaller(Unmarshaller):
+    """xmlrpc.client's unmarshaller within the limits of what users send: arrays and structs
+    nested at most ``max_depth`` deep, integers of at most ``max_int_digits`` characters (the
+    stdlib builds any nesting, and int() of 5000 digits raises a ValueError)."""
+
+    def __init__(self, limits: bounded.Limits) -> None:
+        super().__init__()
+        self.limits = limits
+
+    def start(self, tag: str, attrs: Any) -> None:
+        super().start(tag, attrs)
+        if len(self._marks) > self.limits.max_depth:
+            raise bounded.LimitExceeded(f"arrays and structs nested deeper than {self.limits.max_depth} levels "
+                                        "(limit max_depth)", "max_depth")
+
+    def end_int(self, data: str) -> None:
+        if len(data.strip()) > self.limits.max_int_digits:
+            raise bounded.LimitExceeded(f"an integer of {len(data.strip())} characters; at most "
+                                        f"{self.limits.max_int_digits} (limit max_int_digits)", "max_int_digits")
+        super().end_int(data)
+
+
+# the stdlib's table of end handlers names its own end_int: each integer tag gets ours
+_BoundedUnmarshaller.dispatch = {tag: _BoundedUnmarshaller.end_int if func is Unmarshaller.end_int else func
+                                 for tag, func in Unmarshaller.dispatch.items()}
+
+
+def parse_call(body: bytes, limits: bounded.Limits) -> tuple[tuple[Any, ...], str | None]:
+    """``(params, method name)`` of an XML-RPC call, as ``xmlrpc.client.loads`` returns them,
+    within ``limits`` (expat itself refuses entity expansion bombs)."""
+    unmarshaller = _BoundedUnmarshaller(limits)
+    parser = ExpatParser(unmarshaller)
+    parser.feed(body)
+    parser.close()
+    return unmarshaller.close(), unmarshaller.getmethodname()
+
+
 def handle(body: bytes, authorization: str | None) -> bytes:
     """One XML-RPC request: the response document (a result or a fault), logged when it fails."""
     method_name, who = "?", "anonymous"
@@ -775,7 +812,9 @@ def handle(body: bytes, authorization: str | None) -> bytes:
         if len(body) > limit:
             raise Fault(413, f"request of {len(body)} bytes is over the limit of {limit} bytes")
         try:
-            params, method_name = loads(body)
+            params, method_name = parse_call(body, current().limits)
+        except bounded.LimitExceeded as exc:
+            raise Fault(400, f"the request is over a limit: {exc}") from None
         except Exception as exc:
             raise Fault(400, f"the request is not an XML-RPC call: {exc}") from None
         with connection():

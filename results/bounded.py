@@ -132,9 +132,9 @@ def check_size(text: str | bytes, limits: Limits = DEFAULT_LIMITS, what: str = "
 _Scalar, _Sequence, _Mapping = yaml.ScalarNode, yaml.SequenceNode, yaml.MappingNode
 
 
-class BoundedLoader(SafeLoader):  # type: ignore[misc,valid-type]
-    """The project's safe loader (libyaml's when present) with :class:`Limits` enforced: use
-    :meth:`load_node` then ``construct_document``, or :func:`load`."""
+class Bounds:
+    """What makes a PyYAML safe loader (libyaml's or PyYAML's own) bounded: the composer's hooks,
+    :meth:`load_node` and the integer constructor. Mixed into :class:`BoundedLoader`."""
 
     def __init__(self, text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(text)
@@ -197,7 +197,16 @@ class BoundedLoader(SafeLoader):  # type: ignore[misc,valid-type]
         return super().construct_yaml_int(node)
 
 
-BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
+def bounded_loader(base: type) -> type:
+    """A loader class: ``base`` (a PyYAML safe loader) with :class:`Bounds`."""
+    loader = type(f"Bounded{base.__name__}", (Bounds, base), {"__doc__": Bounds.__doc__})
+    loader.add_constructor("tag:yaml.org,2002:int", Bounds.construct_yaml_int)
+    return loader
+
+
+#: the project's safe loader (libyaml's when present) within :class:`Limits`: ``load_node()`` then
+#: ``construct_document(node)``, or :func:`load`
+BoundedLoader = bounded_loader(SafeLoader)
 
 
 def _key(item: Any) -> Any:
@@ -236,8 +245,8 @@ def _measure(root: Any, limits: Limits) -> None:
                 child_key = id(child)
                 if child_key in seen:
                     if child_key in active:
-                        raise _over(root, node, "an alias to a value that contains it (a recursive document)",
-                                    "max_depth")
+                        raise _over(root, node, "an alias to a value that contains it: it nests without end "
+                                                "(limit max_depth)", "max_depth")
                     aliases += 1
                     if aliases > limits.max_aliases:
                         raise _over(root, node, f"more than {limits.max_aliases} aliases (limit max_aliases)",
