@@ -155,14 +155,16 @@ class Job:
 
     def tests_after(self, index: int) -> list[tuple[int, dict]]:
         """(stage, block) of each test block after action ``index`` up to the next deploy: what the
-        overlay built by that deploy must hold. Stages count the job's test blocks from 0."""
+        overlay built by that deploy must hold. Stages count the job's test blocks from 0. A block
+        its own schema refuses is left out (it is not built yet: its faults come when it is)."""
         found, stage = [], 0
         for position, block in enumerate(self.definition.get("actions") or []):
             (section, params), = block.items()
             if position > index and section == "deploy":
                 break
             if section == "test":
-                if position > index and isinstance(params, dict) and "definitions" in params:
+                if position > index and isinstance(params, dict) and "definitions" in params and _schema_valid(
+                        "test", "definitions", params):
                     found.append((stage, params))
                 stage += 1
         return found
@@ -290,6 +292,15 @@ class Job:
 def block_schema(cls: type[Action]) -> v.Schema:
     """The compiled schema of a strategy's action block (built once per strategy)."""
     return v.Schema(cls.schema(), extra=v.PREVENT_EXTRA)
+
+
+def _schema_valid(section: str, method: str, params: dict) -> bool:
+    """Whether an action block passes its strategy's schema (looking ahead at a block not built yet)."""
+    try:
+        block_schema(strategy(section, method))(params)
+    except v.MultipleInvalid:
+        return False
+    return True
 
 
 def parse_job(text: str, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, YamlDocument]:

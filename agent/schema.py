@@ -78,6 +78,10 @@ def load_yaml(text: str, source: str = "job", limits: Limits = DEFAULT_LIMITS) -
         where = f", column {mark.column + 1}" if mark else ""
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
         raise JobDefinitionError([Fault("", f"invalid YAML{where}: {problem}", line)]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow: it knows its position only
+        before = text[:exc.position]
+        line, column = before.count("\n") + 1, exc.position - before.rfind("\n")
+        raise JobDefinitionError([Fault("", f"invalid YAML, column {column}: {exc.reason}", line)]) from None
     except yaml.YAMLError as exc:
         raise JobDefinitionError([Fault("", f"invalid YAML: {exc}")]) from None
 

@@ -78,11 +78,31 @@ def body_json() -> dict[str, Any]:
     return data
 
 
-def body_fields() -> dict[str, Any]:
-    """The fields of a JSON object body, or of a form."""
-    if _is_json():
-        return body_json()
-    return {key: request.forms.getunicode(key) for key in request.forms}
+#: the JSON types a field of a body may have (a form's fields are all text)
+TEXT: tuple[type, ...] = (str,)
+NUMBER: tuple[type, ...] = (int, str)
+FLAG: tuple[type, ...] = (bool, int, str)
+NAMES: tuple[type, ...] = (list, str)
+
+
+def body_fields(**types: tuple[type, ...]) -> dict[str, Any]:
+    """The fields of a JSON object body, or of a form: only those named in ``types``, each of one
+    of its types or null (else a 400 naming the field), so no service function ever gets a list
+    where it expects a name."""
+    if not _is_json():
+        return {key: request.forms.getunicode(key) for key in request.forms if key in types}
+    data = body_json()
+    fields = {}
+    for key, allowed in types.items():
+        value = data.get(key)
+        if value is not None and not isinstance(value, allowed):
+            names = " or ".join({str: "text", int: "a number", bool: "true or false", list: "a list"}[t]
+                                for t in allowed)
+            raise Invalid(f"field {key} must be {names}, not {type(value).__name__}",
+                          [Fault(key, f"must be {names}, not {type(value).__name__}")])
+        if key in data:
+            fields[key] = value
+    return fields
 
 
 def text_field(name: str) -> str:
@@ -335,7 +355,8 @@ def make_app() -> Bottle:
 
     @route("/devices/", "POST")
     def add_device() -> dict:
-        data = body_fields()
+        data = body_fields(hostname=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES, description=TEXT, health=TEXT,
+                           dictionary=TEXT)
         hostname, device_type = data.get("hostname"), data.get("device_type")
         if not hostname or not device_type:
             raise Invalid("a device needs a hostname and a device_type")
@@ -351,7 +372,7 @@ def make_app() -> Bottle:
 
     @route("/devices/<hostname>/", ["PUT", "PATCH"])
     def update_device(hostname: str) -> dict:
-        data = body_fields()
+        data = body_fields(health=TEXT, description=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES)
         changes: dict[str, Any] = {k: data[k] for k in ("health", "description", "device_type") if k in data}
         if "worker" in data:
             changes["worker"] = data["worker"]
@@ -379,7 +400,8 @@ def make_app() -> Bottle:
 
     @route("/devicetypes/", "POST")
     def add_device_type() -> dict:
-        data = body_fields()
+        data = body_fields(name=TEXT, description=TEXT, template=TEXT, health_check=TEXT, health_frequency=NUMBER,
+                           health_denominator=TEXT, display=FLAG)
         if not data.get("name"):
             raise Invalid("a device type needs a name")
         record = lab.add_device_type(
@@ -396,7 +418,7 @@ def make_app() -> Bottle:
 
     @route("/devicetypes/<name>/", ["PUT", "PATCH"])
     def update_device_type(name: str) -> dict:
-        data = body_fields()
+        data = body_fields(description=TEXT, health_frequency=NUMBER, health_denominator=TEXT, display=FLAG)
         return lab.update_device_type(
             user(), name, description=data.get("description"),
             health_frequency=data.get("health_frequency") or None,
@@ -430,7 +452,7 @@ def make_app() -> Bottle:
 
     @route("/workers/", "POST")
     def add_worker() -> dict:
-        data = body_fields()
+        data = body_fields(hostname=TEXT, description=TEXT, disabled=FLAG, job_limit=NUMBER)
         if not data.get("hostname"):
             raise Invalid("a worker needs a hostname")
         record = lab.add_worker(user(), data["hostname"], description=data.get("description") or "",
@@ -445,7 +467,7 @@ def make_app() -> Bottle:
 
     @route("/workers/<hostname>/", ["PUT", "PATCH"])
     def update_worker(hostname: str) -> dict:
-        data = body_fields()
+        data = body_fields(description=TEXT, health=TEXT, job_limit=NUMBER)
         return lab.update_worker(user(), hostname, description=data.get("description"),
                                  health=data.get("health"),
                                  job_limit=data.get("job_limit") if data.get("job_limit") != "" else None)

@@ -25,6 +25,7 @@ import datetime as _dt
 import functools
 import inspect
 import logging
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -828,15 +829,25 @@ def handle(body: bytes, authorization: str | None) -> bytes:
                 result = dispatcher()._dispatch(method_name, params)
             finally:
                 _caller.reset(token)
-        return dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8").encode("utf-8",
-                                                                                                "xmlcharrefreplace")
+        return _document(dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8"))
     except Fault as fault:
         log.warning("XML-RPC %s by %s: fault %s: %s", method_name, who, fault.faultCode, fault.faultString)
-        return dumps(fault, allow_none=True, encoding="utf-8").encode("utf-8", "xmlcharrefreplace")
+        return _document(dumps(fault, allow_none=True, encoding="utf-8"))
     except Exception:
         log.exception("XML-RPC %s by %s failed", method_name, who)
         fault = Fault(INTERNAL_ERROR, "internal error in the master; the admins can find the details in its log")
-        return dumps(fault, allow_none=True, encoding="utf-8").encode("utf-8")
+        return _document(dumps(fault, allow_none=True, encoding="utf-8"))
+
+
+#: characters XML 1.0 cannot carry, even as references: control characters, lone surrogates
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _document(text: str) -> bytes:
+    """A response document any XML parser reads: a user's text echoed in a fault or stored in a
+    job (``"\\x1f"`` in a double-quoted YAML string) may hold characters XML forbids; each becomes
+    U+FFFD."""
+    return _NOT_XML.sub("\ufffd", text).encode("utf-8")
 
 
 def install(app: Bottle) -> None:

@@ -223,3 +223,43 @@ def test_limits_are_settings_of_the_master(tmp_path: Path) -> None:
         assert got["path"] == "actions" and "at most 1 action blocks" in got["message"], got
     finally:
         proc.stop()
+
+
+# ---- findings of the fuzz tests (tests/test_fuzz_submission.py), one regression test each ----
+
+def test_a_control_character_in_a_job_is_refused_with_its_line(master: MasterProcess) -> None:
+    got = fault(refused(master.submit(job_text().replace("job_name: master test", "job_name: a\x1fb"))))
+    assert got["line"] == 2 and "control characters" in got["message"], got
+
+
+def test_a_json_field_of_the_wrong_type_is_a_400_naming_it(master: MasterProcess) -> None:
+    body = refused(master.request("PUT", "/api/v0.2/workers/w1/", '{"description": null, "health": false}',
+                                  user="admin", content_type="application/json"))
+    assert body["faults"][0]["path"] == "health" and "must be text" in body["error"], body
+    body = refused(master.request("POST", "/api/v0.2/devices/", '{"hostname": ["qemu09"], "device_type": "qemu"}',
+                                  user="admin", content_type="application/json"))
+    assert body["faults"][0]["path"] == "hostname", body
+    still_serves(master)
+
+
+def test_a_test_definition_that_is_not_a_mapping_after_a_deploy_is_refused_with_its_path(
+        master: MasterProcess) -> None:
+    text = job_text() + "- test:\n    definitions:\n    - null\n"
+    got = fault(refused(master.submit(text)))
+    assert got["path"] == "actions[2].test.definitions[0]", got
+    result, _ = master.rpc(master.rpc_body("scheduler.jobs.submit", text))
+    assert result.faultCode == 400 and "actions[2].test.definitions[0]" in result.faultString, result
+    still_serves(master)
+
+
+def test_an_xml_rpc_fault_echoing_a_control_character_is_well_formed_xml(master: MasterProcess) -> None:
+    text = job_text().replace("  arch: amd64", '  arch: amd64\n  "\\x1F": null')
+    result, answer = master.rpc(master.rpc_body("scheduler.jobs.submit", text))
+    assert result.faultCode == 400 and "\ufffd" in result.faultString, result
+
+
+def test_a_test_definition_from_a_list_after_a_deploy_is_refused_with_its_path(master: MasterProcess) -> None:
+    text = job_text() + ("- test:\n    definitions:\n    - repository: http://example.org/t.git\n      from: []\n"
+                         "      path: t.yaml\n      name: t\n")
+    got = fault(refused(master.submit(text)))
+    assert got["path"] == "actions[2].test.definitions[0]", got
