@@ -60,10 +60,15 @@ def can_manage(job: Job, user: User | None) -> bool:
 
 def get_job(job_id: int | str, user: User | None) -> Job:
     """The job ``job_id`` if ``user`` may see it (an invisible job is reported as missing)."""
-    try:
+    number = None
+    if isinstance(job_id, int) and not isinstance(job_id, bool):
+        number = job_id
+    elif isinstance(job_id, str) and job_id.strip().isascii() and job_id.strip().isdigit() and len(job_id) <= 20:
         number = int(job_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"bad job id {job_id!r}: a job id is a number") from None
+    if number is None:
+        raise NotFound(f"bad job id {str(job_id)[:40]!r}: a job id is a number")
+    if not 0 < number <= MAX_COUNT:  # no such row, and no lookup a database column could not hold
+        raise NotFound(f"no job {number}")
     job = Job.get_or_none(Job.id == number)
     if job is None or not can_view(job, user):
         raise NotFound(f"no job {number}")

@@ -263,3 +263,14 @@ def test_a_test_definition_from_a_list_after_a_deploy_is_refused_with_its_path(m
                          "      path: t.yaml\n      name: t\n")
     got = fault(refused(master.submit(text)))
     assert got["path"] == "actions[2].test.definitions[0]", got
+
+
+def test_a_job_id_beyond_what_a_database_holds_is_a_404(master: MasterProcess) -> None:
+    for job_id in ("99999999999999999999", "9" * 5000, "%C2%B2"):  # the last: "²", a digit int() refuses
+        answer = master.request("GET", f"/api/v0.2/jobs/{job_id}/")
+        assert answer.status == 404 and answer.growth_kb < BUDGET_KB, answer.text[:300]
+    body = (f"<?xml version='1.0'?><methodCall><methodName>scheduler.jobs.show</methodName><params>"
+            f"<param><value><i8>{2**62}</i8></value></param></params></methodCall>")
+    result, _ = master.rpc(body.encode())
+    assert result.faultCode == 404, result
+    still_serves(master)

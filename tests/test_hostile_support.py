@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memory import TreeMeter
-from test_broker_support import free_port, wait_for
+from test_broker_support import add_qemu_lab, free_port, master_cli, wait_for
 from test_master_support import job_text
-
-ROOT = Path(__file__).resolve().parent.parent
 
 #: what refusing a hostile document may cost the master's process tree (kB), and how long (s)
 BUDGET_KB = 5 * 1024
@@ -59,18 +57,12 @@ class MasterProcess:
         self.extra = extra
         self.log = root / "master.log"
         self.proc: subprocess.Popen | None = None
-        self.cli("device-types", "add", "qemu")
-        self.cli("workers", "add", "w1")
-        self.cli("devices", "add", "qemu01", "--type", "qemu", "--worker", "w1", "--health", "Good",
-                 "--dictionary", str(ROOT / "tests" / "data" / "qemu-amd64.jinja2"))
+        add_qemu_lab(self.cli)
         self.tokens = {user: self.cli("tokens", "create", "--user", user, *(["--admin"] if user == "admin" else []))
                        .strip() for user in ("admin", "alice")}
 
     def cli(self, *args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "master.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0, f"pumice-master {' '.join(args)}: {done.stderr}"
-        return done.stdout
+        return master_cli(self.env, *args)
 
     def start(self) -> MasterProcess:
         command = [sys.executable, "-m", "master.cli", "serve", "--http", f"127.0.0.1:{self.port}", *self.extra]
