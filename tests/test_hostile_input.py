@@ -274,3 +274,8 @@ def test_a_job_id_beyond_what_a_database_holds_is_a_404(master: MasterProcess) -
     result, _ = master.rpc(body.encode())
     assert result.faultCode == 404, result
     still_serves(master)
+
+
+def test_an_image_url_that_urllib_cannot_split_is_refused_with_its_path(master: MasterProcess) -> None:
+    got = fault(refused(master.submit(job_text().replace("http://127.0.0.1/rootfs.img", "http://[[x]]/rootfs.img"))))
+    assert got["path"] == "actions[0].deploy" and "not a valid URL" in got["message"], got

@@ -59,7 +59,10 @@ class DownloaderAction(RetryAction):
     def populate(self, parameters: dict) -> None:
         self.max_retries = 3
         url = self.params.get("url", "")
-        scheme = urlparse(url).scheme
+        try:
+            scheme = urlparse(url).scheme
+        except ValueError as exc:  # e.g. a bracketed host that is no IP address: http://[x]/
+            raise JobError(f"images.{self.key}.url: not a valid URL {url!r}: {exc}") from None
         handler = {"http": HttpDownloadAction, "https": HttpDownloadAction, "file": FileDownloadAction}.get(scheme)
         pipeline = self.child_pipeline(parameters)
         if handler is None:
