@@ -102,6 +102,8 @@ class Job:
         self.building = 0
         #: work for later that need not hold the board up: done while it boots (see while_booting)
         self._deferred: list[Callable[[], None]] = []
+        #: action block index -> its parameters through its strategy's schema (or the schema's refusal)
+        self._checked: dict[int, dict | v.MultipleInvalid] = {}
 
     # -- building -------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -128,7 +130,7 @@ class Job:
                 self._fault(path + ((key,) if key and key in params else ()), str(exc))
                 continue
             try:
-                params = block_schema(cls)(params)
+                params = self._block_params(index, cls, params)
             except v.MultipleInvalid as exc:
                 self.faults.extend(faults_from(exc, self.doc, path) if self.doc else
                                    [Fault(format_path(path + tuple(e.path)), e.msg) for e in exc.errors])
@@ -153,6 +155,20 @@ class Job:
         line = self.doc.line(path) if self.doc else None
         self.faults.append(Fault(format_path(path), message, line))
 
+    def _block_params(self, index: int, cls: type[Action], params: dict) -> dict:
+        """The parameters of action block ``index`` through ``cls``'s schema, checked once per job
+        (a deploy's overlay looks ahead at the test blocks before they are built); raises the
+        schema's MultipleInvalid."""
+        if index not in self._checked:
+            try:
+                self._checked[index] = block_schema(cls)(params)
+            except v.MultipleInvalid as exc:
+                self._checked[index] = exc
+        checked = self._checked[index]
+        if isinstance(checked, v.MultipleInvalid):
+            raise checked
+        return checked
+
     def tests_after(self, index: int) -> list[tuple[int, dict]]:
         """(stage, block) of each test block after action ``index`` up to the next deploy: what the
         overlay built by that deploy must hold. Stages count the job's test blocks from 0. A block
@@ -163,9 +179,12 @@ class Job:
             if position > index and section == "deploy":
                 break
             if section == "test":
-                if position > index and isinstance(params, dict) and "definitions" in params and _schema_valid(
-                        "test", "definitions", params):
-                    found.append((stage, params))
+                if position > index and isinstance(params, dict) and "definitions" in params:
+                    try:
+                        self._block_params(position, strategy("test", "definitions"), params)
+                        found.append((stage, params))
+                    except v.MultipleInvalid:
+                        pass
                 stage += 1
         return found
 
@@ -292,15 +311,6 @@ class Job:
 def block_schema(cls: type[Action]) -> v.Schema:
     """The compiled schema of a strategy's action block (built once per strategy)."""
     return v.Schema(cls.schema(), extra=v.PREVENT_EXTRA)
-
-
-def _schema_valid(section: str, method: str, params: dict) -> bool:
-    """Whether an action block passes its strategy's schema (looking ahead at a block not built yet)."""
-    try:
-        block_schema(strategy(section, method))(params)
-    except v.MultipleInvalid:
-        return False
-    return True
 
 
 def parse_job(text: str, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, YamlDocument]:

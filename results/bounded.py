@@ -23,24 +23,22 @@ errors with their line reports these too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
 from results.fastyaml import SafeLoader
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
     """The bounds of a document a user sends; each field is a named setting (README: Limits).
 
     The defaults are far above what a LAVA job needs (the largest in LAVA's own samples has a few
     hundred values, no aliases, a depth of 11) and small enough that a refused document costs the
-    master a few megabytes at most."""
+    master a few megabytes at most. (A named tuple: immutable, hashable, and cheaper than a frozen
+    dataclass to build when pumice-run starts.)"""
 
     #: size of a document (a request body), in bytes
     max_bytes: int = 1 << 20
@@ -63,7 +61,7 @@ class Limits:
 
     @classmethod
     def names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return list(cls._fields)
 
     def replace(self, **changes: int) -> Limits:
         """These limits with ``changes`` (each a positive integer)."""
@@ -72,7 +70,7 @@ class Limits:
                 raise ValueError(f"unknown limit {name!r}; known: {', '.join(self.names())}")
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"limit {name} must be a positive integer, not {value!r}")
-        return dataclasses.replace(self, **changes)
+        return self._replace(**changes)
 
     def parse(self, settings: Iterable[str]) -> Limits:
         """These limits with ``NAME=VALUE`` settings applied (``pumice-master serve --limit``)."""
@@ -141,28 +139,28 @@ class Bounds:
         self.limits = limits
         self._text = text
         self._made = 0
-        self._depth = 0
-        #: the keys (nodes) and indexes from the root to the node being composed
+        self._max_nodes, self._max_depth = limits.max_nodes, limits.max_depth
+        #: the keys (nodes) and indexes from the root to the node being composed: its depth too
         self._path: list[Any] = []
         self._root: Any = None
 
-    # composing: called by the composer (libyaml's or PyYAML's) around every node it makes
+    # composing: called by the composer (libyaml's or PyYAML's) around every node it makes; the
+    # cost of a job's parse is these two calls per node
     def descend_resolver(self, parent: Any, index: Any) -> None:
+        path = self._path
+        path.append(index)
         self._made += 1
-        self._depth += 1
-        self._path.append(index)
-        if self._made > self.limits.max_nodes:
-            raise self._composing(f"more than {self.limits.max_nodes} values (limit max_nodes)", "max_nodes",
-                                  parent, index)
-        if self._depth > self.limits.max_depth:
-            raise self._composing(f"nested deeper than {self.limits.max_depth} levels (limit max_depth)",
-                                  "max_depth", parent, index)
+        if self._made > self._max_nodes or len(path) > self._max_depth:
+            raise self._composing(parent, index)
 
     def ascend_resolver(self) -> None:
-        self._depth -= 1
         self._path.pop()
 
-    def _composing(self, message: str, limit: str, parent: Any, index: Any) -> LimitExceeded:
+    def _composing(self, parent: Any, index: Any) -> LimitExceeded:
+        if self._made > self._max_nodes:
+            message, limit = f"more than {self._max_nodes} values (limit max_nodes)", "max_nodes"
+        else:
+            message, limit = f"nested deeper than {self._max_depth} levels (limit max_depth)", "max_depth"
         path = tuple(_key(item) for item in self._path[1:-1])
         if index is not None:
             path += (_key(index),)
@@ -304,8 +302,7 @@ def _path_to(root: Any, target: Any) -> tuple:
     return ()
 
 
-@dataclass
-class Document:
+class Document(NamedTuple):
     """A loaded YAML document: its root node (for lines) and its data."""
 
     node: Any
