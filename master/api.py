@@ -96,7 +96,7 @@ def body_fields(**types: tuple[type, ...]) -> dict[str, Any]:
     for key, allowed in types.items():
         value = data.get(key)
         if value is not None and not isinstance(value, allowed):
-            names = " or ".join({str: "text", int: "a number", bool: "true or false", list: "a list"}[t]
+            names = " or ".join({str: "text", int: "a whole number", bool: "true or false", list: "a list"}[t]
                                 for t in allowed)
             raise Invalid(f"field {key} must be {names}, not {type(value).__name__}",
                           [Fault(key, f"must be {names}, not {type(value).__name__}")])

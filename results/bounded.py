@@ -10,9 +10,10 @@ refuses it before anything is built from it:
 - while libyaml composes the document (its C composer calls the resolver's ``descend_resolver``
   for every node it makes, a cheap Python hook), the nodes made and the nesting depth: composing
   never makes more than :attr:`Limits.max_nodes` nodes, whatever the document's size;
-- once composed, when the text has aliases or long lines, one pass over the node graph (each
-  node once, memoized) counts the nodes, the text and the depth through aliases, the aliases
-  themselves, and the longest string, and refuses an alias that names its own ancestor;
+- once composed, when the text has an alias (a ``*``) or is longer than :attr:`Limits.max_string`,
+  one pass over the node graph (each node once, memoized) counts the nodes, the text and the
+  depth through aliases, the aliases themselves, and the longest string, and refuses an alias
+  that names its own ancestor;
 - while the data is constructed, an integer literal longer than :attr:`Limits.max_int_digits`
   (Python refuses past 4300 digits, with a ValueError that is not a YAML error).
 
