@@ -400,7 +400,9 @@ class ValidatorPool:
             admitted = ready and not self._stopping
             if admitted:
                 self._ready += 1
+            process = self._workers.get(conn)
         if admitted:
+            log.info("validator process %s ready", process.pid if process else "?")
             self._idle.put(conn)
         else:
             self._retire(conn)

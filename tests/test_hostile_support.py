@@ -14,6 +14,7 @@ import base64
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,15 +86,14 @@ class MasterProcess:
             return False
 
     def validators_ready(self) -> bool:
-        """Whether the master's validator processes (its children) are running."""
-        from memory import tree
-
+        """Whether every validator process of the master is ready (the master logs each one):
+        only then are submissions checked in them, not in the master's threads."""
         from master.validation import default_validators
 
         wanted = default_validators()
         if "--validators" in self.extra:
             wanted = int(self.extra[self.extra.index("--validators") + 1])
-        return len(tree(self.pid)) >= 1 + wanted
+        return len(re.findall(r"validator process \d+ ready", self.log.read_text(errors="replace"))) >= wanted
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
