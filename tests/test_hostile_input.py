@@ -7,6 +7,7 @@ each, the master still serves and still accepts a valid job.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,16 @@ def test_an_alias_bomb_in_an_uploaded_bundle_is_refused(master: MasterProcess) -
               "  \"0\":\n  - {suite: lava, case: job, result: pass, extra: *i}\n")
     body = refused(master.request("POST", "/api/v0.2/bundles/", bundle))
     assert "limit max_nodes" in body["error"] and body["faults"][0]["line"], body
+    still_serves(master)
+
+
+def test_a_bundle_of_a_hundred_thousand_values_on_one_line_is_refused(master: MasterProcess) -> None:
+    source = json.dumps({"instance": "x", "url": "http://x/", "uuid": str(uuid.uuid4())})
+    header = f'# Pumice results bundle\njob: "7"\nsource: {source}\n'
+    for item in (json.dumps([{}] * 100_000),
+                 json.dumps({"suite": "s", "case": "c", "result": "pass", "extra": {"x": ["ab"] * 100_000}})):
+        body = refused(master.request("POST", "/api/v0.2/bundles/", header + f'results:\n  "1":\n  - {item}\n'))
+        assert "limit max_nodes" in body["error"] and len(body["error"]) < 500, body
     still_serves(master)
 
 

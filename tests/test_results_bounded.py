@@ -122,16 +122,41 @@ def test_limits_are_named_settings_with_checked_values() -> None:
                                    "max_string", "max_int_digits", "max_actions", "max_timeout"}
 
 
-def test_a_bundle_may_be_as_large_as_its_results_but_not_expand_by_aliases() -> None:
-    from results.bundle import dump_bundle
+def test_a_bundle_in_its_own_layout_is_read_line_by_line_as_yaml_reads_it_at_a_few_times_its_size() -> None:
+    import tracemalloc
 
-    results = [Result(job="3", level=f"3.{n}", suite="s", case=f"c{n}", result="pass") for n in range(20_000)]
-    text = dump_bundle("3", results)
-    assert len(load_bundle(text).results) == 20_000
+    from results.bundle import BundleHeader, _load_lines, _load_yaml, dump_bundle
+
+    results = [Result(job="3", level=f"3.{n % 50}", suite="s", case=f"c{n}", result="pass", measurement=n * 1e-7,
+                      units="s", extra={"é": [1, None, "x\u2028y"], "n": {"deep": [n]}}) for n in range(5_000)]
+    text = dump_bundle("3", results, BundleHeader("lab", "http://lab/jobs/3/", "u"))
+    lines = _load_lines(text, DEFAULT_LIMITS)
+    assert lines is not None and len(lines.results) == 5_000
+    assert lines == _load_yaml(text, DEFAULT_LIMITS.replace(max_bytes=10**9, max_nodes=10**7, max_expanded_bytes=10**9))
+    tracemalloc.start()
+    try:
+        load_bundle(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * len(text), peak / len(text)
+
+
+def test_a_bundle_in_another_layout_is_yaml_within_the_limits_of_any_document() -> None:
     bomb = ("job: '3'\nbomb:\n" + alias_bomb(indent="  ")
             + "results:\n  '1':\n  - {suite: s, case: c, result: pass, extra: {x: *i}}\n")
     with pytest.raises(ValueError, match="limit max_nodes"):
         load_bundle(bomb)
+    block = "job: '3'\nresults:\n  '1':\n" + "".join(f"  - suite: s\n    case: c{n}\n    result: pass\n"
+                                                     for n in range(100))
+    assert len(load_bundle(block).results) == 100
+    junk = "job: \"3\"\nresults:\n  \"1\":\n  - [" + ", ".join(["{}"] * 100_000) + "]\n"
+    with pytest.raises(ValueError, match="limit max_nodes"):
+        load_bundle(junk)
+    many = json.dumps({"suite": "s", "case": "c", "result": "pass", "extra": {"x": ["ab"] * 100_000}})
+    junk = f'job: "3"\nresults:\n  "1":\n  - {many}\n'
+    with pytest.raises(ValueError, match="line 4: more than 10000 values in one result"):
+        load_bundle(junk)
 
 
 def test_a_fetched_test_definition_over_a_limit_is_a_job_error(tmp_path: Path) -> None:
