@@ -102,7 +102,8 @@ class Job:
         self.building = 0
         #: work for later that need not hold the board up: done while it boots (see while_booting)
         self._deferred: list[Callable[[], None]] = []
-        #: action block index -> its parameters through its strategy's schema (or the schema's refusal)
+        #: action block index -> its parameters through its strategy's schema (or the schema's
+        #: refusal; as written for a method Pumice has no strategy for)
         self._checked: dict[int, dict | v.MultipleInvalid] = {}
 
     # -- building -------------------------------------------------------------------------------------
@@ -128,6 +129,7 @@ class Job:
             except PumiceError as exc:
                 key = {"deploy": "to", "boot": "method"}.get(section)
                 self._fault(path + ((key,) if key and key in params else ()), str(exc))
+                self._checked[index] = params  # no schema to check it: the other blocks read it as written
                 continue
             try:
                 params = self._block_params(index, cls, params)
@@ -168,6 +170,16 @@ class Job:
         if isinstance(checked, v.MultipleInvalid):
             raise checked
         return checked
+
+    def checked_blocks(self, section: str, before: int | None = None) -> list[dict]:
+        """The parameters, as their schema checked them, of the job's ``section`` blocks (only
+        those before block ``before`` if given), in order: what a strategy may read of the other
+        blocks. A block its schema refused is not among them (its own faults say why); one of a
+        method Pumice does not implement is as written (a reader checks the shapes it reads)."""
+        actions = self.definition.get("actions") or []
+        return [checked for index, checked in sorted(self._checked.items())
+                if isinstance(checked, dict) and (before is None or index < before)
+                and section in actions[index]]
 
     def tests_after(self, index: int) -> list[tuple[int, dict]]:
         """(stage, block) of each test block after action ``index`` up to the next deploy: what the

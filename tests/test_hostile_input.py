@@ -291,3 +291,18 @@ def test_a_job_id_beyond_what_a_database_holds_is_a_404(master: MasterProcess) -
 def test_an_image_url_that_urllib_cannot_split_is_refused_with_its_path(master: MasterProcess) -> None:
     got = fault(refused(master.submit(job_text().replace("http://127.0.0.1/rootfs.img", "http://[[x]]/rootfs.img"))))
     assert got["path"] == "actions[0].deploy" and "not a valid URL" in got["message"], got
+
+
+def test_a_deploy_whose_images_are_a_list_is_refused_with_its_path_not_read_by_the_boot(
+        master: MasterProcess) -> None:
+    text = job_text().replace("    images:\n      rootfs:\n        url: http://127.0.0.1/rootfs.img\n"
+                              "        image_arg: -drive format=raw,file={rootfs}\n", "    images:\n    - null\n")
+    assert "- null" in text
+    got = fault(refused(master.submit(text)))
+    assert got["path"] == "actions[0].deploy.images", got
+
+
+def test_a_boot_of_an_unknown_method_with_odd_prompts_is_refused_by_its_method_only(master: MasterProcess) -> None:
+    text = job_text() + "- boot:\n    method: nope\n    prompts: 5\n- boot:\n    method: qemu\n    media: tmpfs\n"
+    got = refused(master.submit(text))["faults"]
+    assert [f["path"] for f in got] == ["actions[2].boot.method"], got
