@@ -14,6 +14,7 @@ import voluptuous as v
 import yaml
 
 from agent.errors import Fault, JobDefinitionError
+from agent.timeout import UNIT_SECONDS
 from results.bounded import DEFAULT_LIMITS, BoundedLoader, LimitExceeded, Limits, format_path
 
 #: device-type template variables a job's ``context:`` may set (LAVA 2023.01's list)
@@ -172,9 +173,6 @@ def job_schema(limits: Limits = DEFAULT_LIMITS) -> v.Schema:
     })
 
 
-_UNIT_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
-
-
 def _seconds(value: object) -> int | None:
     """The seconds of a duration mapping whose units are integers (None for anything else: the
     schema reports that)."""
@@ -182,10 +180,10 @@ def _seconds(value: object) -> int | None:
         return None
     total = 0
     for unit, amount in value.items():
-        if unit in _UNIT_SECONDS:
+        if unit in UNIT_SECONDS:
             if isinstance(amount, bool) or not isinstance(amount, int):
                 return None
-            total += amount * _UNIT_SECONDS[unit]
+            total += amount * UNIT_SECONDS[unit]
     return total
 
 
