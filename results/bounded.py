@@ -122,8 +122,9 @@ def check_size(text: str | bytes, limits: Limits = DEFAULT_LIMITS, what: str = "
     size = len(text)
     if isinstance(text, str) and size * 4 > limits.max_bytes:  # only then can it be over: count bytes
         size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limits.max_bytes:
-        raise LimitExceeded(f"{what} is {size} bytes; at most {limits.max_bytes} (limit max_bytes)", "max_bytes")
+    if size > limits.max_bytes:  # the whole document: where it starts
+        raise LimitExceeded(f"{what} is {size} bytes; at most {limits.max_bytes} (limit max_bytes)", "max_bytes",
+                            line=1)
 
 
 # ---- YAML ----

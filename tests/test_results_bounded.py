@@ -83,7 +83,7 @@ def test_each_limit_is_named_with_the_path_of_the_fault(loader: type | None) -> 
 
 def test_a_document_over_max_bytes_is_refused_before_it_is_parsed() -> None:
     exc = refusal("a: " + "é" * 400 + "\n", Limits(max_bytes=500))
-    assert exc.limit == "max_bytes" and "804 bytes" in exc.message
+    assert exc.limit == "max_bytes" and "804 bytes" in exc.message and exc.line == 1
 
 
 def test_composing_stops_at_max_nodes_whatever_the_size_of_the_document() -> None:
