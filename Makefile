@@ -15,7 +15,7 @@ APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-sta
 BENCH_PACKAGES := tftpd-hpa
 APT_INSTALL ?= $(APT_PACKAGES)
 
-.PHONY: setup apt venv compile images test demo bench lint golden compat clean
+.PHONY: setup apt venv compile images test demo bench fuzz lint golden compat clean
 
 setup: apt venv compile images
 
@@ -55,6 +55,12 @@ demo: setup
 bench: setup
 	@$(MAKE) --no-print-directory apt APT_INSTALL="$(BENCH_PACKAGES)"
 	$(PY) tools/bench.py $(AREAS)
+
+# property-based tests of hostile input with many more examples than make test runs (FUZZ_EXAMPLES)
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	PUMICE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -ra -p no:cacheprovider --timeout 7200 \
+		tests/test_fuzz_submission.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -19,8 +19,9 @@ from agent.errors import Bug, Canceled, Fault, JobDefinitionError, PumiceError
 from agent.logger import JobLogger
 from agent.pipeline import Action, Pipeline, strategy
 from agent.policy import FilePolicy, accesses
-from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml
+from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml, timeout_faults
 from agent.timeout import Deadline, parse_duration
+from results.bounded import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:  # results.record is imported once a job runs: validating one makes no result
     from collections.abc import Callable
@@ -102,6 +103,9 @@ class Job:
         self.building = 0
         #: work for later that need not hold the board up: done while it boots (see while_booting)
         self._deferred: list[Callable[[], None]] = []
+        #: action block index -> its parameters through its strategy's schema (or the schema's
+        #: refusal; as written for a method Pumice has no strategy for)
+        self._checked: dict[int, dict | v.MultipleInvalid] = {}
 
     # -- building -------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -126,9 +130,10 @@ class Job:
             except PumiceError as exc:
                 key = {"deploy": "to", "boot": "method"}.get(section)
                 self._fault(path + ((key,) if key and key in params else ()), str(exc))
+                self._checked[index] = params  # no schema to check it: the other blocks read it as written
                 continue
             try:
-                params = block_schema(cls)(params)
+                params = self._block_params(index, cls, params)
             except v.MultipleInvalid as exc:
                 self.faults.extend(faults_from(exc, self.doc, path) if self.doc else
                                    [Fault(format_path(path + tuple(e.path)), e.msg) for e in exc.errors])
@@ -153,9 +158,34 @@ class Job:
         line = self.doc.line(path) if self.doc else None
         self.faults.append(Fault(format_path(path), message, line))
 
+    def _block_params(self, index: int, cls: type[Action], params: dict) -> dict:
+        """The parameters of action block ``index`` through ``cls``'s schema, checked once per job
+        (a deploy's overlay looks ahead at the test blocks before they are built); raises the
+        schema's MultipleInvalid."""
+        if index not in self._checked:
+            try:
+                self._checked[index] = block_schema(cls)(params)
+            except v.MultipleInvalid as exc:
+                self._checked[index] = exc
+        checked = self._checked[index]
+        if isinstance(checked, v.MultipleInvalid):
+            raise checked
+        return checked
+
+    def checked_blocks(self, section: str, before: int | None = None) -> list[dict]:
+        """The parameters, as their schema checked them, of the job's ``section`` blocks (only
+        those before block ``before`` if given), in order: what a strategy may read of the other
+        blocks. A block its schema refused is not among them (its own faults say why); one of a
+        method Pumice does not implement is as written (a reader checks the shapes it reads)."""
+        actions = self.definition.get("actions") or []
+        return [checked for index, checked in sorted(self._checked.items())
+                if isinstance(checked, dict) and (before is None or index < before)
+                and section in actions[index]]
+
     def tests_after(self, index: int) -> list[tuple[int, dict]]:
         """(stage, block) of each test block after action ``index`` up to the next deploy: what the
-        overlay built by that deploy must hold. Stages count the job's test blocks from 0."""
+        overlay built by that deploy must hold. Stages count the job's test blocks from 0. A block
+        its own schema refuses is left out (it is not built yet: its faults come when it is)."""
         found, stage = [], 0
         for position, block in enumerate(self.definition.get("actions") or []):
             (section, params), = block.items()
@@ -163,7 +193,11 @@ class Job:
                 break
             if section == "test":
                 if position > index and isinstance(params, dict) and "definitions" in params:
-                    found.append((stage, params))
+                    try:
+                        self._block_params(position, strategy("test", "definitions"), params)
+                        found.append((stage, params))
+                    except v.MultipleInvalid:
+                        pass
                 stage += 1
         return found
 
@@ -315,21 +349,24 @@ def block_schema(cls: type[Action]) -> v.Schema:
     return v.Schema(cls.schema(), extra=v.PREVENT_EXTRA)
 
 
-def parse_job(text: str) -> tuple[dict, YamlDocument]:
-    """Parse and schema-check job YAML; raise JobDefinitionError with every fault."""
-    doc = load_yaml(text)
+def parse_job(text: str, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, YamlDocument]:
+    """Parse and schema-check job YAML within ``limits``; raise JobDefinitionError with every fault."""
+    doc = load_yaml(text, limits=limits)
     if not isinstance(doc.data, dict):
         raise JobDefinitionError([Fault("", "a job definition is a YAML mapping", 1)])
+    faults = timeout_faults(doc.data, doc, limits)
     try:
-        data = job_schema()(doc.data)
+        data = job_schema(limits)(doc.data)
     except v.MultipleInvalid as exc:
-        raise JobDefinitionError(faults_from(exc, doc)) from None
+        faults = sorted(faults_from(exc, doc) + faults, key=lambda f: (f.line or 0, f.path))
+    if faults:
+        raise JobDefinitionError(faults)
     return data, doc
 
 
-def load_job(text: str, device: dict, job_id: str = "0", **kwargs: Any) -> Job:
+def load_job(text: str, device: dict, job_id: str = "0", limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> Job:
     """A built and validated Job, or JobDefinitionError with every fault."""
-    data, doc = parse_job(text)
+    data, doc = parse_job(text, limits)
     try:
         job = Job(job_id, data, device, doc=doc, **kwargs)
     except PumiceError as exc:
@@ -341,14 +378,14 @@ def load_job(text: str, device: dict, job_id: str = "0", **kwargs: Any) -> Job:
     return job
 
 
-def validate_job(text: str, device: dict | None = None) -> list[Fault]:
+def validate_job(text: str, device: dict | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Fault]:
     """Every fault of the job YAML ``text`` against the rendered ``device`` configuration.
 
-    An empty list means the job would run on that device. Checks the YAML syntax, the schema,
-    then builds the real pipeline and validates every action, without side effects.
+    An empty list means the job would run on that device. Checks the YAML syntax and its limits,
+    the schema, then builds the real pipeline and validates every action, without side effects.
     """
     try:
-        load_job(text, device or {}, on_worker=False)
+        load_job(text, device or {}, limits=limits, on_worker=False)
     except JobDefinitionError as exc:
         return exc.faults
     return []

@@ -316,7 +316,7 @@ def decode(frames: list[bytes]) -> Message:
         raise MessageError(f"unknown message type {kind_text[:40]!r}; known: {', '.join(sorted(_REGISTRY))}")
     try:
         data = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to be a message
         raise MessageError(f"{kind_text} body is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MessageError(f"{kind_text} body must be a JSON object, not {type(data).__name__}")

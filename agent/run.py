@@ -46,11 +46,12 @@ def parser() -> argparse.ArgumentParser:
 def read_yaml(path: Path, what: str) -> dict:
     import yaml
 
-    # libyaml when present: a device configuration is large, the pure-Python parser takes tens of ms
-    from results.fastyaml import SafeLoader
+    # libyaml when present (a device configuration is large, the pure-Python parser takes tens of
+    # ms), within the limits of what users send (a job's context is rendered into the device's)
+    from results.bounded import load_data
 
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SafeLoader)
+        data = load_data(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SystemExit(f"pumice-run: cannot read the {what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:

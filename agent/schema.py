@@ -2,6 +2,8 @@
 
 Every fault names its YAML path (``actions[1].boot.method``) and line, so a user can find it.
 The top-level schema lives here; each strategy carries the schema of its own action block.
+Jobs are parsed within :class:`results.bounded.Limits` (aliases, depth, sizes), and the schema
+bounds what the limits name too: the number of action blocks and every timeout.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import voluptuous as v
 import yaml
 
 from agent.errors import Fault, JobDefinitionError
-from results.fastyaml import SafeLoader as _Loader
+from agent.timeout import UNIT_SECONDS
+from results.bounded import DEFAULT_LIMITS, BoundedLoader, LimitExceeded, Limits, format_path
 
 #: device-type template variables a job's ``context:`` may set (LAVA 2023.01's list)
 CONTEXT_VARIABLES = frozenset((
@@ -30,11 +33,11 @@ CONTEXT_VARIABLES = frozenset((
 class YamlDocument:
     """A parsed YAML document that can tell the line of any path in it."""
 
-    def __init__(self, text: str, source: str = "job") -> None:
+    def __init__(self, text: str, source: str = "job", limits: Limits = DEFAULT_LIMITS) -> None:
         self.source = source
-        loader = _Loader(text)
+        loader = BoundedLoader(text, limits)
         try:
-            self.node = loader.get_single_node()
+            self.node = loader.load_node()
             self.data = loader.construct_document(self.node) if self.node is not None else None
         finally:
             loader.dispose()
@@ -61,31 +64,27 @@ class YamlDocument:
         return line
 
 
-def load_yaml(text: str, source: str = "job") -> YamlDocument:
-    """Parse ``text``; a syntax error becomes a JobDefinitionError with the line and column."""
+def load_yaml(text: str, source: str = "job", limits: Limits = DEFAULT_LIMITS) -> YamlDocument:
+    """Parse ``text`` within ``limits``; a syntax error becomes a JobDefinitionError with the line
+    and column, a document over a limit one with its path, line and the limit's name."""
     if not isinstance(text, str):
         text = text.decode("utf-8", errors="replace")
     try:
-        return YamlDocument(text, source)
+        return YamlDocument(text, source, limits)
+    except LimitExceeded as exc:
+        raise JobDefinitionError([Fault(format_path(exc.path), exc.message, exc.line)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         where = f", column {mark.column + 1}" if mark else ""
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
         raise JobDefinitionError([Fault("", f"invalid YAML{where}: {problem}", line)]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow: it knows its position only
+        before = text[:exc.position]
+        line, column = before.count("\n") + 1, exc.position - before.rfind("\n")
+        raise JobDefinitionError([Fault("", f"invalid YAML, column {column}: {exc.reason}", line)]) from None
     except yaml.YAMLError as exc:
         raise JobDefinitionError([Fault("", f"invalid YAML: {exc}")]) from None
-
-
-def format_path(path: list | tuple) -> str:
-    """``['actions', 1, 'boot', 'method']`` -> ``actions[1].boot.method``."""
-    out = ""
-    for key in path:
-        if isinstance(key, int):
-            out += f"[{key}]"
-        else:
-            out += f".{key}" if out else str(key)
-    return out
 
 
 def faults_from(error: v.MultipleInvalid, doc: YamlDocument, prefix: tuple = ()) -> list[Fault]:
@@ -140,8 +139,9 @@ _CONTEXT_VALUE = v.Any(int, float, str, bool, [v.Any(int, str)])
 
 
 @functools.cache
-def job_schema() -> v.Schema:
-    """The top level of a LAVA job (action blocks are checked by their strategies)."""
+def job_schema(limits: Limits = DEFAULT_LIMITS) -> v.Schema:
+    """The top level of a LAVA job (action blocks are checked by their strategies), with at most
+    ``limits.max_actions`` action blocks."""
     return v.Schema({
         v.Required("job_name"): v.All(str, v.Length(min=1, max=200)),
         v.Optional("device_type"): v.All(str, v.Length(min=1, max=200)),
@@ -167,5 +167,51 @@ def job_schema() -> v.Schema:
         v.Optional("reboot_to_fastboot"): bool,
         v.Required("actions"): v.All([v.All(dict, v.Length(min=1, max=1, msg="an action is a mapping "
                                                                              "with one key"))],
-                                     v.Length(min=1, msg="a job needs at least one action")),
+                                     v.Length(min=1, msg="a job needs at least one action"),
+                                     v.Length(max=limits.max_actions,
+                                              msg=f"at most {limits.max_actions} action blocks (limit max_actions)")),
     })
+
+
+def _seconds(value: object) -> int | None:
+    """The seconds of a duration mapping whose units are integers (None for anything else: the
+    schema reports that)."""
+    if not isinstance(value, dict):
+        return None
+    total = 0
+    for unit, amount in value.items():
+        if unit in UNIT_SECONDS:
+            if isinstance(amount, bool) or not isinstance(amount, int):
+                return None
+            total += amount * UNIT_SECONDS[unit]
+    return total
+
+
+def timeout_faults(data: dict, doc: YamlDocument | None, limits: Limits = DEFAULT_LIMITS) -> list[Fault]:
+    """A Fault for each timeout of the job longer than ``limits.max_timeout``: the job's
+    ``timeouts:`` and each action block's ``timeout``, ``timeouts`` and ``failure_retry_interval``."""
+    places: list[tuple[tuple, object]] = []
+    timeouts = data.get("timeouts")
+    if isinstance(timeouts, dict):
+        places += [(("timeouts", key), timeouts.get(key)) for key in ("job", "action", "connection", "queue")]
+        for group in ("actions", "connections"):
+            if isinstance(timeouts.get(group), dict):
+                places += [(("timeouts", group, name), value) for name, value in timeouts[group].items()]
+    actions = data.get("actions")
+    for index, block in enumerate(actions if isinstance(actions, list) else []):
+        for section, params in (block.items() if isinstance(block, dict) else ()):
+            if not isinstance(params, dict):
+                continue
+            path = ("actions", index, section)
+            places.append((path + ("timeout",), params.get("timeout")))
+            if isinstance(params.get("timeouts"), dict):
+                places += [(path + ("timeouts", name), value) for name, value in params["timeouts"].items()]
+            places.append((path + ("failure_retry_interval",), {"seconds": params.get("failure_retry_interval")}))
+    faults = []
+    for path, value in places:
+        seconds = _seconds(value)
+        if seconds is not None and seconds > limits.max_timeout:
+            faults.append(Fault(format_path(path), f"a timeout of {seconds} seconds; at most {limits.max_timeout} "
+                                                   f"({limits.max_timeout / 86400:g} days, limit max_timeout)",
+                                doc.line(path) if doc else None))
+    return faults

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 from agent.errors import JobError, JobTimeout
 
-_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+#: the seconds in each unit of a LAVA duration
+UNIT_SECONDS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 
 
 def parse_duration(value: dict | int | float, where: str = "timeout") -> float:
@@ -16,14 +17,14 @@ def parse_duration(value: dict | int | float, where: str = "timeout") -> float:
         raise JobError(f"{where}: expected a duration, got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, dict) and value and set(value) <= set(_UNITS):
+    elif isinstance(value, dict) and value and set(value) <= set(UNIT_SECONDS):
         seconds = 0.0
         for unit, amount in value.items():
             if isinstance(amount, bool) or not isinstance(amount, int | float):
                 raise JobError(f"{where}.{unit}: expected a number, got {amount!r}")
-            seconds += amount * _UNITS[unit]
+            seconds += amount * UNIT_SECONDS[unit]
     else:
-        raise JobError(f"{where}: expected a mapping of {', '.join(_UNITS)}, got {value!r}")
+        raise JobError(f"{where}: expected a mapping of {', '.join(UNIT_SECONDS)}, got {value!r}")
     if seconds <= 0:
         raise JobError(f"{where}: a duration must be positive, got {value!r}")
     return seconds

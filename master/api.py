@@ -18,11 +18,13 @@ from typing import Any
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
+from agent.errors import Fault
 from master import certificates, jobs, lab
 from master.db import connection
 from master.errors import Invalid, ServiceError, TooLarge
 from master.instance import current
 from master.users import authenticate
+from results import bounded
 
 log = logging.getLogger("pumice.api")
 
@@ -59,25 +61,48 @@ def _is_json() -> bool:
 
 
 def body_json() -> dict[str, Any]:
-    """The JSON object of the body (an empty body is an empty object)."""
+    """The JSON object of the body (an empty body is an empty object), within the limits."""
     text = body_text()
     if not text.strip():
         return {}
     try:
-        data = json.loads(text)
+        data = bounded.load_json(text, current().limits)
     except json.JSONDecodeError as exc:
         raise Invalid(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
                       ) from None
+    except bounded.LimitExceeded as exc:
+        raise Invalid(f"the request body is over a limit: {exc}",
+                      [Fault(bounded.format_path(exc.path), exc.message, exc.line)]) from None
     if not isinstance(data, dict):
         raise Invalid(f"the request body must be a JSON object, not {type(data).__name__}")
     return data
 
 
-def body_fields() -> dict[str, Any]:
-    """The fields of a JSON object body, or of a form."""
-    if _is_json():
-        return body_json()
-    return {key: request.forms.getunicode(key) for key in request.forms}
+#: the JSON types a field of a body may have (a form's fields are all text)
+TEXT: tuple[type, ...] = (str,)
+NUMBER: tuple[type, ...] = (int, str)
+FLAG: tuple[type, ...] = (bool, int, str)
+NAMES: tuple[type, ...] = (list, str)
+
+
+def body_fields(**types: tuple[type, ...]) -> dict[str, Any]:
+    """The fields of a JSON object body, or of a form: only those named in ``types``, each of one
+    of its types or null (else a 400 naming the field), so no service function ever gets a list
+    where it expects a name."""
+    if not _is_json():
+        return {key: request.forms.getunicode(key) for key in request.forms if key in types}
+    data = body_json()
+    fields = {}
+    for key, allowed in types.items():
+        value = data.get(key)
+        if value is not None and not isinstance(value, allowed):
+            names = " or ".join({str: "text", int: "a whole number", bool: "true or false", list: "a list"}[t]
+                                for t in allowed)
+            raise Invalid(f"field {key} must be {names}, not {type(value).__name__}",
+                          [Fault(key, f"must be {names}, not {type(value).__name__}")])
+        if key in data:
+            fields[key] = value
+    return fields
 
 
 def text_field(name: str) -> str:
@@ -330,7 +355,8 @@ def make_app() -> Bottle:
 
     @route("/devices/", "POST")
     def add_device() -> dict:
-        data = body_fields()
+        data = body_fields(hostname=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES, description=TEXT, health=TEXT,
+                           dictionary=TEXT)
         hostname, device_type = data.get("hostname"), data.get("device_type")
         if not hostname or not device_type:
             raise Invalid("a device needs a hostname and a device_type")
@@ -346,7 +372,7 @@ def make_app() -> Bottle:
 
     @route("/devices/<hostname>/", ["PUT", "PATCH"])
     def update_device(hostname: str) -> dict:
-        data = body_fields()
+        data = body_fields(health=TEXT, description=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES)
         changes: dict[str, Any] = {k: data[k] for k in ("health", "description", "device_type") if k in data}
         if "worker" in data:
             changes["worker"] = data["worker"]
@@ -374,12 +400,13 @@ def make_app() -> Bottle:
 
     @route("/devicetypes/", "POST")
     def add_device_type() -> dict:
-        data = body_fields()
+        data = body_fields(name=TEXT, description=TEXT, template=TEXT, health_check=TEXT, health_frequency=NUMBER,
+                           health_denominator=TEXT, display=FLAG)
         if not data.get("name"):
             raise Invalid("a device type needs a name")
         record = lab.add_device_type(
             user(), data["name"], description=data.get("description") or "", template=data.get("template"),
-            health_check=data.get("health_check"), health_frequency=int(data.get("health_frequency") or 24),
+            health_check=data.get("health_check"), health_frequency=data.get("health_frequency") or 24,
             health_denominator=data.get("health_denominator") or "hours",
             display=_bool(data.get("display", True)))
         response.status = 201
@@ -391,10 +418,10 @@ def make_app() -> Bottle:
 
     @route("/devicetypes/<name>/", ["PUT", "PATCH"])
     def update_device_type(name: str) -> dict:
-        data = body_fields()
+        data = body_fields(description=TEXT, health_frequency=NUMBER, health_denominator=TEXT, display=FLAG)
         return lab.update_device_type(
             user(), name, description=data.get("description"),
-            health_frequency=int(data["health_frequency"]) if data.get("health_frequency") else None,
+            health_frequency=data.get("health_frequency") or None,
             health_denominator=data.get("health_denominator"),
             display=_bool(data["display"]) if "display" in data else None)
 
@@ -425,12 +452,12 @@ def make_app() -> Bottle:
 
     @route("/workers/", "POST")
     def add_worker() -> dict:
-        data = body_fields()
+        data = body_fields(hostname=TEXT, description=TEXT, disabled=FLAG, job_limit=NUMBER)
         if not data.get("hostname"):
             raise Invalid("a worker needs a hostname")
         record = lab.add_worker(user(), data["hostname"], description=data.get("description") or "",
                                 disabled=_bool(data.get("disabled", False)),
-                                job_limit=int(data.get("job_limit") or 0))
+                                job_limit=data.get("job_limit") or 0)
         response.status = 201
         return record
 
@@ -440,11 +467,10 @@ def make_app() -> Bottle:
 
     @route("/workers/<hostname>/", ["PUT", "PATCH"])
     def update_worker(hostname: str) -> dict:
-        data = body_fields()
+        data = body_fields(description=TEXT, health=TEXT, job_limit=NUMBER)
         return lab.update_worker(user(), hostname, description=data.get("description"),
                                  health=data.get("health"),
-                                 job_limit=int(data["job_limit"]) if data.get("job_limit") not in (None, "")
-                                 else None)
+                                 job_limit=data.get("job_limit") if data.get("job_limit") != "" else None)
 
     for what in ("env", "config"):
         def get_text(hostname: str, what: str = what) -> dict:

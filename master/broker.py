@@ -87,7 +87,7 @@ from master.errors import Invalid, NotFound, ServiceError
 from master.instance import current
 from master.models import Device, Job, TestCase, Worker, utcnow
 from master.states import JobHealth, JobState, WorkerState
-from results.fastyaml import SafeLoader
+from results import bounded
 from results.log import LogRecord
 from results.logfile import LogFile
 from results.record import Result
@@ -969,7 +969,7 @@ def _load_yaml(text: str | None, what: str) -> dict:
     if not text:
         return {}
     try:
-        data = yaml.load(text, Loader=SafeLoader)  # noqa: S506 - a safe loader
+        data = bounded.load_data(text, current().limits)
     except yaml.YAMLError as exc:
         raise Invalid(f"{what} is not valid YAML: {exc}") from None
     return data if isinstance(data, dict) else {}

@@ -29,6 +29,7 @@ from master import certificates, lab
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
 from master.users import SYSTEM
+from results.bounded import Limits
 
 log = logging.getLogger("pumice.cli")
 
@@ -232,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this instance's name, written in results bundles")
     p.add_argument("--url", default=os.environ.get("PUMICE_URL", ""),
                    help="the public URL of the published site (job links in bundles)")
-    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
-                   help="largest request body in bytes (default %(default)s)")
+    p.add_argument("--max-body", type=int, default=None,
+                   help=f"largest request body in bytes: the limit max_bytes (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="change a limit on what users send (repeatable), e.g. max_aliases=200; names: "
+                        + ", ".join(Limits.names()) + " (README: Limits)")
     p.add_argument("--scheduler-interval", type=float, default=20.0,
                    help="seconds between safety-net scheduling passes (events trigger passes at once)")
     from master import broker
@@ -350,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options: dict[str, Any] = {}
         if args.command == "serve":
-            options = {"name": args.instance, "url": args.url, "max_body": args.max_body}
+            try:
+                limits = Limits().parse(args.limit)
+                if args.max_body is not None:
+                    limits = limits.replace(max_bytes=args.max_body)
+            except ValueError as exc:
+                raise SystemExit(f"pumice-master: {exc}") from None
+            options = {"name": args.instance, "url": args.url, "limits": limits}
         open_instance(args.data, args.database, migrate=False, **options)
         _check_schema(args.command)
         return args.func(args)

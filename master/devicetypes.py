@@ -43,7 +43,7 @@ import yaml
 from jinja2 import nodes
 from jinja2.sandbox import SandboxedEnvironment
 
-from results.fastyaml import SafeLoader
+from results.bounded import DEFAULT_LIMITS, LimitExceeded, Limits, load_data
 
 log = logging.getLogger("pumice.devicetypes")
 
@@ -319,8 +319,10 @@ class DeviceTypes:
         extra_templates: Mapping[str, str] | None = None,
         *,
         name: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> dict[str, Any]:
-        """Render the device dictionary and load the YAML: the device configuration as a dict.
+        """Render the device dictionary and load the YAML (within ``limits``: a job's context is
+        rendered into it): the device configuration as a dict.
 
         Raises DeviceTypeError as render() does, and when the rendered text is not a YAML mapping
         (the message gives the line of the rendered YAML and shows it).
@@ -328,7 +330,10 @@ class DeviceTypes:
         text = self.render(dictionary, context, extra_templates, name=name)
         label = f"{DICTIONARY} of {name}" if name else DICTIONARY
         try:
-            data = yaml.load(text, Loader=SafeLoader)
+            data = load_data(text, limits)
+        except LimitExceeded as exc:
+            raise DeviceTypeError(f"{label}: the rendered device configuration is over a limit: {exc}",
+                                  line=exc.line) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None

@@ -21,10 +21,11 @@ from typing import Any
 
 from master.db import open_database
 from master.store import ArtifactStore
+from results.bounded import DEFAULT_LIMITS, Limits
 
 DEFAULT_DATA = "/var/lib/pumice"
 #: the largest request body / job definition accepted (a LAVA job with inline tests is a few kB)
-DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_MAX_BODY = DEFAULT_LIMITS.max_bytes
 
 
 def default_data_dir() -> Path:
@@ -41,9 +42,15 @@ class Instance:
     device_types: Any = None
     name: str = "pumice"
     url: str = ""
-    max_body: int = DEFAULT_MAX_BODY
+    #: the bounds of what users send (``serve --max-body`` sets ``max_bytes``, ``--limit`` the others)
+    limits: Limits = DEFAULT_LIMITS
     site_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_body(self) -> int:
+        """The largest request body, in bytes (the limit ``max_bytes``)."""
+        return self.limits.max_bytes
 
     def job_url(self, job_id: int | str) -> str:
         """The public URL of a job's page on the published site ('' when no URL is configured)."""
@@ -78,8 +85,10 @@ def current() -> Instance:
 
 def open_instance(data_dir: str | os.PathLike | None = None, database: str | None = None, *,
                   migrate: bool = True, name: str = "pumice", url: str = "",
-                  max_body: int = DEFAULT_MAX_BODY, device_types: Any = None) -> Instance:
-    """Open the data directory (created if needed) and the database, apply migrations, configure."""
+                  max_body: int | None = None, limits: Limits = DEFAULT_LIMITS,
+                  device_types: Any = None) -> Instance:
+    """Open the data directory (created if needed) and the database, apply migrations, configure.
+    ``max_body`` (if given) replaces ``limits.max_bytes``."""
     data = Path(data_dir) if data_dir is not None else default_data_dir()
     data.mkdir(parents=True, exist_ok=True)
     open_database(database or data / "pumice.db")
@@ -88,4 +97,5 @@ def open_instance(data_dir: str | os.PathLike | None = None, database: str | Non
 
         apply_migrations()
     return configure(Instance(data_dir=data, store=ArtifactStore(data / "store"), device_types=device_types,
-                              name=name, url=url, max_body=max_body, site_dir=data / "site"))
+                              name=name, url=url, site_dir=data / "site",
+                              limits=limits if max_body is None else limits.replace(max_bytes=max_body)))

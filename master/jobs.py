@@ -22,7 +22,16 @@ from master.db import db, is_postgres
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
 from master.models import Device, DeviceType, Job, JobTag, Tag, TestCase, TestSuite, User, Worker, iso, utcnow
-from master.states import DeviceState, JobHealth, JobState, cancel_target, check_job_transition, finish_outcome
+from master.states import (
+    MAX_COUNT,
+    DeviceState,
+    JobHealth,
+    JobState,
+    cancel_target,
+    check_job_transition,
+    finish_outcome,
+    parse_count,
+)
 from master.store import META_FIELDS
 from master.validation import JobRequest, check_definition
 from results.log import LogRecord
@@ -51,10 +60,15 @@ def can_manage(job: Job, user: User | None) -> bool:
 
 def get_job(job_id: int | str, user: User | None) -> Job:
     """The job ``job_id`` if ``user`` may see it (an invisible job is reported as missing)."""
-    try:
+    number = None
+    if isinstance(job_id, int) and not isinstance(job_id, bool):
+        number = job_id
+    elif isinstance(job_id, str) and job_id.strip().isascii() and job_id.strip().isdigit() and len(job_id) <= 20:
         number = int(job_id)
-    except (TypeError, ValueError):
-        raise NotFound(f"bad job id {job_id!r}: a job id is a number") from None
+    if number is None:
+        raise NotFound(f"bad job id {str(job_id)[:40]!r}: a job id is a number")
+    if not 0 < number <= MAX_COUNT:  # no such row, and no lookup a database column could not hold
+        raise NotFound(f"no job {number}")
     job = Job.get_or_none(Job.id == number)
     if job is None or not can_view(job, user):
         raise NotFound(f"no job {number}")
@@ -291,9 +305,11 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
     order = [field.desc() if ordering.startswith("-") else field.asc()]
     if field is not Job.id:
         order.append(Job.id.desc() if ordering.startswith("-") else Job.id.asc())
-    limit = max(0, min(int(limit), MAX_PAGE))
+    # a negative limit or offset is taken as 0; one beyond what a database column holds is refused
+    limit = max(0, min(parse_count("limit", limit, -MAX_COUNT), MAX_PAGE))
+    offset = max(0, parse_count("offset", offset, -MAX_COUNT))
     count = query.count()
-    ids = [row for (row,) in query.order_by(*order).limit(limit).offset(max(0, int(offset))).tuples()]
+    ids = [row for (row,) in query.order_by(*order).limit(limit).offset(offset).tuples()]
     return count, job_records(ids)
 
 
@@ -389,7 +405,7 @@ def start_data(job_id: int) -> dict[str, Any]:
     if job.actual_device_id is None:
         raise Conflict(f"job {job_id} is {job.state}: it has no device")
     device = Device.get_by_id(job.actual_device_id)
-    data = load_yaml(job.definition).data
+    data = load_yaml(job.definition, limits=current().limits).data
     context = (data.get("context") if isinstance(data, dict) else None) or {}
     worker = Worker.get_or_none(Worker.id == job.worker_id) if job.worker_id else None
     return {

@@ -17,14 +17,16 @@ from typing import Any
 import yaml
 from peewee import fn
 
+from agent.errors import Fault
 from agent.policy import FilePolicy
 from master import events
 from master.db import db
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
 from master.models import Device, DeviceTag, DeviceType, Tag, User, Worker, iso, utcnow
-from master.states import DeviceHealth, DeviceState, WorkerHealth, WorkerState, check_choice
+from master.states import DeviceHealth, DeviceState, WorkerHealth, WorkerState, check_choice, parse_count
 from master.validation import bare_dictionary, check_definition, render_device, stored_templates
+from results import bounded
 
 log = logging.getLogger("pumice.lab")
 
@@ -56,11 +58,14 @@ def _choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 def _yaml_mapping(what: str, text: str | None) -> str | None:
-    """``text`` if it is a YAML mapping (or empty), else Invalid naming the line."""
+    """``text`` if it is a YAML mapping (or empty) within the limits, else Invalid naming the line."""
     if text is None or not text.strip():
         return None
     try:
-        data = yaml.safe_load(text)
+        data = bounded.load_data(text, current().limits)
+    except bounded.LimitExceeded as exc:
+        raise Invalid(f"{what} is over a limit: {exc}", [Fault(bounded.format_path(exc.path), exc.message,
+                                                               exc.line)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -128,7 +133,7 @@ def _check_template(name: str, text: str) -> None:
     templates[name] = text
     try:
         rendered = current().renderer().render(bare_dictionary(name), extra_templates=templates)
-        yaml.safe_load(rendered)
+        bounded.load_data(rendered, current().limits)
     except Exception as exc:
         raise Invalid(f"template {name}.jinja2 does not render: {exc}") from None
 
@@ -141,11 +146,12 @@ def _template_exists(name: str) -> bool:
 
 
 def add_device_type(user: User | None, name: str, *, description: str = "", template: str | None = None,
-                    health_check: str | None = None, health_frequency: int = 24,
+                    health_check: str | None = None, health_frequency: int | str = 24,
                     health_denominator: str = "hours", display: bool = True) -> dict[str, Any]:
     """Add a device type. Its template is the packaged/site file ``NAME.jinja2`` unless ``template``
     is given (stored in the database)."""
     require_admin(user, "add device types")
+    health_frequency = parse_count("health_frequency", health_frequency, 1)
     _check_name("device type", name)
     if DeviceType.select().where(DeviceType.name == name).exists():
         raise Conflict(f"device type {name!r} exists already")
@@ -156,7 +162,7 @@ def add_device_type(user: User | None, name: str, *, description: str = "", temp
                       "device-types directory or give the template text")
     denominator = _choice("health denominator", health_denominator, ("hours", "jobs"))
     DeviceType.create(name=name, description=description or "", template=template,
-                      health_frequency=int(health_frequency), health_denominator=denominator,
+                      health_frequency=health_frequency, health_denominator=denominator,
                       display=bool(display))
     if health_check:
         set_health_check(user, name, health_check)
@@ -165,16 +171,14 @@ def add_device_type(user: User | None, name: str, *, description: str = "", temp
 
 
 def update_device_type(user: User | None, name: str, *, description: str | None = None,
-                       health_frequency: int | None = None, health_denominator: str | None = None,
+                       health_frequency: int | str | None = None, health_denominator: str | None = None,
                        display: bool | None = None) -> dict[str, Any]:
     require_admin(user, "change device types")
     dt = get_device_type(name)
     if description is not None:
         dt.description = description
     if health_frequency is not None:
-        if int(health_frequency) < 1:
-            raise Invalid(f"health_frequency must be at least 1, not {health_frequency}")
-        dt.health_frequency = int(health_frequency)
+        dt.health_frequency = parse_count("health_frequency", health_frequency, 1)
     if health_denominator is not None:
         dt.health_denominator = _choice("health denominator", health_denominator, ("hours", "jobs"))
     if display is not None:
@@ -267,7 +271,7 @@ def show_worker(hostname: str) -> dict[str, Any]:
 
 
 def add_worker(user: User | None, hostname: str, *, description: str = "", disabled: bool = False,
-               job_limit: int = 0) -> dict[str, Any]:
+               job_limit: int | str = 0) -> dict[str, Any]:
     """Add a worker; ``disabled`` adds it Retired (as LAVA's ``workers add --disabled``)."""
     require_admin(user, "add workers")
     _check_name("worker", hostname, HOSTNAME_RE)
@@ -275,13 +279,13 @@ def add_worker(user: User | None, hostname: str, *, description: str = "", disab
         raise Conflict(f"worker {hostname!r} exists already")
     worker = Worker.create(hostname=hostname, description=description or "",
                            health=WorkerHealth.RETIRED if disabled else WorkerHealth.ACTIVE,
-                           job_limit=max(0, int(job_limit)))
+                           job_limit=parse_count("job_limit", job_limit))
     _lab_changed()
     return worker_record(worker)
 
 
 def update_worker(user: User | None, hostname: str, *, description: str | None = None,
-                  health: str | None = None, job_limit: int | None = None) -> dict[str, Any]:
+                  health: str | None = None, job_limit: int | str | None = None) -> dict[str, Any]:
     require_admin(user, "change workers")
     worker = get_worker(hostname)
     if description is not None:
@@ -289,9 +293,7 @@ def update_worker(user: User | None, hostname: str, *, description: str | None =
     if health is not None:
         worker.health = _choice("worker health", health, WorkerHealth.ALL)
     if job_limit is not None:
-        if int(job_limit) < 0:
-            raise Invalid(f"job_limit must be 0 (no limit) or more, not {job_limit}")
-        worker.job_limit = int(job_limit)
+        worker.job_limit = parse_count("job_limit", job_limit)
     worker.save()
     _lab_changed("worker_changed", workers=[hostname])
     return worker_record(worker)
@@ -466,7 +468,7 @@ def _checked_dictionary(hostname: str, text: str) -> str:
     if not template:
         raise Invalid(f"device dictionary of {hostname} must start with {{% extends 'TYPE.jinja2' %}}")
     try:
-        yaml.safe_load(render_device(text))
+        bounded.load_data(render_device(text), current().limits)
     except Exception as exc:
         raise Invalid(f"device dictionary of {hostname} does not render: {exc}") from None
     return text

@@ -34,9 +34,11 @@ from peewee import fn
 from agent.policy import Access, FilePolicy
 from master import events
 from master.db import connection, db, is_postgres
+from master.instance import current
 from master.models import Device, DeviceTag, DeviceType, Job, JobTag, Tag, Worker, utcnow
 from master.states import DeviceHealth, DeviceState, JobState, WorkerHealth, WorkerState
 from master.validation import worker_policy
+from results import bounded
 
 log = logging.getLogger("pumice.scheduler")
 
@@ -301,7 +303,8 @@ def _create_health_check(device_id: int, hostname: str) -> int:
     dtype = DeviceType.get_by_id(device.device_type_id)
     definition = dtype.health_check or ""
     try:
-        name = (yaml.safe_load(definition) or {}).get("job_name") or f"{dtype.name} health check"
+        data = bounded.load_data(definition, current().limits)
+        name = (data.get("job_name") if isinstance(data, dict) else None) or f"{dtype.name} health check"
     except yaml.YAMLError:
         name = f"{dtype.name} health check"
     request = JobRequest(definition=definition, name=str(name), device_type=dtype, priority=100)

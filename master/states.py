@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from master.errors import Conflict
+from agent.errors import Fault
+from master.errors import Conflict, Invalid
 
 
 class JobState:
@@ -166,6 +167,33 @@ def parse_priority(value: object) -> int:
     if isinstance(value, str) and value.lower() in PRIORITIES:
         return PRIORITIES[value.lower()]
     raise ValueError(f"priority must be low, medium, high or a number 0-100, not {value!r}")
+
+
+#: the largest count an admin may set (job_limit, health_frequency) or a client ask for (offset):
+#: LAVA keeps them in 32-bit integer columns
+MAX_COUNT = 2**31 - 1
+
+
+def parse_count(name: str, value: object, low: int = 0, high: int = MAX_COUNT) -> int:
+    """``value`` (an integer, or its decimal text from a form or a command line) as an int from
+    ``low`` to ``high``, else Invalid with a fault whose path is ``name``."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and len(value.strip()) <= 20:  # never int() of a huge text: 5000 digits raise
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    if number is None:
+        shown = f"{value[:40]!r}" if isinstance(value, str) else type(value).__name__
+        message = f"{name} must be a whole number from {low} to {high}, not {shown}"
+    elif not low <= number <= high:
+        shown = str(number) if number.bit_length() <= 64 else "a larger number"
+        message = f"{name} must be from {low} to {high}, not {shown}"
+    else:
+        return number
+    raise Invalid(message, [Fault(name, message)])
 
 
 def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> str:

@@ -44,6 +44,7 @@ from master.errors import Invalid, TooLarge
 from master.instance import current
 from master.models import Device, DeviceTag, DeviceType, Tag, Worker
 from master.states import DeviceHealth, parse_priority
+from results.bounded import DEFAULT_LIMITS, Limits
 
 log = logging.getLogger("pumice.validation")
 
@@ -127,16 +128,16 @@ def render_device(dictionary: str, context: dict | None = None) -> str:
 def device_config(dictionary: str, context: dict | None = None) -> dict:
     """The device configuration (parsed) for ``dictionary``; cached, as most jobs share a few."""
     key = json.dumps(context or {}, sort_keys=True, default=str)
-    return _device_config(current().renderer(), dictionary, key, stored_templates())
+    return _device_config(current().renderer(), dictionary, key, stored_templates(), current().limits)
 
 
 @lru_cache(maxsize=512)
 def _device_config(renderer: Any, dictionary: str, context_key: str,
-                   templates: tuple[tuple[str, str], ...]) -> dict:
+                   templates: tuple[tuple[str, str], ...], limits: Limits) -> dict:
     # Keyed on every input of the render (templates included), so a changed template or
     # dictionary is a different key, never a stale answer. Callers must not mutate the result.
     return renderer.device_config(dictionary, context=json.loads(context_key) or None,
-                                  extra_templates=dict(templates) or None)
+                                  extra_templates=dict(templates) or None, limits=limits)
 
 
 def candidate_device(device_type: DeviceType, tags: list[str]) -> Device | None:
@@ -223,7 +224,9 @@ def check_size(text: str | bytes) -> None:
 
 
 def _well_formed(data: Any) -> bool:
-    """Whether the keys the master reads have the right shapes (the schema gives the details)."""
+    """Whether the keys the master reads have the right shapes (the schema gives the details).
+    The ``context:`` is rendered into the device configuration: its values must be what the
+    schema allows (scalars, lists of scalars) before it is."""
     if not isinstance(data, dict):
         return False
     tags = data.get("tags", [])
@@ -231,11 +234,17 @@ def _well_formed(data: Any) -> bool:
         parse_priority(data.get("priority", "medium"))
     except ValueError:
         return False
+    context = data.get("context") or {}
     return (isinstance(data.get("device_type", ""), str)
             and isinstance(tags, list) and all(isinstance(t, str) for t in tags)
-            and isinstance(data.get("context") or {}, dict)
+            and isinstance(context, dict) and all(map(_context_value, context.values()))
             and isinstance(data.get("job_name", ""), str)
             and isinstance(data.get("protocols") or {}, dict))
+
+
+def _context_value(value: Any) -> bool:
+    return isinstance(value, int | float | str) or (
+        isinstance(value, list) and all(isinstance(item, int | str) for item in value))
 
 
 def check_definition(text: str, *, device_type: str | None = None) -> JobRequest:
@@ -244,8 +253,9 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
     ``device_type`` forces the type (a device type's health check must run on that type).
     """
     check_size(text)
+    limits = current().limits
     try:
-        doc = load_yaml(text)
+        doc = load_yaml(text, limits=limits)
     except JobDefinitionError as exc:
         raise Invalid("invalid job definition", exc.faults) from None
     data = doc.data
@@ -253,7 +263,7 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         # Let the agent's schema name every fault; the pipeline check below repeats the schema
         # check anyway, so the common (valid) case parses the job only twice, not three times.
         try:
-            data, doc = parse_job(text)
+            data, doc = parse_job(text, limits)
         except JobDefinitionError as exc:
             raise Invalid("invalid job definition", exc.faults) from None
 
@@ -292,7 +302,7 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
     local = local_accesses(data)
     refused = policy_faults(local, candidate_policies(dtype, tags), name, doc) if local else []
     pool = _pool
-    faults = pool.validate(text, config) if pool is not None else validate_job(text, config)
+    faults = pool.validate(text, config, limits) if pool is not None else validate_job(text, config, limits)
     if faults or refused:
         raise Invalid("invalid job definition", sorted(faults + refused, key=lambda f: f.line or 0))
     return JobRequest(
@@ -318,19 +328,20 @@ def default_validators() -> int:
 
 
 def validator_main(fd: int) -> None:
-    """A validator process, talking to the master over the socket ``fd``: ``(text, config)`` in,
-    ``("faults", [Fault])`` or ``("error", traceback)`` out, until the master closes its end."""
+    """A validator process, talking to the master over the socket ``fd``: ``(text, config,
+    limits)`` in, ``("faults", [Fault])`` or ``("error", traceback)`` out, until the master
+    closes its end."""
     # Ctrl-C on `pumice-master serve` reaches the whole process group: the master stops its pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = Connection(fd)
     conn.send(("ready", None))
     while True:
         try:
-            text, config = conn.recv()
+            text, config, limits = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            reply: tuple[str, Any] = ("faults", validate_job(text, config))
+            reply: tuple[str, Any] = ("faults", validate_job(text, config, limits))
         except Exception:  # a bug in a strategy: the master logs it and answers 500
             reply = ("error", traceback.format_exc())
         conn.send(reply)
@@ -386,13 +397,13 @@ class ValidatorPool:
         with self._lock:
             return [p.pid for p in self._workers.values()]
 
-    def validate(self, text: str, config: dict) -> list[Fault]:
+    def validate(self, text: str, config: dict, limits: Limits = DEFAULT_LIMITS) -> list[Fault]:
         """The faults of ``text`` against ``config``, as ``validate_job`` finds them."""
         conn = self._take()
         if conn is None:
-            return validate_job(text, config)
+            return validate_job(text, config, limits)
         try:
-            conn.send((text, config))
+            conn.send((text, config, limits))
             kind, value = conn.recv()
         except (EOFError, OSError):
             log.warning("a validator process died; starting another one")
@@ -402,7 +413,7 @@ class ValidatorPool:
             self._retire(conn)
             if replace:
                 self._spawn()
-            return validate_job(text, config)
+            return validate_job(text, config, limits)
         self._give_back(conn)
         if kind == "error":
             raise RuntimeError(f"validating a job pipeline failed in a validator process:\n{value}")
@@ -454,7 +465,9 @@ class ValidatorPool:
             admitted = ready and not self._stopping
             if admitted:
                 self._ready += 1
+            process = self._workers.get(conn)
         if admitted:
+            log.info("validator process %s ready", process.pid if process else "?")
             self._idle.put(conn)
         else:
             self._retire(conn)

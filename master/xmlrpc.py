@@ -22,11 +22,15 @@ import base64
 import binascii
 import contextvars
 import datetime as _dt
+import functools
 import inspect
 import logging
+import re
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
-from xmlrpc.client import Binary, Fault, dumps, loads
+from xmlrpc.client import Binary, ExpatParser, Fault, Unmarshaller, dumps
 from xmlrpc.server import SimpleXMLRPCDispatcher
 
 import yaml
@@ -39,6 +43,7 @@ from master.instance import current
 from master.models import User
 from master.states import DeviceHealth, JobState, WorkerHealth
 from master.users import authenticate
+from results import bounded
 
 log = logging.getLogger("pumice.xmlrpc")
 
@@ -397,7 +402,7 @@ def devices_get_dictionary(user: User | None, hostname: str, render: bool = Fals
     job_context = None
     if context:
         try:
-            job_context = yaml.safe_load(context)
+            job_context = bounded.load_data(context, current().limits)
         except yaml.YAMLError as exc:
             raise Invalid(f"context is not valid YAML: {exc}") from None
         if not isinstance(job_context, dict):
@@ -496,7 +501,7 @@ def device_types_add(user: User | None, name: str, description: str | None = Non
     health_frequency=24, health_denominator="hours"): [admin] add a device type; its template is the
     file NAME.jinja2 until one is set (owners_only is ignored)."""
     lab.add_device_type(user, name, description=description or "", display=bool(display),
-                        health_frequency=int(health_frequency), health_denominator=health_denominator)
+                        health_frequency=health_frequency, health_denominator=health_denominator)
 
 
 @method("scheduler.device_types.update")
@@ -636,9 +641,14 @@ class Dispatcher(SimpleXMLRPCDispatcher):
         func = _known(method)
         user = _caller.get()
         try:
-            inspect.signature(func).bind(user, *params)
+            bound = inspect.signature(func).bind(user, *params)
         except TypeError as exc:
             raise Fault(400, f"wrong arguments for {method}: {exc}; expected {_signature(method, func)}") from None
+        hints = _hints(func)
+        for name, value in list(bound.arguments.items())[1:]:
+            if name in hints and not _accepts(value, hints[name]):
+                raise Fault(400, f"argument {name} of {method} must be {_type_text(hints[name])}, not "
+                                 f"{_value_text(value)}; expected {_signature(method, func)}")
         try:
             return func(user, *params)
         except ServiceError as exc:
@@ -652,9 +662,52 @@ class Dispatcher(SimpleXMLRPCDispatcher):
             raise Fault(exc.status, message) from None
         except Fault:
             raise
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             # int("x") or a list where a name belongs: the caller's values, not a bug of ours
             raise Fault(400, f"bad argument for {method}: {exc}") from None
+
+
+#: the integers a call may carry: what a database column holds (a larger one is no id, count or offset)
+INT_RANGE = range(-(2**63), 2**63)
+
+
+@functools.cache
+def _hints(func: Callable[..., Any]) -> dict[str, Any]:
+    return typing.get_type_hints(func)
+
+
+def _accepts(value: Any, hint: Any) -> bool:
+    """Whether an argument fits its parameter's type: a text where a text belongs, a list of texts
+    where one belongs (never a nested structure a method would walk), integers in INT_RANGE.
+    An integer parameter takes a text too, converted by the method (a 400 when it is no number)."""
+    if isinstance(hint, types.UnionType):
+        return any(_accepts(value, option) for option in hint.__args__)
+    if hint is type(None):
+        return value is None
+    if isinstance(hint, types.GenericAlias) and hint.__origin__ is list:
+        return isinstance(value, list) and all(_accepts(item, hint.__args__[0]) for item in value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is int:
+        return isinstance(value, str) or (isinstance(value, int) and value in INT_RANGE)
+    if hint is bool:
+        return isinstance(value, int) and value in INT_RANGE
+    return True
+
+
+def _type_text(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_text(option) for option in hint.__args__)
+    if isinstance(hint, types.GenericAlias) and hint.__origin__ is list:
+        return f"a list of {_type_text(hint.__args__[0])}"
+    return {str: "a string", int: "an integer", bool: "a boolean", type(None): "nil"}.get(hint, str(hint))
+
+
+def _value_text(value: Any) -> str:
+    """What was sent instead, without its contents (a nested list's repr could recurse too deep)."""
+    if isinstance(value, int) and value not in INT_RANGE:
+        return "an integer out of range"
+    return f"a {type(value).__name__}"
 
 
 _dispatcher: Dispatcher | None = None
@@ -691,6 +744,43 @@ def _authenticate(header: str | None) -> User | None:
     return user
 
 
+class _BoundedUnmarshaller(Unmarshaller):
+    """xmlrpc.client's unmarshaller within the limits of what users send: arrays and structs
+    nested at most ``max_depth`` deep, integers of at most ``max_int_digits`` characters (the
+    stdlib builds any nesting, and int() of 5000 digits raises a ValueError)."""
+
+    def __init__(self, limits: bounded.Limits) -> None:
+        super().__init__()
+        self.limits = limits
+
+    def start(self, tag: str, attrs: Any) -> None:
+        super().start(tag, attrs)
+        if len(self._marks) > self.limits.max_depth:
+            raise bounded.LimitExceeded(f"arrays and structs nested deeper than {self.limits.max_depth} levels "
+                                        "(limit max_depth)", "max_depth")
+
+    def end_int(self, data: str) -> None:
+        if len(data.strip()) > self.limits.max_int_digits:
+            raise bounded.LimitExceeded(f"an integer of {len(data.strip())} characters; at most "
+                                        f"{self.limits.max_int_digits} (limit max_int_digits)", "max_int_digits")
+        super().end_int(data)
+
+
+# the stdlib's table of end handlers names its own end_int: each integer tag gets ours
+_BoundedUnmarshaller.dispatch = {tag: _BoundedUnmarshaller.end_int if func is Unmarshaller.end_int else func
+                                 for tag, func in Unmarshaller.dispatch.items()}
+
+
+def parse_call(body: bytes, limits: bounded.Limits) -> tuple[tuple[Any, ...], str | None]:
+    """``(params, method name)`` of an XML-RPC call, as ``xmlrpc.client.loads`` returns them,
+    within ``limits`` (expat itself refuses entity expansion bombs)."""
+    unmarshaller = _BoundedUnmarshaller(limits)
+    parser = ExpatParser(unmarshaller)
+    parser.feed(body)
+    parser.close()
+    return unmarshaller.close(), unmarshaller.getmethodname()
+
+
 def handle(body: bytes, authorization: str | None) -> bytes:
     """One XML-RPC request: the response document (a result or a fault), logged when it fails."""
     method_name, who = "?", "anonymous"
@@ -699,7 +789,9 @@ def handle(body: bytes, authorization: str | None) -> bytes:
         if len(body) > limit:
             raise Fault(413, f"request of {len(body)} bytes is over the limit of {limit} bytes")
         try:
-            params, method_name = loads(body)
+            params, method_name = parse_call(body, current().limits)
+        except bounded.LimitExceeded as exc:
+            raise Fault(400, f"the request is over a limit: {exc}") from None
         except Exception as exc:
             raise Fault(400, f"the request is not an XML-RPC call: {exc}") from None
         with connection():
@@ -713,15 +805,25 @@ def handle(body: bytes, authorization: str | None) -> bytes:
                 result = dispatcher()._dispatch(method_name, params)
             finally:
                 _caller.reset(token)
-        return dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8").encode("utf-8",
-                                                                                                "xmlcharrefreplace")
+        return _document(dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8"))
     except Fault as fault:
         log.warning("XML-RPC %s by %s: fault %s: %s", method_name, who, fault.faultCode, fault.faultString)
-        return dumps(fault, allow_none=True, encoding="utf-8").encode("utf-8", "xmlcharrefreplace")
+        return _document(dumps(fault, allow_none=True, encoding="utf-8"))
     except Exception:
         log.exception("XML-RPC %s by %s failed", method_name, who)
         fault = Fault(INTERNAL_ERROR, "internal error in the master; the admins can find the details in its log")
-        return dumps(fault, allow_none=True, encoding="utf-8").encode("utf-8")
+        return _document(dumps(fault, allow_none=True, encoding="utf-8"))
+
+
+#: characters XML 1.0 cannot carry, even as references: control characters, lone surrogates
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _document(text: str) -> bytes:
+    """A response document any XML parser reads: a user's text echoed in a fault or stored in a
+    job (``"\\x1f"`` in a double-quoted YAML string) may hold characters XML forbids; each becomes
+    U+FFFD."""
+    return _NOT_XML.sub("\ufffd", text).encode("utf-8")
 
 
 def install(app: Bottle) -> None:

@@ -33,10 +33,13 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from results.log import encode_value
 from results.record import Result, level_key
+
+if TYPE_CHECKING:
+    from results.bounded import Limits
 
 MAGIC = "# Pumice results bundle"
 
@@ -132,16 +135,78 @@ def write_bundle(
         raise
 
 
-def load_bundle(text: str) -> Bundle:
-    """Parse a bundle. Raises BundleError saying what is wrong and on which line."""
+def load_bundle(text: str, limits: Limits | None = None) -> Bundle:
+    """Parse a bundle. Raises BundleError saying what is wrong and on which line.
+
+    The layout :func:`dump_bundle` writes is read line by line, each result with ``json`` (it is
+    JSON, as a log line is): a bundle of thousands of results costs a few times its size, never
+    the hundred times a YAML node graph of it would. Any other layout (block style written by
+    hand) is read as YAML within ``limits``, those of any document a user sends (default:
+    :data:`results.bounded.DEFAULT_LIMITS`)."""
+    from results.bounded import DEFAULT_LIMITS
+
+    limits = limits or DEFAULT_LIMITS
+    bundle = _load_lines(text, limits)
+    return bundle if bundle is not None else _load_yaml(text, limits)
+
+
+def _load_lines(text: str, limits: Limits) -> Bundle | None:
+    """The bundle in ``text`` if it has :func:`dump_bundle`'s layout, else None."""
+    import json
+
+    from results.bounded import LimitExceeded, load_json
+
+    # a line may be as long as the bundle (a result's extra); its nesting and integers are bounded
+    limits = limits.replace(max_bytes=max(limits.max_bytes, 4 * len(text)))
+    job: Any = None
+    header = None
+    results: list[Result] | None = None
+    level: Any = None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line or line.startswith("#"):
+            continue
+        try:
+            if results is None:
+                if line.startswith("job: ") and job is None:
+                    job = load_json(line[5:], limits)
+                elif line.startswith("source: ") and header is None:
+                    header = _header_of(load_json(line[8:], limits), number)
+                elif line in ("results:", "results: {}") and isinstance(job, str) and job:
+                    results = []
+                    level = None if line == "results:" else ""
+                else:
+                    return None
+            elif level is not None and level != "" and line.startswith("  - {"):
+                # at most max_nodes values on one line, as in a YAML document (a JSON value takes a comma)
+                values = line.count(",") + line.count("{") + line.count("[")
+                if values > limits.max_nodes:
+                    raise LimitExceeded(f"more than {limits.max_nodes} values in one result (limit max_nodes)",
+                                        "max_nodes")
+                results.append(_result(level, load_json(line[4:], limits), job, number))
+            elif level != "" and line.startswith("  ") and line.endswith(":") and not line.startswith("   "):
+                level = load_json(line[2:-1], limits)
+                if not isinstance(level, str) or not level:
+                    return None
+            else:
+                return None
+        except json.JSONDecodeError:
+            return None
+        except LimitExceeded as exc:
+            raise BundleError(str(exc), number) from None
+    return Bundle(job, header, results) if results is not None else None
+
+
+def _load_yaml(text: str, limits: Limits) -> Bundle:
     import yaml  # not needed by the agent's fast paths
 
-    from results.fastyaml import SafeLoader
+    from results.bounded import BoundedLoader, LimitExceeded
 
-    loader = SafeLoader(text)
+    loader = BoundedLoader(text, limits)
     try:
         try:
-            root = loader.get_single_node()
+            root = loader.load_node()
+        except LimitExceeded as exc:
+            raise BundleError(str(exc), exc.line or 0) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             raise BundleError(f"not valid YAML: {exc.problem or exc}", mark.line + 1 if mark else 0) from None
@@ -191,22 +256,35 @@ def _bundle(loader: Any, root: Any) -> Bundle:
                 data = loader.construct_object(item, deep=True)
             except yaml.YAMLError as exc:
                 raise BundleError(f"level {level}: {exc}", _line(item)) from None
-            if not isinstance(data, dict):
-                raise BundleError(f"level {level}: a result must be a mapping, got {data!r}", _line(item))
-            if "level" in data and str(data["level"]) != level:
-                raise BundleError(f"level {level}: result says level {data['level']!r}", _line(item))
-            try:
-                results.append(Result.from_dict({**data, "level": level}, job=job))
-            except (TypeError, ValueError) as exc:
-                raise BundleError(f"level {level}: {exc}", _line(item)) from None
+            results.append(_result(level, data, job, _line(item)))
     return Bundle(job, header, results)
 
 
-def _header(loader: Any, node: Any) -> BundleHeader:
-    data = loader.construct_object(node, deep=True)
+def _result(level: str, data: Any, job: str, line: int) -> Result:
+    """The result ``data`` read at ``level`` on ``line`` (either layout)."""
     if not isinstance(data, dict):
-        raise BundleError("'source' must be a mapping with instance, url and uuid", _line(node))
+        raise BundleError(f"level {level}: a result must be a mapping, got {_cut(repr(data))}", line)
+    if "level" in data and str(data["level"]) != level:
+        raise BundleError(f"level {level}: result says level {_cut(repr(data['level']))}", line)
+    try:
+        return Result.from_dict({**data, "level": level}, job=job)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"level {level}: {_cut(str(exc))}", line) from None
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """``text`` for an error message, cut short: a hostile bundle's value may be a megabyte."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _header(loader: Any, node: Any) -> BundleHeader:
+    return _header_of(loader.construct_object(node, deep=True), _line(node))
+
+
+def _header_of(data: Any, line: int) -> BundleHeader:
+    if not isinstance(data, dict):
+        raise BundleError("'source' must be a mapping with instance, url and uuid", line)
     missing = [key for key in ("instance", "url", "uuid") if not isinstance(data.get(key), str)]
     if missing:
-        raise BundleError(f"'source' lacks {', '.join(missing)} (text)", _line(node))
+        raise BundleError(f"'source' lacks {', '.join(missing)} (text)", line)
     return BundleHeader(data["instance"], data["url"], data["uuid"])

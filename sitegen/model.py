@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from master.store import ArtifactStore
+from results.bounded import load_data
 from results.bundle import Bundle, load_bundle
 from results.fastyaml import SafeLoader as _Loader
 from results.record import RESULTS, Result
@@ -88,11 +89,13 @@ class JobView:
         return None
 
     def job_metadata(self) -> dict:
-        """The ``metadata:`` block of the job definition (what the submitter tagged the job with)."""
+        """The ``metadata:`` block of the job definition (what the submitter tagged the job with).
+        The definition is a user's: it is read within the limits of what users send (a job stored
+        before they were enforced may hold an alias bomb), and none on a page if it is over one."""
         if not self.definition:
             return {}
         try:
-            data = _yaml_load(self.definition)
+            data = load_data(self.definition)
         except yaml.YAMLError:
             return {}
         meta = data.get("metadata") if isinstance(data, dict) else None

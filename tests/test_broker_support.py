@@ -245,6 +245,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def master_cli(env: dict[str, str], *args: str) -> str:
+    """``pumice-master ARGS`` as a process with ``env``: its standard output (it must succeed)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "master.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, f"pumice-master {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def add_qemu_lab(cli: Callable[..., str]) -> None:
+    """Through ``cli`` (pumice-master's commands): device type qemu, worker w1, device qemu01 (Good)
+    from ``tests/data/qemu-amd64.jinja2``."""
+    cli("device-types", "add", "qemu")
+    cli("workers", "add", "w1", "--no-token")
+    cli("devices", "add", "qemu01", "--type", "qemu", "--worker", "w1", "--health", "Good",
+        "--dictionary", str(ROOT / "tests" / "data" / "qemu-amd64.jinja2"))
+
+
 class ProcessLab:
     """A master (``serve --broker``) and agents as separate processes, driven over HTTP and curl.
 
@@ -269,20 +288,12 @@ class ProcessLab:
         self.master: Any = None
         self.agents: list[Any] = []
         self.master_log = root / "master.log"
-        self.cli("device-types", "add", "qemu")
-        self.cli("workers", "add", "w1", "--no-token")
-        self.cli("devices", "add", "qemu01", "--type", "qemu", "--worker", "w1", "--health", "Good",
-                 "--dictionary", str(ROOT / "tests" / "data" / "qemu-amd64.jinja2"))
+        add_qemu_lab(self.cli)
         self.token = self.cli("tokens", "create", "--user", "admin", "--admin").strip()
         (root / "work").mkdir()
 
     def cli(self, *args: str) -> str:
-        import subprocess
-
-        done = subprocess.run([sys.executable, "-m", "master.cli", *args], env=self.env, capture_output=True,
-                              text=True, timeout=60)
-        assert done.returncode == 0, f"pumice-master {' '.join(args)}: {done.stderr}"
-        return done.stdout
+        return master_cli(self.env, *args)
 
     def start_master(self) -> None:
         import subprocess

@@ -104,12 +104,10 @@ def dispatcher_ip(job) -> str:
 
 
 def deploy_before(job) -> dict:
-    """The parameters of the last deploy block before the block being built ({} when none)."""
-    for block in reversed((job.definition.get("actions") or [])[: job.building]):
-        (section, params), = block.items()
-        if section == "deploy" and isinstance(params, dict):
-            return params
-    return {}
+    """The parameters of the last deploy block before the block being built ({} when none), as
+    :meth:`agent.job.Job.checked_blocks` gives them."""
+    deploys = job.checked_blocks("deploy", before=job.building)
+    return deploys[-1] if deploys else {}
 
 
 def discard_pending(connection) -> None:
@@ -160,7 +158,8 @@ class BootloaderCommandOverlay(Action):
 
     @property
     def kernel_type(self) -> str | None:
-        return (self.deploy.get("kernel") or {}).get("type")
+        kernel = self.deploy.get("kernel")
+        return kernel.get("type") if isinstance(kernel, dict) else None
 
     def validate(self) -> None:
         method = self.session.method

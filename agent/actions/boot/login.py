@@ -20,8 +20,11 @@ KERNEL_FAILURES = [
 
 
 def prompt_list(parameters: dict) -> list[str]:
+    """The block's ``prompts`` as a list (a block of a method Pumice lacks may hold anything)."""
     prompts = parameters.get("prompts") or []
-    return [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(prompts, str):
+        return [prompts]
+    return [prompt for prompt in prompts if isinstance(prompt, str)] if isinstance(prompts, list) else []
 
 
 def boot_prompts(job, parameters: dict) -> list[str]:
@@ -30,9 +33,8 @@ def boot_prompts(job, parameters: dict) -> list[str]:
     own = prompt_list(parameters)
     if own:
         return own
-    for block in reversed((job.definition.get("actions") or [])[: job.building]):
-        (section, params), = block.items()
-        if section == "boot" and isinstance(params, dict) and prompt_list(params):
+    for params in reversed(job.checked_blocks("boot", before=job.building)):
+        if prompt_list(params):
             return prompt_list(params)
     return []
 

@@ -87,12 +87,11 @@ class CallQemuAction(Action):
     def image_args(self) -> dict[str, str]:
         """image key -> its ``image_arg`` from the deploy blocks before this boot."""
         args = {}
-        for block in self.job.definition.get("actions") or []:
-            (section, params), = block.items()
-            if section == "deploy" and isinstance(params, dict):
-                for key, image in (params.get("images") or {}).items():
-                    if isinstance(image, dict) and image.get("image_arg"):
-                        args[key] = image["image_arg"]
+        for params in self.job.checked_blocks("deploy"):
+            images = params.get("images")
+            for key, image in (images.items() if isinstance(images, dict) else ()):
+                if isinstance(image, dict) and image.get("image_arg"):
+                    args[key] = image["image_arg"]
         return args
 
     def validate(self) -> None:

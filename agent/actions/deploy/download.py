@@ -64,6 +64,8 @@ class DownloaderAction(RetryAction):
         handler = {"http": HttpDownloadAction, "https": HttpDownloadAction, "file": FileDownloadAction}.get(scheme)
         pipeline = self.child_pipeline(parameters)
         if handler is None:
+            if not scheme:
+                raise JobError(f"images.{self.key}.url: not a valid URL: {url!r}")
             raise JobError(f"images.{self.key}.url: unsupported URL scheme {scheme!r} in {url!r}; "
                            "known: http, https, file")
         pipeline.add(handler(self.key, self.params, self.directory))

@@ -13,6 +13,7 @@ from agent.overlay import DEFAULT_RESULTS_DIR, TestDefinition, append_to_ramdisk
 from agent.pipeline import Action
 from agent.policy import Access, PolicyRefusal, host_of, inside, scheme_of, target
 from agent.timeout import Deadline
+from results.bounded import DEFAULT_LIMITS, LimitExceeded, load_data
 
 
 def results_dir(job) -> str:
@@ -77,13 +78,19 @@ class RepoAction(Action):
 
     def load(self, source: Path) -> dict:
         """Read the definition YAML at ``path`` inside ``source`` (never outside it: a ``path`` with
-        ``..`` or a symlink to a file of the worker is refused)."""
+        ``..`` or a symlink to a file of the worker is refused), within the limits of what users send."""
         path = Path(inside(source, self.params["path"], f"test definition {self.params['name']!r}: path"))
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if path.stat().st_size > DEFAULT_LIMITS.max_bytes:
+                raise JobError(f"test definition {self.params['name']!r}: {self.params['path']} is "
+                               f"{path.stat().st_size} bytes; at most {DEFAULT_LIMITS.max_bytes} (limit max_bytes)")
+            data = load_data(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise JobError(f"test definition {self.params['name']!r}: {self.params['path']!r} not found in "
                            f"{self.params['repository']}") from None
+        except LimitExceeded as exc:
+            raise JobError(f"test definition {self.params['name']!r}: {self.params['path']} is over a limit: "
+                           f"{exc}") from None
         except yaml.YAMLError as exc:
             raise JobError(f"test definition {self.params['name']!r}: invalid YAML in "
                            f"{self.params['path']}: {exc}") from None
