@@ -23,10 +23,11 @@ artifact store after a restart.
   results found in it but not in the database are inserted when the job's stream is reopened, so
   nothing is lost or doubled.
 - A full disk (or database): a batch that cannot be written is cut back out of the log and not
-  acknowledged, and the job's later batches are dropped unanswered until the agent, backing off,
-  sends it again; results the database refuses wait in memory, and the batches they came with
-  stay unacknowledged. State changes (a job's start and end, a worker's presence) wait on the
-  service thread until they are written. See :mod:`master.diskfull`.
+  acknowledged; the job's later batches are answered with the lines the master holds, without a
+  rewind, until the agent, backing off, sends the refused one again. Results the database refuses
+  wait in memory, and the batches they came with stay unacknowledged. State changes (a job's
+  start and end, a worker's presence) wait on the service thread until they are written. See
+  :mod:`master.diskfull`.
 - END: ``job_finished`` (once the store holds every line and the database every result),
   description.yaml stored, END_OK (only once the end is recorded).
 
@@ -50,6 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,8 @@ AWAY_CHECK = 5.0
 SEEN_REFRESH = 10.0
 #: job logs kept open at once (4 file descriptors each)
 MAX_STREAMS = 256
+#: threads that fsync the logs of a burst of LOG batches together
+SYNC_THREADS = 16
 #: the health an agent may report
 HEALTHS = (JobHealth.COMPLETE, JobHealth.INCOMPLETE, JobHealth.CANCELED)
 
@@ -335,6 +339,10 @@ class Stream:
     unstored: list[Result] = field(default_factory=list)
 
 
+class _Unavailable(Exception):
+    """A job's stream cannot be opened now (a full disk or database; reported): try again later."""
+
+
 @dataclass
 class Pending:
     """A START or CANCEL to (re)send until the worker acknowledges it."""
@@ -407,9 +415,10 @@ class Broker:
         self._staged_acks: list[tuple[zmq.Socket, str, LogOk]] = []
         self._unsynced: set[int] = set()
         #: jobs whose log could not be written (a full disk): their batches past the stored lines
-        #: are dropped unanswered (the agent resends from its last acknowledged line, backing off)
+        #: are not rewound (the agent resends from its last acknowledged line, backing off)
         self._blocked: set[int] = set()
         self._retry_results_at = 0.0
+        self._syncer: ThreadPoolExecutor | None = None
         #: jobs whose end the service thread is recording
         self._ending: set[int] = set()
 
@@ -504,6 +513,9 @@ class Broker:
             self._services.put(None)
             self._service_thread.join(30)
             self._service_thread = None
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
         for stream in self.streams.values():
             stream.logfile.close()
         self.streams.clear()
@@ -716,24 +728,21 @@ class Broker:
         grew, commit the results of its new lines (with any the database refused before), then
         acknowledge. A log that cannot be made durable is cut back to its last durable line and
         its results dropped; results the database refuses wait in their stream. Either way those
-        jobs' batches are not acknowledged: the agents send them again."""
+        jobs' batches are not acknowledged (only answered, with 0 lines): the agents send them
+        again."""
         results, acks, unsynced = self._staged_results, self._staged_acks, self._unsynced
         now = time.monotonic()
         waiting = [s for s in self.streams.values() if s.unstored] if now >= self._retry_results_at else []
         if not results and not acks and not unsynced and not waiting:
             return
         self._staged_results, self._staged_acks, self._unsynced = {}, [], set()
-        failed: set[int] = set()
-        for job_id in unsynced:
-            stream = self.streams.get(job_id)
-            if stream is None:  # closed meanwhile (it was made durable then, or cut back)
-                failed.add(job_id)
-                continue
-            try:
-                stream.logfile.flush()
-            except OSError as exc:
-                self._write_failed(stream, exc, "making its log durable")
-                failed.add(job_id)
+        # a stream closed meanwhile was made durable then, or cut back
+        failed = {job_id for job_id in unsynced if job_id not in self.streams}
+        synced = [self.streams[job_id] for job_id in unsynced if job_id in self.streams]
+        for stream, error in zip(synced, self._sync(synced), strict=True):
+            if error is not None:
+                self._write_failed(stream, error, "making its log durable")
+                failed.add(stream.job_id)
         for job_id, found in results.items():
             if job_id not in failed and job_id in self.streams:
                 self.streams[job_id].unstored.extend(found)
@@ -760,13 +769,34 @@ class Broker:
                     stream.unstored = []
         if unsynced and not failed:
             diskfull.recovered()
+        heard: set[tuple[str, int]] = set()
         for sock, hostname, ack in acks:
             if ack.job_id not in failed:
                 self._send(hostname, ack, sock)
+            elif (hostname, ack.job_id) not in heard:  # answered, not acknowledged: a heartbeat
+                heard.add((hostname, ack.job_id))
+                self._send(hostname, LogOk(job_id=ack.job_id, lines=0), sock)
+
+    def _sync(self, streams: list[Stream]) -> list[OSError | None]:
+        """fsync the streams' logs (with their index): in parallel, so that the filesystem
+        commits them together (one by one, a hundred logs cost a hundred journal commits)."""
+
+        def sync(stream: Stream) -> OSError | None:
+            try:
+                stream.logfile.flush()
+            except OSError as exc:
+                return exc
+            return None
+
+        if len(streams) < 2:
+            return [sync(stream) for stream in streams]
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pumice-broker-fsync")
+        return list(self._syncer.map(sync, streams))
 
     def _write_failed(self, stream: Stream, exc: OSError, what: str) -> None:
         """A write to the job's log failed (the log was cut back): report it (once a minute) and
-        drop the job's next batches until its agent sends the missing ones again."""
+        store none of the job's next batches until its agent sends the missing ones again."""
         diskfull.report(exc, f"job {stream.job_id}: {what}")
         self._blocked.add(stream.job_id)
         lines = getattr(exc, "lines", None)
@@ -903,25 +933,34 @@ class Broker:
         stream = self.streams.get(job_id)
         if stream is not None:
             return stream if stream.worker == hostname else None
-        with connection():
-            row = (Job.select(Job.id, Worker.hostname).join(Worker, on=(Job.worker == Worker.id))
-                   .where(Job.id == job_id).tuples().first())
-            if row is None or row[1] != hostname:
-                log.warning("worker %s sent the log of job %d, which is %s", hostname, job_id,
-                            "unknown" if row is None else f"{row[1]}'s")
-                return None
-            logfile = current().store.log(job_id)
-            lines = logfile.count()
-            in_db = TestCase.select().where(TestCase.job == job_id).count()
-            found = results_in_lines(job_id, logfile.read(0, lines)) if lines else []
-            if in_db < len(found):
-                # the master stopped between a log append and its results insert: catch up
-                log.warning("job %d: %d result(s) of the stored log were not in the database: adding them",
-                            job_id, len(found) - in_db)
-                jobs.append_results(job_id, found[in_db:])
-            elif in_db > len(found):
-                log.warning("job %d: the database holds %d results, its stored log %d", job_id, in_db,
-                            len(found))
+        logfile: LogFile | None = None
+        try:
+            with connection():
+                row = (Job.select(Job.id, Worker.hostname).join(Worker, on=(Job.worker == Worker.id))
+                       .where(Job.id == job_id).tuples().first())
+                if row is None or row[1] != hostname:
+                    log.warning("worker %s sent the log of job %d, which is %s", hostname, job_id,
+                                "unknown" if row is None else f"{row[1]}'s")
+                    return None
+                logfile = current().store.log(job_id)
+                lines = logfile.count()
+                in_db = TestCase.select().where(TestCase.job == job_id).count()
+                found = results_in_lines(job_id, logfile.read(0, lines)) if lines else []
+                if in_db < len(found):
+                    # the master stopped between a log append and its results insert: catch up
+                    jobs.append_results(job_id, found[in_db:])
+                    log.warning("job %d: %d result(s) of the stored log were not in the database: added",
+                                job_id, len(found) - in_db)
+                elif in_db > len(found):
+                    log.warning("job %d: the database holds %d results, its stored log %d", job_id, in_db,
+                                len(found))
+        except Exception as exc:
+            if logfile is not None:
+                logfile.close()
+            if not diskfull.is_storage_error(exc):
+                raise
+            diskfull.report(exc, f"job {job_id}: opening its log")
+            raise _Unavailable(job_id) from exc
         stream = Stream(job_id, hostname, logfile, lines, max(in_db, len(found)))
         if len(self.streams) >= MAX_STREAMS:
             # file descriptors are finite: the oldest stream is closed (it reopens when needed)
@@ -932,6 +971,8 @@ class Broker:
     def _close_stream(self, job_id: int) -> None:
         stream = self.streams.pop(job_id, None)
         if stream is not None:
+            # the results of its lines are taken from the store when it is reopened
+            self._staged_results.pop(job_id, None)
             if job_id in self._unsynced:  # durable before it is acknowledged, on reopening
                 self._unsynced.discard(job_id)
                 with contextlib.suppress(OSError):  # cut back: reopening counts its lines
@@ -943,11 +984,7 @@ class Broker:
         # the lines the master holds and no rewind: the agent resends on its own, backing off.
         try:
             stream = self._stream(msg.job_id, session.hostname)
-        except Exception as exc:
-            if not diskfull.is_storage_error(exc):
-                raise
-            # its results cannot be caught up: the agent sends the batch again later
-            diskfull.report(exc, f"job {msg.job_id}: opening its log")
+        except _Unavailable:  # the agent sends the batch again later
             self._send(session.hostname, LogOk(job_id=msg.job_id, lines=0), sock)
             return
         if stream is None:  # not its job: acknowledge so that it stops, keep nothing
@@ -986,10 +1023,7 @@ class Broker:
     def _on_end(self, sock: zmq.Socket, session: Session, msg: End) -> None:
         try:
             stream = self._stream(msg.job_id, session.hostname)
-        except Exception as exc:
-            if not diskfull.is_storage_error(exc):
-                raise
-            diskfull.report(exc, f"job {msg.job_id}: opening its log for its end")
+        except _Unavailable:
             return  # not acknowledged: the agent sends END again
         if stream is None:
             self._send(session.hostname, EndOk(job_id=msg.job_id), sock)

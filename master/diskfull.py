@@ -36,7 +36,9 @@ REPORT_INTERVAL = 60.0
 RETRY_MAX_WAIT = 5.0
 
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_IO_ERRNOS = (errno.EIO, errno.EROFS)
 _SQLITE_FULL = 13
+_SQLITE_IOERR = 10
 _PG_DISK_FULL = "53100"
 
 T = TypeVar("T")
@@ -168,7 +170,7 @@ class _Reporter:
         self._quiet: dict[str, int] = {}
 
     def report(self, exc: BaseException, what: str) -> None:
-        key = "full" if is_full(exc) else f"error {getattr(exc, 'errno', None) or type(exc).__name__}"
+        key = "full" if is_full(exc) else _io_error(exc) or type(exc).__name__
         now = time.monotonic()
         with self._lock:
             last = self._last.get(key)
@@ -205,10 +207,19 @@ def recovered() -> None:
     _reporter.recovered()
 
 
+def _io_error(exc: BaseException) -> str | None:
+    """The name of the I/O error in ``exc``'s chain (EIO, EROFS, SQLite's SQLITE_IOERR), if any."""
+    for item in _chain(exc):
+        if isinstance(item, OSError) and item.errno in _IO_ERRNOS:
+            return errno.errorcode[item.errno]
+        if (getattr(item, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_IOERR:
+            return "SQLITE_IOERR"
+    return None
+
+
 def is_storage_error(exc: BaseException) -> bool:
-    """A full disk or database, or an I/O error of the data directory (EIO, EROFS...)."""
-    return is_full(exc) or any(isinstance(item, OSError) and item.errno in (errno.EIO, errno.EROFS)
-                               for item in _chain(exc))
+    """A full disk or database, or an I/O error of the data directory (EIO, EROFS, SQLITE_IOERR)."""
+    return is_full(exc) or _io_error(exc) is not None
 
 
 def retry(func: Callable[..., T], *args: Any, what: str, stop: threading.Event | None = None,

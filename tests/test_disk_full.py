@@ -20,11 +20,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import FakeAgent, ProcessLab, fake_runner, wait_for
+from test_broker_support import FakeAgent, ProcessLab, db_wait, fake_runner, make_broker_lab, wait_for
 from test_master_support import job_text
 
 from agent import messages as m
+from master import jobs
 from master.broker import results_in_lines
+from master.db import connection
+from master.instance import current
+from master.models import Job
+from master.models import TestCase as CaseRow
+from master.scheduler import Scheduler
+from master.states import JobHealth, JobState
 from results.logfile import LogFile
 
 pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
@@ -211,3 +218,48 @@ def test_start_and_end_arriving_while_the_database_is_full_are_recorded_late(tmp
         if agent is not None:
             agent.close()
         lab.close()
+
+
+def test_results_the_database_refuses_wait_in_the_broker_and_are_stored_once(tmp_path: Path, tmpfs) -> None:
+    database_disk = tmpfs("data", 16 << 20)
+    tmpfs("data/store", 16 << 20)  # the logs have room, the database (data/pumice.db) has none
+    broker_lab = make_broker_lab(tmp_path)
+    bl = next(broker_lab)
+    agent = bl.agent("w1")
+    try:
+        assert isinstance(agent.hello(), m.Welcome)
+        with connection():
+            [job_id] = jobs.submit_job(job_text("results refused"), bl.lab.user("alice"))
+        Scheduler().loop_once()
+        assert agent.recv(m.Start).job_id == job_id
+        agent.send(m.StartOk(job_id=job_id))
+        db_wait(lambda: Job.get_by_id(job_id).state == JobState.RUNNING, what="the job to run")
+        lines = [f'- {{"dt": "2024-01-01T00:00:00", "lvl": "target", "msg": "line {n}"}}' for n in range(10)]
+        for n in (3, 7):
+            lines[n] = ('- {"dt": "2024-01-01T00:00:00", "lvl": "results", "msg": {"definition": "0_t", '
+                        f'"case": "case-{n}", "result": "pass", "level": "3.1"}}}}')
+
+        filler = database_disk.fill()
+        agent.send(m.Log(job_id=job_id, seq=0, lines=lines))
+        # the lines are stored, their results refused: answered, not acknowledged
+        assert [msg.lines for msg in agent.drain(1.5) if isinstance(msg, m.LogOk)] == [0]
+        with current().store.log(job_id) as logfile:
+            assert logfile.read() == lines
+        agent.send(m.End(job_id=job_id, health="Complete", lines=len(lines)))
+        assert not [msg for msg in agent.drain(1.5) if isinstance(msg, m.EndOk)]
+        filler.unlink()
+
+        agent.send(m.Log(job_id=job_id, seq=0, lines=lines))  # the agent's resend
+        assert agent.recv(m.LogOk).lines == len(lines)
+        agent.send(m.End(job_id=job_id, health="Complete", lines=len(lines)))
+        assert agent.recv(m.EndOk, timeout=10).job_id == job_id
+        with connection():
+            job = Job.get_by_id(job_id)
+            cases = [case.name for case in CaseRow.select().where(CaseRow.job == job_id).order_by(CaseRow.id)]
+        assert (job.state, job.health) == (JobState.FINISHED, JobHealth.COMPLETE)
+        assert cases == ["case-3", "case-7"]
+        with current().store.log(job_id) as logfile:
+            assert logfile.read() == lines
+    finally:
+        agent.close()
+        broker_lab.close()
