@@ -16,7 +16,9 @@ Spool layout, one directory per job (``SPOOL/jobs/<id>/``): ``job.yaml``, ``devi
 ``dispatcher.yaml``, ``state.json`` (what the daemon must remember across its own restarts),
 ``runner.log`` (pumice-run's stderr) and pumice-run's ``output.yaml``/``output.idx``,
 ``results.yaml``, ``description.yaml``. The log is streamed by line number from ``output.yaml``, so
-a restarted daemon (or master) resumes where the master's acknowledgements stopped.
+a restarted daemon (or master) resumes where the master's acknowledgements stopped. Lines (and
+END) the master does not acknowledge are sent again after a wait that doubles from the heartbeat
+up to a minute (a master whose disk is full stores nothing): they wait in the spool, not in memory.
 
 If the daemon dies, its jobs' runners get SIGTERM (the board is powered off); the restarted
 daemon reports those jobs Incomplete with an infrastructure error, after sending the rest of

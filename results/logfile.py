@@ -263,9 +263,11 @@ class LogFile:
                         _fsync_directory(self.path.parent)
                         self._created = False
                 except OSError as exc:
-                    back = self._synced or (0, 0)
-                    done = self._cut_back(log_fd, idx_fd, *back)
-                    raise LogWriteError(self.path, exc, back[1] // 8 if done else None,
+                    back = self._synced
+                    if back is None:  # nothing known durable: leave it to the repair on reopening
+                        self._close_writer()
+                    done = back is not None and self._cut_back(log_fd, idx_fd, *back)
+                    raise LogWriteError(self.path, exc, back[1] // 8 if back and done else None,
                                         "cannot make durable") from exc
                 self._synced = sizes
                 return sizes[1] // 8
