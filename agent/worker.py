@@ -24,7 +24,9 @@ Spool layout, one directory per job (``SPOOL/jobs/<id>/``): ``job.yaml``, ``devi
 ``dispatcher.yaml``, ``state.json`` (what the daemon must remember across its own restarts),
 ``runner.log`` (pumice-run's stderr) and pumice-run's ``output.yaml``/``output.idx``,
 ``results.yaml``, ``description.yaml``. The log is streamed by line number from ``output.yaml``, so
-a restarted daemon (or master) resumes where the master's acknowledgements stopped.
+a restarted daemon (or master) resumes where the master's acknowledgements stopped. Lines (and
+END) the master does not acknowledge are sent again after a wait that doubles from the heartbeat
+up to a minute (a master whose disk is full stores nothing): they wait in the spool, not in memory.
 
 If the daemon dies, its jobs' runners get SIGTERM (the board is powered off); the restarted
 daemon reports those jobs Incomplete with an infrastructure error, after sending the rest of
@@ -83,6 +85,9 @@ EXIT_HEALTH = {0: "Complete", 1: "Incomplete", 2: "Canceled"}
 BATCH_LINES = 1000
 BATCH_BYTES = 512 * 1024
 WINDOW_LINES = 4 * BATCH_LINES
+#: the longest wait for the master's acknowledgement before resending: from the heartbeat, the
+#: wait doubles while the master acknowledges nothing (its disk may be full), up to this
+RESEND_MAX = 60.0
 #: after the job timeout, how long pumice-run may take to finish before it is stopped
 OVERRUN_GRACE = 300.0
 
@@ -316,6 +321,9 @@ class LocalJob:
         self.acked = 0
         self.sent = 0
         self.progress_at = time.monotonic()
+        #: resends of log lines (and of END) since the master last acknowledged something
+        self.resends = 0
+        self.end_resends = 0
         self.end_sent_at = 0.0
         self.term_at: float | None = None
 
@@ -459,6 +467,7 @@ class Worker:
             for job in self.jobs.values():  # resend what the master may not have
                 job.sent = job.acked
                 job.end_sent_at = 0.0
+                job.resends = job.end_resends = 0
         elif isinstance(msg, Start):
             self.start(msg)
         elif isinstance(msg, LogOk):
@@ -470,7 +479,12 @@ class Worker:
                 elif msg.lines > job.acked:
                     job.acked = msg.lines
                     job.sent = max(job.sent, job.acked)
+                else:
+                    return  # an old acknowledgement: no progress
+                if job.resends >= 3:
+                    log.info("job %d: the master acknowledges again (%d lines)", job.job_id, job.acked)
                 job.progress_at = time.monotonic()
+                job.resends = 0
         elif isinstance(msg, EndOk):
             job = self.jobs.get(msg.job_id)
             if job is not None and job.status == "exited":
@@ -597,14 +611,23 @@ class Worker:
             job.exited(None, lost=f"pumice-agent was restarted while the job ran on {device}: the job's "
                                   f"runner (pid {job.state.get('pid')}) was stopped with it")
 
+    def _resend_wait(self, resends: int) -> float:
+        """Seconds to wait for an acknowledgement after ``resends`` unanswered resends."""
+        return min(max(self.transport.heartbeat, 1.0) * 2 ** min(resends, 16), RESEND_MAX)
+
     def _stream(self, job: LocalJob, now: float) -> None:
         if job.status == "ended" or not self.transport.online:
             return
-        if job.sent > job.acked and now - job.progress_at > max(self.transport.heartbeat, 1.0):
-            log.debug("job %d: no acknowledgement for lines %d-%d: resending", job.job_id, job.acked,
-                      job.sent)
+        if job.sent > job.acked and now - job.progress_at > self._resend_wait(job.resends):
+            # the lines stay in the spool's output.yaml: only the window in flight is read again
+            (log.warning if job.resends == 2 else log.debug)(
+                "job %d: no acknowledgement for lines %d-%d for %.0f s: resending them%s", job.job_id,
+                job.acked, job.sent, now - job.progress_at,
+                " (the master may be unable to store them: resending less and less often)"
+                if job.resends == 2 else "")
             job.sent = job.acked
             job.progress_at = now
+            job.resends += 1
         count = job.logfile.count()
         while job.sent < count and job.sent - job.acked < WINDOW_LINES:
             lines = job.logfile.read(job.sent, min(count, job.sent + BATCH_LINES))
@@ -619,9 +642,11 @@ class Worker:
             if not self.transport.send(Log(job_id=job.job_id, seq=job.sent, lines=lines)):
                 return
             job.sent += len(lines)
-        resend = now - job.end_sent_at > max(self.transport.heartbeat, 1.0)
+        resend = now - job.end_sent_at > self._resend_wait(job.end_resends)
         if job.status == "exited" and job.acked >= count and resend \
                 and self.transport.send(job.end_message()):
+            if job.end_sent_at:
+                job.end_resends += 1
             job.end_sent_at = now
 
     def busy(self) -> bool:

@@ -3,7 +3,8 @@
 ``make_app()`` returns the WSGI app. Every route runs inside one wrapper that opens the database
 connection, authenticates ``Authorization: Token <t>`` (an invalid token is a 401 even where
 anonymous access is allowed), enforces the body size limit and turns service errors into JSON:
-``{"error": "...", "faults": [{"path": ..., "line": ..., "message": ...}]}``.
+``{"error": "...", "faults": [{"path": ..., "line": ..., "message": ...}]}``. A full data directory or
+database is a 507 saying so (:mod:`master.diskfull`), logged once a minute, not per request.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from agent.errors import Fault
-from master import certificates, jobs, lab
+from master import certificates, diskfull, jobs, lab
 from master.db import connection
 from master.errors import Invalid, ServiceError, TooLarge
 from master.instance import current
@@ -221,7 +222,11 @@ def api_call(callback: Callable) -> Callable:
                                 headers={"Content-Type": "application/json"})
         except (HTTPResponse, HTTPError):
             raise
-        except Exception:
+        except Exception as exc:
+            if diskfull.is_full(exc):  # 507, and the condition logged once a minute
+                error = diskfull.refusal(exc, f"{request.method} {request.path}")
+                return HTTPResponse(json.dumps(error.to_dict()), status=error.status,
+                                    headers={"Content-Type": "application/json"})
             log.exception("%s %s failed", request.method, request.path)
             return _json_error(500, "internal error in the master; the admins can find the details "
                                     "in its log")

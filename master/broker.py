@@ -22,10 +22,19 @@ artifact store after a restart.
   ``job_canceling`` events send CANCEL (resent until END).
 - LOG batches are appended to the job's log file in the artifact store (``output.yaml`` with its
   line index) by line number: a batch the store already has is acknowledged and dropped, a gap is
-  answered with ``rewind``. The ``results`` records in new lines go to the database at once. After
-  a crash the file is the truth: results found in it but not in the database are inserted when
-  the job's stream is reopened, so nothing is lost or doubled.
-- END: ``job_finished`` (once the store holds every line), description.yaml stored, END_OK.
+  answered with ``rewind``. The ``results`` records in new lines go to the database at once. A
+  batch is acknowledged only once its lines are durable (one fsync per log per burst of
+  messages: a group commit) and its results committed. After a crash the file is the truth:
+  results found in it but not in the database are inserted when the job's stream is reopened, so
+  nothing is lost or doubled.
+- A full disk (or database): a batch that cannot be written is cut back out of the log and not
+  acknowledged; the job's later batches are answered with the lines the master holds, without a
+  rewind, until the agent, backing off, sends the refused one again. Results the database refuses
+  wait in memory, and the batches they came with stay unacknowledged. State changes (a job's
+  start and end, a worker's presence) wait on the service thread until they are written. See
+  :mod:`master.diskfull`.
+- END: ``job_finished`` (once the store holds every line and the database every result),
+  description.yaml stored, END_OK (only once the end is recorded).
 
 Keys: the master's key pair (``--master-cert``, created on first use) and the workers' public
 keys live in :mod:`master.certificates`; the broker holds only the sockets.
@@ -45,6 +54,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +91,7 @@ from agent.messages import (
 )
 from agent.timeout import parse_duration
 from agent.transport import LIVENESS, CertificateError
-from master import certificates, events, jobs, lab
+from master import certificates, diskfull, events, jobs, lab
 from master.db import connection, db
 from master.errors import Invalid, NotFound, ServiceError
 from master.instance import current
@@ -102,6 +112,8 @@ AWAY_CHECK = 5.0
 SEEN_REFRESH = 10.0
 #: job logs kept open at once (4 file descriptors each)
 MAX_STREAMS = 256
+#: threads that fsync the logs of a burst of LOG batches together
+SYNC_THREADS = 16
 #: the health an agent may report
 HEALTHS = (JobHealth.COMPLETE, JobHealth.INCOMPLETE, JobHealth.CANCELED)
 
@@ -163,6 +175,13 @@ class Stream:
     logfile: LogFile
     lines: int
     results: int
+    #: results of durable lines that the database does not hold yet (it was full): stored before
+    #: the job's next acknowledgement
+    unstored: list[Result] = field(default_factory=list)
+
+
+class _Unavailable(Exception):
+    """A job's stream cannot be opened now (a full disk or database; reported): try again later."""
 
 
 @dataclass
@@ -235,9 +254,16 @@ class Broker:
         self._service_thread: threading.Thread | None = None
         #: replies produced by the service thread, sent by the loop (sockets are the loop's only)
         self._outbox: deque[tuple[zmq.Socket, str, Message]] = deque()
-        #: LOG batches handled in this burst: their results are committed together, then acked
+        #: LOG batches handled in this burst: their logs are made durable and their results
+        #: committed together (a group commit), then they are acknowledged
         self._staged_results: dict[int, list[Result]] = {}
         self._staged_acks: list[tuple[zmq.Socket, str, LogOk]] = []
+        self._unsynced: set[int] = set()
+        #: jobs whose log could not be written (a full disk): their batches past the stored lines
+        #: are not rewound (the agent resends from its last acknowledged line, backing off)
+        self._blocked: set[int] = set()
+        self._retry_results_at = 0.0
+        self._syncer: ThreadPoolExecutor | None = None
         #: jobs whose end the service thread is recording
         self._ending: set[int] = set()
 
@@ -348,6 +374,9 @@ class Broker:
             self._services.put(None)
             self._service_thread.join(30)
             self._service_thread = None
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
         for stream in self.streams.values():
             stream.logfile.close()
         self.streams.clear()
@@ -378,11 +407,16 @@ class Broker:
             self._services.put((func, args))
 
     def _call(self, func: Callable[..., Any], args: tuple) -> None:
+        name = str(getattr(func, "__name__", func)).lstrip("_")
         try:
             with connection():
-                func(*args)
-        except Exception:
-            log.exception("broker: %s%r failed", getattr(func, "__name__", func), args)
+                # a state change met by a full disk waits for space (and the ones after it, in order)
+                diskfull.retry(func, *args, what=f"broker: {name}", stop=self._stop)
+        except Exception as exc:
+            if diskfull.is_storage_error(exc):
+                diskfull.report(exc, f"broker: {name} (given up: the broker stops)")
+            else:
+                log.exception("broker: %s%r failed", name, args)
 
     def _run_services(self) -> None:
         while (item := self._services.get()) is not None:
@@ -602,39 +636,97 @@ class Broker:
                     count += 1
                     try:
                         self._on_frames(sock, frames)
-                    except Exception:
-                        log.exception("failed to handle a message from %r", bytes(frames[0].bytes)[:100])
+                    except Exception as exc:
+                        if diskfull.is_storage_error(exc):  # the agent sends it again
+                            diskfull.report(exc, "broker: handling a message")
+                        else:
+                            log.exception("failed to handle a message from %r", bytes(frames[0].bytes)[:100])
             finally:
                 self._flush()
         self.stats.messages += count
         return count
 
     def _flush(self) -> None:
-        """Commit the staged results, then acknowledge the staged LOG batches. A failure leaves
-        their lines in the store but not their results: the streams are reopened (which catches
-        up from the store) and the batches are not acknowledged (the agents resend them)."""
-        results, acks = self._staged_results, self._staged_acks
-        if not results and not acks:
+        """The group commit of the LOG batches handled since the last call: fsync each log that
+        grew, commit the results of its new lines (with any the database refused before), then
+        acknowledge. A log that cannot be made durable is cut back to its last durable line and
+        its results dropped; results the database refuses wait in their stream. Either way those
+        jobs' batches are not acknowledged (only answered, with 0 lines): the agents send them
+        again."""
+        results, acks, unsynced = self._staged_results, self._staged_acks, self._unsynced
+        now = time.monotonic()
+        waiting = [s for s in self.streams.values() if s.unstored] if now >= self._retry_results_at else []
+        if not results and not acks and not unsynced and not waiting:
             return
-        self._staged_results, self._staged_acks = {}, []
-        if results:
+        self._staged_results, self._staged_acks, self._unsynced = {}, [], set()
+        # a stream closed meanwhile was made durable then, or cut back
+        failed = {job_id for job_id in unsynced if job_id not in self.streams}
+        synced = [self.streams[job_id] for job_id in unsynced if job_id in self.streams]
+        for stream, error in zip(synced, self._sync(synced), strict=True):
+            if error is not None:
+                self._write_failed(stream, error, "making its log durable")
+                failed.add(stream.job_id)
+        for job_id, found in results.items():
+            if job_id not in failed and job_id in self.streams:
+                self.streams[job_id].unstored.extend(found)
+        pending = {s.job_id: s for s in self.streams.values() if s.unstored}
+        if pending:
             try:
                 with db.atomic():
-                    for job_id, found in results.items():
-                        jobs.append_results(job_id, found)
-            except Exception:
-                log.exception("storing the results of jobs %s failed; they are taken again from the log",
-                              ", ".join(map(str, results)))
-                for job_id in results:
-                    self._close_stream(job_id)
-                acks = [ack for ack in acks if ack[2].job_id not in results]
+                    for job_id, stream in pending.items():
+                        jobs.append_results(job_id, stream.unstored)
+            except Exception as exc:
+                if diskfull.is_storage_error(exc):
+                    diskfull.report(exc, f"storing the results of job(s) {', '.join(map(str, pending))}")
+                else:
+                    log.exception("storing the results of jobs %s failed; they are taken again from the log",
+                                  ", ".join(map(str, pending)))
+                    for job_id in pending:  # reopened from the store, which has every line
+                        self._close_stream(job_id)
+                self._retry_results_at = now + 1.0
+                failed.update(pending)
             else:
-                for job_id, found in results.items():
-                    if job_id in self.streams:
-                        self.streams[job_id].results += len(found)
-                    self.stats.results += len(found)
+                for stream in pending.values():
+                    stream.results += len(stream.unstored)
+                    self.stats.results += len(stream.unstored)
+                    stream.unstored = []
+        if unsynced and not failed:
+            diskfull.recovered()
+        heard: set[tuple[str, int]] = set()
         for sock, hostname, ack in acks:
-            self._send(hostname, ack, sock)
+            if ack.job_id not in failed:
+                self._send(hostname, ack, sock)
+            elif (hostname, ack.job_id) not in heard:  # answered, not acknowledged: a heartbeat
+                heard.add((hostname, ack.job_id))
+                self._send(hostname, LogOk(job_id=ack.job_id, lines=0), sock)
+
+    def _sync(self, streams: list[Stream]) -> list[OSError | None]:
+        """fsync the streams' logs (with their index): in parallel, so that the filesystem
+        commits them together (one by one, a hundred logs cost a hundred journal commits)."""
+
+        def sync(stream: Stream) -> OSError | None:
+            try:
+                stream.logfile.flush()
+            except OSError as exc:
+                return exc
+            return None
+
+        if len(streams) < 2:
+            return [sync(stream) for stream in streams]
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pumice-broker-fsync")
+        return list(self._syncer.map(sync, streams))
+
+    def _write_failed(self, stream: Stream, exc: OSError, what: str) -> None:
+        """A write to the job's log failed (the log was cut back): report it (once a minute) and
+        store none of the job's next batches until its agent sends the missing ones again."""
+        diskfull.report(exc, f"job {stream.job_id}: {what}")
+        self._blocked.add(stream.job_id)
+        lines = getattr(exc, "lines", None)
+        if lines is None:  # not even cut back: the store is the truth, read it again next time
+            self._close_stream(stream.job_id)
+        else:
+            stream.lines = lines
 
     def _refuse(self, sock: zmq.Socket, identity: bytes, code: str, reason: str) -> None:
         self.stats.refused += 1
@@ -773,25 +865,34 @@ class Broker:
         stream = self.streams.get(job_id)
         if stream is not None:
             return stream if stream.worker == hostname else None
-        with connection():
-            row = (Job.select(Job.id, Worker.hostname).join(Worker, on=(Job.worker == Worker.id))
-                   .where(Job.id == job_id).tuples().first())
-            if row is None or row[1] != hostname:
-                log.warning("worker %s sent the log of job %d, which is %s", hostname, job_id,
-                            "unknown" if row is None else f"{row[1]}'s")
-                return None
-            logfile = current().store.log(job_id)
-            lines = logfile.count()
-            in_db = TestCase.select().where(TestCase.job == job_id).count()
-            found = results_in_lines(job_id, logfile.read(0, lines)) if lines else []
-            if in_db < len(found):
-                # the master stopped between a log append and its results insert: catch up
-                log.warning("job %d: %d result(s) of the stored log were not in the database: adding them",
-                            job_id, len(found) - in_db)
-                jobs.append_results(job_id, found[in_db:])
-            elif in_db > len(found):
-                log.warning("job %d: the database holds %d results, its stored log %d", job_id, in_db,
-                            len(found))
+        logfile: LogFile | None = None
+        try:
+            with connection():
+                row = (Job.select(Job.id, Worker.hostname).join(Worker, on=(Job.worker == Worker.id))
+                       .where(Job.id == job_id).tuples().first())
+                if row is None or row[1] != hostname:
+                    log.warning("worker %s sent the log of job %d, which is %s", hostname, job_id,
+                                "unknown" if row is None else f"{row[1]}'s")
+                    return None
+                logfile = current().store.log(job_id)
+                lines = logfile.count()
+                in_db = TestCase.select().where(TestCase.job == job_id).count()
+                found = results_in_lines(job_id, logfile.read(0, lines)) if lines else []
+                if in_db < len(found):
+                    # the master stopped between a log append and its results insert: catch up
+                    jobs.append_results(job_id, found[in_db:])
+                    log.warning("job %d: %d result(s) of the stored log were not in the database: added",
+                                job_id, len(found) - in_db)
+                elif in_db > len(found):
+                    log.warning("job %d: the database holds %d results, its stored log %d", job_id, in_db,
+                                len(found))
+        except Exception as exc:
+            if logfile is not None:
+                logfile.close()
+            if not diskfull.is_storage_error(exc):
+                raise
+            diskfull.report(exc, f"job {job_id}: opening its log")
+            raise _Unavailable(job_id) from exc
         stream = Stream(job_id, hostname, logfile, lines, max(in_db, len(found)))
         if len(self.streams) >= MAX_STREAMS:
             # file descriptors are finite: the oldest stream is closed (it reopens when needed)
@@ -802,40 +903,69 @@ class Broker:
     def _close_stream(self, job_id: int) -> None:
         stream = self.streams.pop(job_id, None)
         if stream is not None:
+            # the results of its lines are taken from the store when it is reopened
+            self._staged_results.pop(job_id, None)
+            if job_id in self._unsynced:  # durable before it is acknowledged, on reopening
+                self._unsynced.discard(job_id)
+                with contextlib.suppress(OSError):  # cut back: reopening counts its lines
+                    stream.logfile.flush()
             stream.logfile.close()
 
     def _on_log(self, sock: zmq.Socket, session: Session, msg: Log) -> None:
-        stream = self._stream(msg.job_id, session.hostname)
+        # A batch that cannot be stored is answered all the same (any message is a heartbeat), with
+        # the lines the master holds and no rewind: the agent resends on its own, backing off.
+        try:
+            stream = self._stream(msg.job_id, session.hostname)
+        except _Unavailable:  # the agent sends the batch again later
+            self._send(session.hostname, LogOk(job_id=msg.job_id, lines=0), sock)
+            return
         if stream is None:  # not its job: acknowledge so that it stops, keep nothing
             self._send(session.hostname, LogOk(job_id=msg.job_id, lines=msg.seq + len(msg.lines)), sock)
             return
         have = stream.lines
-        if msg.seq > have:
+        if msg.seq <= have:
+            new = msg.lines[have - msg.seq:]
+            self.stats.duplicate_lines += len(msg.lines) - len(new)
+        elif msg.job_id in self._blocked:
+            new = []  # after lines the disk refused: the agent sends those first
+        else:  # a gap: have the missing lines resent
             self._send(session.hostname, LogOk(job_id=msg.job_id, lines=have, rewind=True), sock)
             return
-        new = msg.lines[have - msg.seq:]
-        self.stats.duplicate_lines += len(msg.lines) - len(new)
         if new:
             try:
                 stream.lines = stream.logfile.append_lines(new)
             except ValueError as exc:
                 log.error("job %d: log batch from %s refused: %s", msg.job_id, session.hostname, exc)
                 return
-            self.stats.log_lines += len(new)
-            found = results_in_lines(msg.job_id, new)
-            if found:
-                self._staged_results.setdefault(msg.job_id, []).extend(found)
-        # acknowledged once the burst's results are committed (_flush)
+            except OSError as exc:  # cut back to the stored lines: the agent sends them again
+                self._write_failed(stream, exc, "storing its log")
+                if msg.job_id not in self.streams:  # not even cut back: counted again on the next batch
+                    self._send(session.hostname, LogOk(job_id=msg.job_id, lines=0), sock)
+                    return
+            else:
+                self._blocked.discard(msg.job_id)
+                self._unsynced.add(msg.job_id)
+                self.stats.log_lines += len(new)
+                found = results_in_lines(msg.job_id, new)
+                if found:
+                    self._staged_results.setdefault(msg.job_id, []).extend(found)
+        # acknowledged once the burst's lines are durable and their results committed (_flush)
         self._staged_acks.append((sock, session.hostname, LogOk(job_id=msg.job_id, lines=stream.lines)))
 
     def _on_end(self, sock: zmq.Socket, session: Session, msg: End) -> None:
-        stream = self._stream(msg.job_id, session.hostname)
+        try:
+            stream = self._stream(msg.job_id, session.hostname)
+        except _Unavailable:
+            return  # not acknowledged: the agent sends END again
         if stream is None:
             self._send(session.hostname, EndOk(job_id=msg.job_id), sock)
             return
         if stream.lines < msg.lines:
             # lines are missing: have them resent before the end is recorded
-            self._send(session.hostname, LogOk(job_id=msg.job_id, lines=stream.lines, rewind=True), sock)
+            if msg.job_id not in self._blocked:
+                self._send(session.hostname, LogOk(job_id=msg.job_id, lines=stream.lines, rewind=True), sock)
+            return
+        if stream.unstored:  # results the database refused so far (_flush tries again)
             return
         health, error_type, error = msg.health, msg.error_type, msg.error_msg
         if health not in HEALTHS:
@@ -843,7 +973,11 @@ class Broker:
             error = (f"worker {session.hostname} reported the health {msg.health!r}; "
                      f"allowed: {', '.join(HEALTHS)}")
         if msg.description:
-            current().store.write_file(msg.job_id, "description.yaml", msg.description)
+            try:
+                current().store.write_file(msg.job_id, "description.yaml", msg.description)
+            except OSError as exc:
+                diskfull.report(exc, f"job {msg.job_id}: storing its description.yaml")
+                return  # not acknowledged: the agent sends END again
         self._finish(msg.job_id, health, error if health != JobHealth.COMPLETE else None,
                      error_type if health != JobHealth.COMPLETE else None,
                      reply=(sock, session.hostname, EndOk(job_id=msg.job_id)))
@@ -854,6 +988,7 @@ class Broker:
         self.starts.pop(job_id, None)
         self.cancels.pop(job_id, None)
         self._close_stream(job_id)
+        self._blocked.discard(job_id)
         self._timeouts.pop(job_id, None)
         if job_id in self._ending:  # its end is being recorded already
             if reply is not None:
@@ -864,9 +999,13 @@ class Broker:
 
     def _record_end(self, job_id: int, health: str, error: str | None, error_type: str | None,
                     reply: tuple[zmq.Socket, str, Message] | None) -> None:
-        """(service thread) ``job_finished``, then the acknowledgement."""
+        """(service thread) ``job_finished``, then the acknowledgement. A full disk or database
+        is waited out (END is acknowledged only once the end is recorded and published)."""
+        what = f"job {job_id}: recording its end ({health})"
         try:
-            if jobs.job_finished(job_id, health, error, error_type):
+            end = diskfull.retry(jobs.record_end, job_id, health, error, error_type, what=what, stop=self._stop)
+            if end is not None:
+                diskfull.retry(jobs.publish_end, end, what=what, stop=self._stop)
                 log.info("job %d ended %s%s", job_id, health, f" ({error_type}: {error})" if error else "")
         except ServiceError as exc:
             log.error("job %d: cannot record its end (%s): %s", job_id, health, exc.message)

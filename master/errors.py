@@ -62,3 +62,10 @@ class TooLarge(ServiceError):
     """A request body or definition over the size limit."""
 
     status = 413
+
+
+class StorageFull(ServiceError):
+    """The master's data directory (or its database) is full: the request could not be recorded
+    (see :mod:`master.diskfull`); it may be sent again once space is freed."""
+
+    status = 507

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from peewee import JOIN, PostgresqlDatabase
 
 from agent.errors import Fault
-from master import events
+from master import diskfull, events
 from master.db import db, is_postgres
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
@@ -122,11 +124,20 @@ def _record(row: dict[str, Any], tags: list[str]) -> dict[str, Any]:
 _meta_lock = threading.Lock()
 
 
+#: jobs whose meta.yaml could not be rewritten (a full store): rewritten with the next ones
+_unwritten_meta: set[int] = set()
+
+
 def write_meta(job_ids: Sequence[int]) -> None:
-    """Rewrite ``meta.yaml`` of each job from the database (call after the change is committed)."""
+    """Rewrite ``meta.yaml`` of each job from the database (call after the change is committed),
+    and of the jobs a failed call left behind."""
     with _meta_lock:
-        for record in job_records(job_ids):
+        wanted = list(dict.fromkeys([*job_ids, *sorted(_unwritten_meta)]))
+        _unwritten_meta.update(wanted)
+        for record in job_records(wanted):
             _write_record(record)
+            _unwritten_meta.discard(record["id"])
+        _unwritten_meta.difference_update(wanted)  # jobs deleted meanwhile
 
 
 def _write_record(record: dict[str, Any]) -> None:
@@ -190,27 +201,57 @@ def create_job(request: JobRequest, submitter: User, *, health_check: bool = Fal
 def submit_job(definition: str, user: User | None) -> list[int]:
     """Validate ``definition`` fully and queue it; returns the new job ids (one per job).
 
-    Raises Invalid with every fault (YAML path, line, message), TooLarge, or Unauthorized.
+    Raises Invalid with every fault (YAML path, line, message), TooLarge, Unauthorized, or
+    StorageFull (507) when the data directory or the database is full: then nothing of the job
+    was recorded.
     """
     if user is None:
         raise Unauthorized("submitting a job needs a token: 'Authorization: Token <token>'")
     request = check_definition(definition)
-    with db.atomic():
-        job = create_job(request, user, store=False)
-    # The files are written after the commit, so the database's write lock is held for the inserts
-    # only. The record is known without reading it back (a submission is a hot path).
-    store = current().store
-    store.write_definition(job.id, definition)
-    row = {name: getattr(job, name) for name in _RECORD_COLUMNS}
-    record = _record({**row, "submitter": user.username, "device_type": request.device_type.name,
-                      "device": None, "worker": None}, request.tags)
-    with _meta_lock:
-        # the scheduler may have claimed the job meanwhile and written a newer meta.yaml: keep it
-        if not (store.job_dir(job.id) / "meta.yaml").exists():
-            _write_record(record)
+    try:
+        job = _create_with_files(request, user)
+    except Exception as exc:
+        if diskfull.is_full(exc):
+            raise diskfull.refusal(exc, "the job submission") from None
+        raise
     log.info("job %d submitted by %s for %s", job.id, user.username, request.device_type.name)
     events.publish("job_submitted", job_ids=[job.id])
     return [job.id]
+
+
+def _create_with_files(request: JobRequest, user: User) -> Job:
+    """Insert the job and write its definition and meta.yaml, all or nothing: the files are
+    written before the commit (a job row is never without them), and removed when the submission
+    fails (a full disk fails the file writes or the commit)."""
+    store = current().store
+    job: Job | None = None
+    try:
+        with db.atomic():
+            job = create_job(request, user, store=False)
+            store.write_definition(job.id, request.definition)
+            # the record is known without reading it back (a submission is a hot path)
+            row = {name: getattr(job, name) for name in _RECORD_COLUMNS}
+            record = _record({**row, "submitter": user.username, "device_type": request.device_type.name,
+                              "device": None, "worker": None}, request.tags)
+            with _meta_lock:  # nobody else sees the job before the commit: no newer meta.yaml exists
+                _write_record(record)
+    except BaseException:
+        if job is not None:
+            _remove_uncommitted(job.id)
+        raise
+    return job
+
+
+def _remove_uncommitted(job_id: int) -> None:
+    """Remove the store files of a job whose row was rolled back. SQLite hands a rolled-back id
+    out again: the files go only if no job holds the id, checked under the write lock."""
+    try:
+        with db.atomic():
+            if not Job.select().where(Job.id == job_id).exists():
+                shutil.rmtree(current().store.job_dir(job_id), ignore_errors=True)
+    except Exception as exc:
+        log.error("job %d was not created, but its files in %s could not be removed: %s", job_id,
+                  current().store.job_dir(job_id), exc)
 
 
 def validate_definition(definition: str) -> list[Fault]:
@@ -255,10 +296,13 @@ def cancel_job(job_id: int | str, user: User | None) -> dict[str, Any]:
             fields[Job.failure_comment] = f"canceled by {user.username}"
         changed = Job.update(fields).where((Job.id == job.id) & (Job.state == job.state)).execute()
         if changed:
-            write_meta([job.id])
             log.info("job %d %s by %s", job.id, "canceled" if state == JobState.FINISHED else "canceling",
                      user.username)
-            events.publish("job_finished" if state == JobState.FINISHED else "job_canceling", job_ids=[job.id])
+            try:
+                write_meta([job.id])
+            finally:  # committed: the broker and the scheduler hear of it even if the store is full
+                events.publish("job_finished" if state == JobState.FINISHED else "job_canceling",
+                               job_ids=[job.id])
             break
         job = Job.get_by_id(job.id)
     else:
@@ -475,13 +519,39 @@ def append_results(job_id: int, results: Iterable[Result | dict]) -> int:
     return len(rows)
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """A job's end as recorded in the database (:func:`record_end`), for :func:`publish_end`."""
+
+    job_id: int
+    job_health: str
+    health_check: bool
+    error_type: str | None
+    #: the job's device (None: it had none), its health before the job and after it (None: unchanged)
+    device: str | None
+    device_health_before: str | None
+    device_health: str | None
+
+
 def job_finished(job_id: int, health: str, error: str | None = None, error_type: str | None = None) -> bool:
-    """The agent reports the end of a job: record its health and free its device.
+    """The agent reports the end of a job: record its health and free its device
+    (:func:`record_end`), then write its files and tell the others (:func:`publish_end`).
+
+    Idempotent: an END resent for a finished job returns False and changes nothing.
+    """
+    end = record_end(job_id, health, error, error_type)
+    if end is None:
+        return False
+    publish_end(end)
+    return True
+
+
+def record_end(job_id: int, health: str, error: str | None = None, error_type: str | None = None) -> JobEnd | None:
+    """The database part of :func:`job_finished`, one transaction (None: the job was finished already).
 
     ``health`` is what the agent says (Complete, Incomplete, Canceled); a job that was Canceling ends
     Canceled. A health check sets its device's health; an infrastructure error (``error_type``
-    Infrastructure/Configuration/Bug) puts a Good device to Unknown. Idempotent: an END resent for a
-    finished job returns False and changes nothing.
+    Infrastructure/Configuration/Bug) puts a Good device to Unknown.
     """
     with db.atomic():
         query = Job.select().where(Job.id == job_id)
@@ -491,7 +561,7 @@ def job_finished(job_id: int, health: str, error: str | None = None, error_type:
         if job is None:
             raise NotFound(f"no job {job_id}")
         if job.state == JobState.FINISHED:
-            return False
+            return None
         check_job_transition(job.id, job.state, JobState.FINISHED)
         device = Device.get_or_none(Device.id == job.actual_device_id) if job.actual_device_id else None
         outcome = finish_outcome(job.state, health, health_check=job.health_check,
@@ -512,21 +582,28 @@ def job_finished(job_id: int, health: str, error: str | None = None, error_type:
                 fields[Device.jobs_since_check] = Device.jobs_since_check + 1
             (Device.update(fields)
              .where((Device.id == device.id) & (Device.current_job_id == job.id)).execute())
-    write_meta([job.id])
+    return JobEnd(job.id, outcome.job_health, bool(job.health_check), error_type,
+                  device.hostname if device else None, device.health if device else None,
+                  outcome.device_health)
+
+
+def publish_end(end: JobEnd) -> None:
+    """After :func:`record_end`'s commit: the job's meta.yaml and bundle, lab.yaml, the events.
+    Safe to call again when it failed (a full store): it only rewrites files from the database."""
+    write_meta([end.job_id])
     store = current().store
-    _write_bundle(job.id)
-    if device is not None:
-        if outcome.device_health:
-            log.warning("device %s health %s -> %s after job %d (%s)", device.hostname, device.health,
-                        outcome.device_health, job.id, "health check" if job.health_check else error_type)
+    _write_bundle(end.job_id)
+    if end.device is not None:
+        if end.device_health:
+            log.warning("device %s health %s -> %s after job %d (%s)", end.device, end.device_health_before,
+                        end.device_health, end.job_id, "health check" if end.health_check else end.error_type)
         from master.lab import write_lab
 
         write_lab()
-    log.info("job %d finished: %s", job.id, outcome.job_health)
-    events.publish("job_finished", job_ids=[job.id], store=str(store.root))
-    if device is not None:
-        events.publish("device_freed", devices=[device.hostname])
-    return True
+    log.info("job %d finished: %s", end.job_id, end.job_health)
+    events.publish("job_finished", job_ids=[end.job_id], store=str(store.root))
+    if end.device is not None:
+        events.publish("device_freed", devices=[end.device])
 
 
 def _bundle_text(job_id: int) -> str:

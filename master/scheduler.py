@@ -11,7 +11,9 @@ of a type without a health check.
 conditional UPDATEs in one transaction: rows are locked with ``FOR UPDATE SKIP LOCKED`` on
 PostgreSQL (two schedulers never wait on each other, never assign one device twice); on SQLite the
 transaction holds the write lock (BEGIN IMMEDIATE). It runs when an event wakes it (a submission, a
-freed device, a worker coming online) and on a slow timer as a safety net.
+freed device, a worker coming online) and on a slow timer as a safety net. A full database fails
+a pass without claiming anything: it is tried again every second; claims committed while the store
+is full wait for space to write their files, then go to the broker.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import yaml
 from peewee import fn
 
 from agent.policy import Access, FilePolicy
-from master import events
+from master import diskfull, events
 from master.db import connection, db, is_postgres
 from master.instance import current
 from master.models import Device, DeviceTag, DeviceType, Job, JobTag, Tag, Worker, utcnow
@@ -448,11 +450,9 @@ class Scheduler:
                 self._wake.set()  # something was taken meanwhile: look again soon
             mark = time.perf_counter()
             if claimed:
-                from master.jobs import write_meta
-                from master.lab import write_lab
-
-                write_meta([job_id for job_id, _ in claimed])
-                write_lab()
+                # committed: the files wait for space if the store is full, then the broker hears of it
+                diskfull.retry(self._write_files, [job_id for job_id, _ in claimed],
+                               what=f"recording {len(claimed)} scheduled job(s)", stop=self._stop)
             stats.publish = time.perf_counter() - mark
         stats.assigned = len(claimed)
         self.stats = stats
@@ -461,6 +461,14 @@ class Scheduler:
                      ", ".join(f"{job}->{device}" for job, device in claimed[:10]))
             events.publish("job_scheduled", assignments=claimed, job_ids=[job for job, _ in claimed])
         return claimed
+
+    @staticmethod
+    def _write_files(job_ids: list[int]) -> None:
+        from master.jobs import write_meta
+        from master.lab import write_lab
+
+        write_meta(job_ids)
+        write_lab()
 
     def run(self) -> None:
         """Loop until :meth:`stop`: a pass on each wake-up or every ``interval`` seconds."""
@@ -473,8 +481,12 @@ class Scheduler:
                 self._wake.clear()
                 try:
                     self.loop_once()
-                except Exception:
-                    log.exception("scheduling pass failed; retrying on the next event or timer")
+                except Exception as exc:
+                    if diskfull.is_storage_error(exc):  # nothing was claimed: try again in a second
+                        diskfull.report(exc, "scheduling pass")
+                        self._wake.set()
+                    else:
+                        log.exception("scheduling pass failed; retrying on the next event or timer")
                     self._stop.wait(1.0)
                 self._stop.wait(self.min_gap)
         finally:

@@ -19,7 +19,7 @@ import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 
-from master import events
+from master import diskfull, events
 from master.api import make_app
 from master.instance import current
 from master.scheduler import Scheduler
@@ -35,6 +35,7 @@ class SitePublisher:
     def __init__(self) -> None:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
 
     def on_event(self, event: str, data: dict[str, Any]) -> None:
         # a running job too: its log page tails output.yaml live
@@ -51,10 +52,15 @@ class SitePublisher:
         while (job_id := self._queue.get()) is not None:
             instance = current()
             try:
-                publish_job(instance.store.root, instance.site_dir, job_id, instance=instance.name,
-                            base_url=instance.url)
-            except Exception:
-                log.exception("publishing job %s failed; 'pumice-site build' will catch up", job_id)
+                # a full disk is waited out: the pages are published once there is space
+                diskfull.retry(publish_job, instance.store.root, instance.site_dir, job_id, stop=self._stop,
+                               what=f"publishing job {job_id}'s pages", instance=instance.name,
+                               base_url=instance.url)
+            except Exception as exc:
+                if diskfull.is_storage_error(exc):
+                    diskfull.report(exc, f"publishing job {job_id}'s pages (given up: the master stops)")
+                else:
+                    log.exception("publishing job %s failed; 'pumice-site build' will catch up", job_id)
 
     def start(self) -> None:
         events.subscribe(self.on_event)
@@ -63,6 +69,7 @@ class SitePublisher:
 
     def stop(self) -> None:
         events.unsubscribe(self.on_event)
+        self._stop.set()
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(10)

@@ -45,6 +45,11 @@ def write_atomic(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        if exc.filename is None:  # a full disk says where (buffered writes fail without a name)
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         os.unlink(tmp)
         raise

@@ -11,9 +11,10 @@ credentials are refused on every method, anonymous ones included, so a typo in a
 silently downgrades a script to anonymous.
 
 Errors are XML-RPC faults with LAVA's codes: the service layer's HTTP status (400 invalid, 401
-no or bad credentials, 403 not allowed, 404 unknown object, 409 conflict, 413 too large),
--32601 for an unknown method (as LAVA's dispatcher), -32603 for a bug in the master. Every fault
-is logged with the method and the user.
+no or bad credentials, 403 not allowed, 404 unknown object, 409 conflict, 413 too large, 507 the
+master's data directory or database is full), -32601 for an unknown method (as LAVA's
+dispatcher), -32603 for a bug in the master. Every fault is logged with the method and the user,
+except 507: a full disk is logged once a minute (:mod:`master.diskfull`).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 import yaml
 from bottle import Bottle, HTTPResponse, request
 
-from master import certificates, jobs, lab
+from master import certificates, diskfull, jobs, lab
 from master.db import connection
-from master.errors import Invalid, NotFound, ServiceError, Unauthorized
+from master.errors import Invalid, NotFound, ServiceError, StorageFull, Unauthorized
 from master.instance import current
 from master.models import User
 from master.states import DeviceHealth, JobState, WorkerHealth
@@ -665,6 +666,10 @@ class Dispatcher(SimpleXMLRPCDispatcher):
         except (TypeError, ValueError, OverflowError) as exc:
             # int("x") or a list where a name belongs: the caller's values, not a bug of ours
             raise Fault(400, f"bad argument for {method}: {exc}") from None
+        except Exception as exc:
+            if diskfull.is_full(exc):
+                raise Fault(StorageFull.status, diskfull.refusal(exc, method).message) from None
+            raise
 
 
 #: the integers a call may carry: what a database column holds (a larger one is no id, count or offset)
@@ -807,7 +812,8 @@ def handle(body: bytes, authorization: str | None) -> bytes:
                 _caller.reset(token)
         return _document(dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8"))
     except Fault as fault:
-        log.warning("XML-RPC %s by %s: fault %s: %s", method_name, who, fault.faultCode, fault.faultString)
+        if fault.faultCode != StorageFull.status:  # a full disk is logged once a minute (master.diskfull)
+            log.warning("XML-RPC %s by %s: fault %s: %s", method_name, who, fault.faultCode, fault.faultString)
         return _document(dumps(fault, allow_none=True, encoding="utf-8"))
     except Exception:
         log.exception("XML-RPC %s by %s failed", method_name, who)

@@ -14,6 +14,12 @@ Safety:
   under the lock and repairs them: the torn line is dropped, the index is completed from the
   log or cut back. Without write access the repair is skipped and the file is read as it is.
 - ``flush()`` fsyncs both files (writes go straight to the OS, there is no user-space buffer).
+- A write that fails (ENOSPC, EIO...) leaves nothing behind: the log and its index are cut back
+  to where they were before the append, and :class:`LogWriteError` says at which line. A flush
+  that fails cuts them back to what the last flush made durable (after a failed fsync the
+  kernel may have dropped the pages it could not write). So a writer that acknowledges lines
+  only after ``flush()`` and appends again from the line count it is told never loses nor
+  doubles a line. (One flushing writer per log: a rollback does not know another's appends.)
 """
 
 from __future__ import annotations
@@ -59,6 +65,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _offsets(data: bytes) -> array:
     entries = array("Q")
     entries.frombytes(data[: len(data) // 8 * 8])
@@ -100,6 +114,22 @@ def _last_line_end(fd: int, size: int) -> int:
     return 0
 
 
+class LogWriteError(OSError):
+    """An append or a flush that failed (``errno`` is the cause's: ENOSPC, EIO...). The log and
+    its index were cut back to ``lines`` lines; None when that failed too (the next append, or
+    opening the log again, repairs it: count its lines then)."""
+
+    def __init__(self, path: Path, cause: OSError, lines: int | None, what: str) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.lines = lines
+        self.what = what
+
+    def __str__(self) -> str:
+        where = (f"the log is back at its last good line ({self.lines} lines)" if self.lines is not None
+                 else "cutting it back failed too: it is repaired when it is next opened")
+        return f"{self.what} {self.filename}: {self.strerror}; {where}"
+
+
 class _Index:
     """Random access to the entries of an open index file."""
 
@@ -128,6 +158,10 @@ class LogFile:
         self._log_fd: int | None = None  # writer side, opened by the first append
         self._idx_fd: int | None = None
         self._read_fds: tuple[int, int] | None = None
+        #: (log size, index size) that the last flush made durable (or found when the writer opened)
+        self._synced: tuple[int, int] | None = None
+        #: the writer created the files: their directory entries need an fsync too
+        self._created = False
         if self.path.exists():
             self._repair_on_open()
 
@@ -157,33 +191,89 @@ class LogFile:
             try:
                 if not self._consistent(log_fd, idx_fd):
                     self._repair(log_fd, idx_fd)
+                log_size, idx_size = os.fstat(log_fd).st_size, os.fstat(idx_fd).st_size
+                if self._synced is None:
+                    self._synced = (log_size, idx_size)
                 if not encoded:
-                    return os.fstat(idx_fd).st_size // 8
-                pos = os.fstat(log_fd).st_size
+                    return idx_size // 8
+                pos = log_size
                 entries = array("Q")
                 for line in encoded:
                     entries.append(pos)
                     pos += len(line)
-                _write_all(log_fd, b"".join(encoded))
-                _write_all(idx_fd, _pack(entries))
+                try:
+                    _write_all(log_fd, b"".join(encoded))
+                    _write_all(idx_fd, _pack(entries))
+                except OSError as exc:
+                    # a partly written batch must not stay: the writer appends it again
+                    done = self._cut_back(log_fd, idx_fd, log_size, idx_size)
+                    raise LogWriteError(self.path, exc, idx_size // 8 if done else None,
+                                        "cannot append to") from exc
                 return os.fstat(idx_fd).st_size // 8
             finally:
-                fcntl.flock(log_fd, fcntl.LOCK_UN)
+                if self._log_fd is not None:
+                    fcntl.flock(log_fd, fcntl.LOCK_UN)
 
     def _writer_fds(self) -> tuple[int, int]:
         if self._log_fd is None:
             flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+            self._created = not self.path.exists() or not self.index_path.exists()
             self._log_fd = os.open(self.path, flags, 0o644)
             self._idx_fd = os.open(self.index_path, flags, 0o644)
+            self._synced = None  # taken by the first append, after its repair
         assert self._idx_fd is not None
         return self._log_fd, self._idx_fd
 
-    def flush(self) -> None:
-        """Make the appended lines durable (fsync of the log and its index)."""
+    def _cut_back(self, log_fd: int, idx_fd: int, log_size: int, idx_size: int) -> bool:
+        """Truncate both files to these sizes (caller holds the lock); False when that fails: the
+        writer side is closed then, so that the next append reopens and repairs."""
+        try:
+            os.ftruncate(log_fd, log_size)
+            os.ftruncate(idx_fd, idx_size)
+        except OSError:
+            self._close_writer()
+            return False
+        return True
+
+    def _close_writer(self) -> None:
+        for fd in (self._log_fd, self._idx_fd):
+            if fd is not None:
+                os.close(fd)  # also releases the lock
+        self._log_fd = self._idx_fd = None
+        self._synced = None
+
+    def flush(self) -> int:
+        """Make the appended lines durable (fdatasync of the log and its index, and of their
+        directory when they were created); returns the number of durable lines.
+
+        Raises :class:`LogWriteError` when the system cannot: both files are then cut back to
+        what the previous flush made durable, its ``lines`` say how many lines that is.
+        """
         with self._lock:
-            if self._log_fd is not None and self._idx_fd is not None:
-                os.fsync(self._log_fd)
-                os.fsync(self._idx_fd)
+            if self._log_fd is None or self._idx_fd is None:
+                return self.count()
+            log_fd, idx_fd = self._log_fd, self._idx_fd
+            fcntl.flock(log_fd, fcntl.LOCK_EX)
+            try:
+                sizes = os.fstat(log_fd).st_size, os.fstat(idx_fd).st_size
+                try:
+                    os.fdatasync(log_fd)
+                    os.fdatasync(idx_fd)
+                    if self._created:
+                        _fsync_directory(self.path.parent)
+                        self._created = False
+                except OSError as exc:
+                    back = self._synced
+                    if back is None:  # nothing known durable: leave it to the repair on reopening
+                        self._close_writer()
+                    done = back is not None and self._cut_back(log_fd, idx_fd, *back)
+                    raise LogWriteError(self.path, exc, back[1] // 8 if back and done else None,
+                                        "cannot make durable") from exc
+                self._synced = sizes
+                return sizes[1] // 8
+            finally:
+                if self._log_fd is not None:
+                    fcntl.flock(log_fd, fcntl.LOCK_UN)
 
     # -- crash repair --------------------------------------------------------------------
 
@@ -315,10 +405,10 @@ class LogFile:
     def close(self) -> None:
         """Close the file descriptors (the LogFile can be used again: they reopen on demand)."""
         with self._lock:
-            for fd in (self._log_fd, self._idx_fd, *(self._read_fds or ())):
-                if fd is not None:
-                    os.close(fd)
-            self._log_fd = self._idx_fd = self._read_fds = None
+            self._close_writer()
+            for fd in self._read_fds or ():
+                os.close(fd)
+            self._read_fds = None
 
     def __enter__(self) -> LogFile:
         return self

@@ -7,6 +7,7 @@ and the LAVA corpus.
 - ``lava_corpus``: the LAVA 2023.01 test data in ``../shared/lava-corpus``.
 - ``allowing()``: a worker's dispatcher configuration whose file policy allows exactly what a test
   reads from this machine (its image directories, its loopback servers).
+- ``tmpfs``: mounts small tmpfs filesystems (root) that a test fills, unmounted afterwards.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -189,3 +190,69 @@ def lava_corpus() -> Path:
     if not path.is_dir():
         pytest.skip(f"LAVA corpus not found at {path} (set PUMICE_LAVA_CORPUS to its directory)")
     return path
+
+
+# --- a small filesystem to fill -----------------------------------------------------------------
+
+
+class Tmpfs:
+    """A tmpfs mounted on ``path`` (``size`` bytes): a data directory whose disk a test fills."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        import subprocess
+
+        self.path = path
+        self.size = size
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.fail(f"cannot mount a tmpfs on {path} (the disk-full tests need root): {done.stderr.strip()}")
+        self.mounted = True
+
+    def free(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, name: str = "filler", leave: int = 0) -> Path:
+        """Write a file until the filesystem has at most ``leave`` bytes free; returns its path."""
+        filler = self.path / name
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            block = b"\0" * 65536
+            while self.free() > leave:
+                try:
+                    os.write(fd, block[: max(4096, min(len(block), self.free() - leave))])
+                except OSError:
+                    break
+        finally:
+            os.close(fd)
+        return filler
+
+    def unmount(self) -> None:
+        import subprocess
+
+        if not self.mounted:
+            return
+        done = subprocess.run(["umount", str(self.path)], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:  # still in use by a process the test could not stop: detach it
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True, text=True, timeout=60)
+        self.mounted = False
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Tmpfs]]:
+    """``tmpfs(name, size)`` mounts a tmpfs of ``size`` bytes on ``tmp_path/name``; every mount is
+    unmounted at the end of the test, whatever happened."""
+    mounted: list[Tmpfs] = []
+
+    def mount(name: str = "tmpfs", size: int = 8 << 20) -> Tmpfs:
+        fs = Tmpfs(tmp_path / name, size)
+        mounted.append(fs)
+        return fs
+
+    try:
+        yield mount
+    finally:
+        for fs in reversed(mounted):
+            fs.unmount()

@@ -268,12 +268,14 @@ class ProcessLab:
     """A master (``serve --broker``) and agents as separate processes, driven over HTTP and curl.
 
     Its lab: device type qemu, worker w1 (its dispatcher config puts job scratch files under
-    ``root``), device qemu01 (Good) from ``tests/data/qemu-amd64.jinja2``, an admin token.
+    ``root``), device qemu01 (Good) from ``tests/data/qemu-amd64.jinja2``, an admin token. The
+    database is SQLite in ``root/data``, or the PostgreSQL URL ``database``.
     Workers are authenticated (CURVE) unless ``plain``: an agent started without keys in its spool
     enrols first, with a join token from ``pumice-master workers rotate`` (``--join``).
     """
 
-    def __init__(self, root: Path, *, plain: bool = False, heartbeat: float = 1.0) -> None:
+    def __init__(self, root: Path, *, plain: bool = False, heartbeat: float = 1.0,
+                 database: str | None = None) -> None:
         import os
 
         self.root = root
@@ -285,6 +287,8 @@ class ProcessLab:
         self.broker_url = f"tcp://127.0.0.1:{self.broker_port}"
         self.env = {**os.environ, "PUMICE_DATA": str(self.data), "PYTHONUNBUFFERED": "1"}
         self.env.pop("PUMICE_DATABASE", None)
+        if database:  # PostgreSQL (else SQLite in the data directory)
+            self.env["PUMICE_DATABASE"] = database
         self.master: Any = None
         self.agents: list[Any] = []
         self.master_log = root / "master.log"

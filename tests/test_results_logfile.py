@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import struct
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from results import logfile as logfile_module
 from results.log import LogRecord
-from results.logfile import LogFile
+from results.logfile import LogFile, LogWriteError
 
 ROOT = Path(__file__).resolve().parent.parent
 DT = "2023-01-10T10:00:00.123456"
@@ -261,3 +263,111 @@ def test_a_killed_writer_leaves_a_repairable_log(tmp_path: Path) -> None:
     for number, record in enumerate(log.records()):
         assert record.msg.startswith(f"seq {number} ")
     assert log.append(records(0, 1)) == count + 1
+
+
+# ---- write errors: nothing half written stays, nothing is lost ----
+
+
+def reference_log(tmp_path: Path, batches: list[list[LogRecord]]) -> bytes:
+    """The bytes of a log holding ``batches`` written without any failure."""
+    path = tmp_path / "reference" / "output.yaml"
+    path.parent.mkdir()
+    with LogFile(path) as log:
+        for batch in batches:
+            log.append(batch)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+@pytest.mark.parametrize("failing", ["log", "index"])
+def test_an_append_failing_midway_is_rolled_back_to_the_last_good_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int, failing: str) -> None:
+    path = tmp_path / "output.yaml"
+    batches = [records(0, 10), records(10, 30), records(30, 45)]
+    log = LogFile(path)
+    assert log.append(batches[0]) == 10
+    good = path.read_bytes(), (tmp_path / "output.idx").read_bytes()
+    real_write_all = logfile_module._write_all
+    calls: list[int] = []
+
+    def failing_write(fd: int, data: bytes) -> None:
+        calls.append(fd)
+        if len(calls) == (1 if failing == "log" else 2):
+            os.write(fd, data[: len(data) // 2 + 3])  # part of it reached the file
+            raise OSError(error, os.strerror(error))
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(logfile_module, "_write_all", failing_write)
+    with pytest.raises(LogWriteError) as raised:
+        log.append(batches[1])
+    assert raised.value.errno == error and raised.value.lines == 10
+    assert str(path) in str(raised.value) and os.strerror(error) in str(raised.value)
+    # the log and its index are back where they were, byte for byte
+    assert (path.read_bytes(), (tmp_path / "output.idx").read_bytes()) == good
+    assert log.count() == 10 and LogFile(path).count() == 10
+    # the writer sends the batch again: appended once, whole
+    monkeypatch.setattr(logfile_module, "_write_all", real_write_all)
+    assert log.append(batches[1]) == 30
+    assert log.append(batches[2]) == 45
+    assert log.flush() == 45
+    assert_consistent(path)
+    assert path.read_bytes() == reference_log(tmp_path, batches)
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_a_failed_flush_cuts_the_log_back_to_the_last_durable_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int) -> None:
+    path = tmp_path / "output.yaml"
+    batches = [records(0, 10), records(10, 20), records(20, 25), records(25, 40)]
+    log = LogFile(path)
+    log.append(batches[0])
+    assert log.flush() == 10
+    durable = path.read_bytes(), (tmp_path / "output.idx").read_bytes()
+    log.append(batches[1])
+    log.append(batches[2])
+    real_sync = os.fdatasync
+
+    def failing_sync(fd: int) -> None:
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(logfile_module.os, "fdatasync", failing_sync)
+    with pytest.raises(LogWriteError, match="cannot make durable") as raised:
+        log.flush()
+    assert raised.value.errno == error and raised.value.lines == 10
+    # after a failed fsync the kernel may have dropped those pages: they are not kept
+    assert (path.read_bytes(), (tmp_path / "output.idx").read_bytes()) == durable
+    assert log.count() == 10
+    monkeypatch.setattr(logfile_module.os, "fdatasync", real_sync)
+    for batch in batches[1:]:
+        log.append(batch)
+    assert log.flush() == 40
+    assert path.read_bytes() == reference_log(tmp_path, batches)
+    assert_consistent(path)
+
+
+def test_a_full_filesystem_loses_and_doubles_nothing(tmp_path: Path, tmpfs) -> None:
+    fs = tmpfs("small", 1 << 20)
+    path = fs.path / "jobs" / "output.yaml"
+    path.parent.mkdir()
+    batches = [records(n * 200, n * 200 + 200) for n in range(30)]  # about 18 kB each
+    log = LogFile(path)
+    appended, failures = 0, 0
+    for number, batch in enumerate(batches):
+        # the disk fills up again and again, leaving room for zero to two batches
+        filler = fs.fill(leave=(number % 3) * 20_000)
+        while True:
+            try:
+                appended = log.append(batch)
+                assert log.flush() == appended
+                break
+            except LogWriteError as exc:
+                assert exc.errno == errno.ENOSPC and exc.lines == appended
+                assert log.count() == appended
+                assert_consistent(path)
+                failures += 1
+                assert failures < 100, "the batch never went through"
+                filler.unlink(missing_ok=True)  # space comes back: the writer sends the batch again
+    assert failures >= 5 and appended == 6000
+    log.close()
+    assert path.read_bytes() == reference_log(tmp_path, batches)
+    assert_consistent(path)
