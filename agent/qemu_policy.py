@@ -85,8 +85,9 @@ PLACEHOLDER_ROOT = f"/pumice-job-{os.urandom(8).hex()}"
 
 class Use(NamedTuple):
     """What a group makes QEMU do on the worker with ``value``: ``read`` a file, ``write`` one, open a
-    disk image (``disk``: read and write unless the command line has ``-snapshot``; ``media``: read
-    only), or ``refuse`` (``value`` says why). ``format`` is a disk image's, when the option says."""
+    disk image (``disk``: read and write unless the command line has ``-snapshot``; ``rw``: read and
+    write whatever it has; ``media``: read only), or ``refuse`` (``value`` says why). ``format`` is
+    a disk image's, when the option says."""
 
     kind: str
     value: str
@@ -258,8 +259,10 @@ def drive(blockdev: bool) -> Judge:
             yield BAD_JSON
             return
         flags = dict(found)
-        readonly = (flags.get("read-only" if blockdev else "readonly") in ON or flags.get("snapshot") in ON
-                    or flags.get("media") == "cdrom")
+        said = {key: flags[key] in ON for key in ("read-only", "readonly", "snapshot") if key in flags}
+        # a CD-ROM is read-only unless said otherwise; -snapshot protects a -drive that says nothing
+        readonly = any(said.values()) or flags.get("media") == "cdrom" and not said
+        kind = "media" if readonly else "rw" if blockdev or "snapshot" in said else "disk"
         image_format = flags.get("format") or flags.get("driver", "")
         for key, value in found:
             last = key.rsplit(".", 1)[-1]
@@ -269,7 +272,7 @@ def drive(blockdev: bool) -> Judge:
             elif key == "file" and not blockdev and has_protocol(value):
                 yield protocol_refusal(value)
             elif (key == "file" and not blockdev) or last == "filename" or value.startswith("/"):
-                yield Use("media" if readonly else "disk", value, image_format if key in ("file", "filename") else "")
+                yield Use(kind, value, image_format if key in ("file", "filename") else "")
 
     return judge
 
@@ -587,15 +590,15 @@ def _apply(verdict: Verdict, use: Use, via: str, path: tuple, root: str, resolve
     real = os.path.realpath(where) if resolve else where
     home = os.path.realpath(root) if resolve else posixpath.normpath(root)
     if real == home or real.startswith(home.rstrip("/") + "/"):
-        if resolve and use.kind in ("disk", "media") and use.format != "raw" and os.path.isfile(real):
+        if resolve and use.kind in ("disk", "rw", "media") and use.format != "raw" and os.path.isfile(real):
             _references(verdict, real, use.format, via, path, root, depth)
         return  # the job's own file
     if use.kind in ("read", "media"):
         if real not in HARMLESS_READS:
             verdict.reads.append(Access("file", where, path, via))
     elif real != "/dev/null":
-        hint = (" (readonly=on (-blockdev: read-only=on), snapshot=on or -snapshot would only read it)"
-                if use.kind == "disk" else "")
+        hint = {"disk": " (readonly=on, snapshot=on or -snapshot would only read it)",
+                "rw": " (read-only=on would only read it)"}.get(use.kind, "")
         verdict.refusals.append((path, f"{REFUSED}: {via} writes {real} on the worker: QEMU may write only the "
                                        f"job's own files{hint}"))
 

@@ -300,9 +300,15 @@ def test_a_written_file_is_refused_even_under_an_allowed_directory(world: World)
         done = validate(world, job_text(world, case), name, allowing([world.root]))
         assert done.returncode == 1 and "QEMU may write only the job's own files" in done.stderr, done.stderr
         if name == "drive":
-            assert "(readonly=on (-blockdev: read-only=on), snapshot=on or -snapshot would only read it)" in done.stderr
+            assert "(readonly=on, snapshot=on or -snapshot would only read it)" in done.stderr
     snapshot = Case("snapshot", "-kernel {kernel} -drive file=@SECRET@,if=virtio -snapshot")
     assert validate(world, job_text(world, snapshot), "snapshot", allowing([world.root])).returncode == 0
+    # -snapshot protects neither a drive that says snapshot=off nor a -blockdev
+    for name, image_arg in (("snapshot-off", "-drive file=@SECRET@,if=virtio,snapshot=off -snapshot"),
+                            ("blockdev", "-blockdev driver=file,filename=@SECRET@,node-name=s -snapshot")):
+        done = validate(world, job_text(world, Case(name, "-kernel {kernel} " + image_arg)), name,
+                        allowing([world.root]))
+        assert done.returncode == 1 and f"writes {world.secret} on the worker" in done.stderr, done.stderr
 
 
 def test_the_device_s_own_options_pass_whatever_they_name(world: World) -> None:
