@@ -15,6 +15,7 @@ import voluptuous as v
 
 import agent.actions  # noqa: F401  (registers the strategies)
 from agent import __version__
+from agent.actions.boot.qemu import policy_refusals
 from agent.errors import Bug, Canceled, Fault, JobDefinitionError, PumiceError
 from agent.logger import JobLogger
 from agent.pipeline import Action, Pipeline, strategy
@@ -78,10 +79,13 @@ class Job:
     def __init__(self, job_id: str, definition: dict, device: dict, output_dir: Path | None = None,
                  logger: JobLogger | None = None, env: dict[str, str] | None = None,
                  doc: YamlDocument | None = None, dispatcher: dict | None = None,
-                 on_worker: bool = True) -> None:
+                 on_worker: bool = True, device_own: dict | None = None) -> None:
         self.job_id = str(job_id)
         self.definition = definition
         self.device = device or {}
+        #: the device's configuration rendered without the job's context (what in ``device`` is the
+        #: lab's own, see agent.qemu_policy); None: all of ``device`` is (a standalone run)
+        self.device_own = device_own
         self.output_dir = Path(output_dir) if output_dir else None
         self.logger = logger or JobLogger(None)
         self.env = dict(env or {})
@@ -234,21 +238,19 @@ class Job:
         return FilePolicy.from_dispatcher(self.dispatcher)
 
     def check_policy(self) -> list[Fault]:
-        """A fault for each URL or repository of the job the worker's file policy refuses (on the
-        worker only, with symlinks resolved: the master checks each worker's policy itself)."""
+        """A fault for each URL or repository of the job the worker's file policy refuses, and for
+        what its QEMU command line may not do (on the worker only, with symlinks resolved: the
+        master checks each worker's policy itself)."""
         if not self.on_worker:
             return []
         try:
             policy = self.policy
         except ValueError as exc:
             return [Fault("", f"the worker's dispatcher configuration: {exc}")]
-        faults = []
-        for access in accesses(self.definition):
-            refusal = policy.refusal(access, resolve=True)
-            if refusal:
-                line = self.doc.line(access.path) if self.doc else None
-                faults.append(Fault(format_path(access.path), refusal, line))
-        return faults
+        found = [(access.path, policy.refusal(access, resolve=True)) for access in accesses(self.definition)]
+        found += policy_refusals(self)
+        return [Fault(format_path(path), refusal, self.doc.line(path) if self.doc else None)
+                for path, refusal in found if refusal]
 
     # -- running --------------------------------------------------------------------------------------
     @property

@@ -17,8 +17,8 @@ Flow (agent -> master unless noted):
 - ``HELLO`` (hostname, protocol and package versions) -> ``WELCOME`` (heartbeat interval) or
   ``REFUSED`` (reason). A master that restarted answers any other message with ``HELLO_REQUIRED``.
 - ``PING`` -> ``PONG``: heartbeats; any message counts as a sign of life, in both directions.
-- master -> ``START`` (job id, definition, rendered device YAML, the worker's env and
-  dispatcher config) -> ``START_OK``. START is resent until acknowledged; the agent deduplicates by
+- master -> ``START`` (job id, definition, rendered device YAML with and without the job's context,
+  the worker's env and dispatcher config) -> ``START_OK``. START is resent until acknowledged; the agent deduplicates by
   job id.
 - ``LOG`` (job id, ``seq`` = the line number of its first line, the ``output.yaml`` lines) ->
   ``LOG_OK`` (the master's line count; ``rewind`` when it saw a gap). The agent resends from the
@@ -167,6 +167,9 @@ class Start(Message):
     definition: str
     device: str
     device_name: str = ""
+    #: the device YAML rendered without the job's context (but its arch): what of ``device`` is the
+    #: lab's own, not the job's (agent.qemu_policy); empty: all of it
+    device_own: str = ""
     #: the worker's job environment: {"purge": bool, "overrides": {NAME: value}} (LAVA's env.yaml)
     env: dict = field(default_factory=dict)
     #: the worker's dispatcher configuration (dispatcher_ip, tmp_dir, ...)

@@ -35,6 +35,10 @@ Where it is checked (one module, three places):
   told to use the checked addresses (``http.curloptResolve``). Through a proxy, the address checked
   is the proxy's (the proxy resolves the URL's host).
 
+The files QEMU's command line names are judged by :mod:`agent.qemu_policy` (which options are the
+job's, what each reads, writes or runs); the files it reads outside the job's own are accesses of
+kind ``file`` here, allowed by ``allowed_file_dirs`` like file URLs.
+
 Every refusal starts with :data:`REFUSED`: it is a lab's policy, not a feature Pumice lacks
 ("not implemented: ..."), and reports count it apart.
 """
@@ -82,12 +86,15 @@ class PolicyRefusal(JobError):
 
 
 class Access(NamedTuple):
-    """Something a job reads: a ``url`` (an image, a test definition) or a ``git`` repository."""
+    """Something a job reads: a ``url`` (an image, a test definition), a ``git`` repository, or a
+    ``file`` of the worker that QEMU opens (:mod:`agent.qemu_policy`; ``location`` is its path)."""
 
     kind: str
     location: str
     #: where the job names it (a YAML path), for faults
     path: tuple = ()
+    #: what names it, in refusals (default: ``location``), e.g. "QEMU option '-kernel /srv/vmlinuz'"
+    via: str = ""
 
 
 class Target(NamedTuple):
@@ -231,6 +238,8 @@ def local_kind(address: Address) -> str | None:
 
 def target(access: Access) -> Target | None:
     """What ``access`` reaches on the worker itself, as far as its text tells; None: nothing."""
+    if access.kind == "file":
+        return Target(file=access.location)
     kind = git_kind(access.location) if access.kind == "git" else "url"
     if kind in ("path", "helper"):  # a helper is refused whatever the directories (FilePolicy.reason)
         return Target(file=access.location)
@@ -308,7 +317,7 @@ class FilePolicy:
         if where is None:
             return None
         if where.file is not None:
-            return self.file_reason(access.location, where.file, resolve)
+            return self.file_reason(access.via or access.location, where.file, resolve)
         for address in where.addresses:
             if self.allows_address(address, where.port):
                 return None

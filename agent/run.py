@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pumice-run", description="Run one LAVA-format job on one device.")
     p.add_argument("job", type=Path, help="the job definition (YAML)")
     p.add_argument("--device", type=Path, required=True, help="the device configuration (rendered YAML)")
+    p.add_argument("--device-own", type=Path,
+                   help="the device configuration rendered without the job's context: what of --device is the "
+                        "lab's own (default: all of it)")
     p.add_argument("--output-dir", type=Path, help="where output.yaml, results.yaml and description.yaml go")
     p.add_argument("--job-id", default="0", help="the job id (default 0)")
     p.add_argument("--validate", action="store_true", help="only validate the job against the device")
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pumice-run: no such job file: {options.job}", file=sys.stderr)
         return EXIT_STATUS["Incomplete"]
     device = read_yaml(options.device, "device configuration")
+    device_own = read_yaml(options.device_own, "device's own configuration") if options.device_own else None
     dispatcher = read_yaml(options.dispatcher, "dispatcher configuration") if options.dispatcher else {}
     env_dut = read_yaml(options.env_dut, "board environment") if options.env_dut else {}
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         job = load_job(text, device, job_id=options.job_id, logger=logger, output_dir=output,
-                       env=dict(os.environ), dispatcher=dispatcher)
+                       env=dict(os.environ), dispatcher=dispatcher, device_own=device_own)
     except JobDefinitionError as exc:
         settle_heap()
         for fault in exc.faults:

@@ -21,12 +21,13 @@ optional once) is still accepted and changes nothing.
 
 The agent knows nothing of its devices: each START carries the device YAML the master rendered.
 Spool layout, one directory per job (``SPOOL/jobs/<id>/``): ``job.yaml``, ``device.yaml``,
-``dispatcher.yaml``, ``state.json`` (what the daemon must remember across its own restarts),
-``runner.log`` (pumice-run's stderr) and pumice-run's ``output.yaml``/``output.idx``,
-``results.yaml``, ``description.yaml``. The log is streamed by line number from ``output.yaml``, so
-a restarted daemon (or master) resumes where the master's acknowledgements stopped. Lines (and
-END) the master does not acknowledge are sent again after a wait that doubles from the heartbeat
-up to a minute (a master whose disk is full stores nothing): they wait in the spool, not in memory.
+``device-own.yaml`` (the device YAML without the job's context), ``dispatcher.yaml``, ``state.json``
+(what the daemon must remember across its own restarts), ``runner.log`` (pumice-run's stderr) and
+pumice-run's ``output.yaml``/``output.idx``, ``results.yaml``, ``description.yaml``. The log is
+streamed by line number from ``output.yaml``, so a restarted daemon (or master) resumes where the
+master's acknowledgements stopped. Lines (and END) the master does not acknowledge are sent again
+after a wait that doubles from the heartbeat up to a minute (a master whose disk is full stores
+nothing): they wait in the spool, not in memory.
 
 If the daemon dies, its jobs' runners get SIGTERM (the board is powered off); the restarted
 daemon reports those jobs Incomplete with an infrastructure error, after sending the rest of
@@ -520,12 +521,15 @@ class Worker:
         directory.mkdir(parents=True)
         (directory / "job.yaml").write_text(msg.definition, encoding="utf-8")
         (directory / "device.yaml").write_text(msg.device, encoding="utf-8")
+        own = ["--device-own", str(directory / "device-own.yaml")] if msg.device_own else []
+        if own:
+            (directory / "device-own.yaml").write_text(msg.device_own, encoding="utf-8")
         # JSON is YAML: pumice-run reads it with its YAML loader, the daemon needs no yaml
         (directory / "dispatcher.yaml").write_text(json.dumps(msg.dispatcher, indent=1), encoding="utf-8")
         state = {"job_id": msg.job_id, "status": "running", "device": msg.device_name, "timeout": msg.timeout,
                  "started_at": time.time()}
         job = LocalJob(directory, state)
-        command = [*self.config.runner, "--device", str(directory / "device.yaml"),
+        command = [*self.config.runner, "--device", str(directory / "device.yaml"), *own,
                    "--output-dir", str(directory), "--job-id", str(msg.job_id),
                    "--dispatcher", str(directory / "dispatcher.yaml"), str(directory / "job.yaml")]
         _prepare_runner_setup()

@@ -97,6 +97,7 @@ from master.errors import Invalid, NotFound, ServiceError
 from master.instance import current
 from master.models import Device, Job, TestCase, Worker, utcnow
 from master.states import JobHealth, JobState, WorkerState
+from master.validation import own_context
 from results import bounded
 from results.log import LogRecord
 from results.logfile import LogFile
@@ -583,8 +584,10 @@ class Broker:
         data = _load_yaml(job.definition, f"job {job_id}")
         context = data.get("context") if isinstance(data.get("context"), dict) else None
         device_yaml = lab.review_dictionary(device.hostname, context)
+        # the same without the job's context: what of it the job's context did not write (agent.qemu_policy)
+        device_own = lab.review_dictionary(device.hostname, own_context(lab.get_dictionary(device.hostname), context))
         config = _load_yaml(worker.config, f"worker {worker.hostname} config")
-        return Start(job_id=job.id, definition=job.definition, device=device_yaml,
+        return Start(job_id=job.id, definition=job.definition, device=device_yaml, device_own=device_own,
                      device_name=device.hostname, env=worker_env(worker.env), dispatcher=config,
                      timeout=self._job_timeout(job))
 

@@ -34,9 +34,11 @@ from typing import Any
 import yaml
 from peewee import fn
 
+from agent.actions.boot.qemu import boots_qemu, command_verdict
 from agent.errors import Fault, JobDefinitionError
 from agent.job import parse_job, validate_job
 from agent.policy import REFUSED, Access, FilePolicy, local_accesses
+from agent.qemu_policy import PLACEHOLDER_ROOT
 from agent.schema import format_path, load_yaml
 from master import events
 from master.db import db
@@ -138,6 +140,46 @@ def _device_config(renderer: Any, dictionary: str, context_key: str,
     # dictionary is a different key, never a stale answer. Callers must not mutate the result.
     return renderer.device_config(dictionary, context=json.loads(context_key) or None,
                                   extra_templates=dict(templates) or None, limits=limits)
+
+
+def own_context(dictionary: str, context: dict | None) -> dict:
+    """What of a job's context the device's own configuration is rendered with (agent.qemu_policy):
+    its ``arch`` when the device lists it in ``available_architectures`` (the admin's template
+    handles each of those), nothing else."""
+    arch = (context or {}).get("arch")
+    if arch is None:
+        return {}
+    listed = device_config(dictionary).get("available_architectures")
+    return {"arch": arch} if isinstance(listed, list) and arch in listed else {}
+
+
+#: characters YAML reads as the end of a line
+LINE_BREAKS = ("\n", "\r", "\x85", "\u2028", "\u2029")
+
+
+def context_faults(context: dict, doc: Any) -> list[Fault]:
+    """A fault for each ``context:`` value with a line break: rendered into the device YAML, it
+    would write lines of its own there (another QEMU or power command for the worker to run)."""
+    faults = []
+    for name, value in context.items():
+        for index, text in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(text, str) and any(mark in text for mark in LINE_BREAKS):
+                path = ("context", name) + ((index,) if isinstance(value, list) else ())
+                faults.append(Fault(format_path(path), f"{REFUSED}: a line break in a context value would add "
+                                                       "lines of its own to the device configuration rendered with "
+                                                       "it (e.g. another command for the worker to run)",
+                                    doc.line(path)))
+    return faults
+
+
+def qemu_faults(data: dict, config: dict, own: dict | None, doc: Any) -> tuple[list[Fault], list[Access]]:
+    """What the worker's file policy refuses on the job's QEMU command line whatever the worker, and
+    the files it reads outside the job's own (for the workers' ``allowed_file_dirs``). ``own`` is
+    the device's configuration without the job's context (None: the job boots no QEMU)."""
+    if own is None:
+        return [], []
+    verdict = command_verdict(data, config, own, PLACEHOLDER_ROOT)
+    return [Fault(format_path(path), message, doc.line(path)) for path, message in verdict.refusals], verdict.reads
 
 
 def candidate_device(device_type: DeviceType, tags: list[str]) -> Device | None:
@@ -292,15 +334,21 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
     priority = parse_priority(data.get("priority", "medium"))
     visibility = data.get("visibility", "public")
     context = data.get("context") or {}
+    dictionary = device.dictionary or bare_dictionary(name)
+    unsafe = context_faults(context, doc)
+    if unsafe:
+        raise Invalid("invalid job definition", unsafe)
     try:
-        config = device_config(device.dictionary or bare_dictionary(name), context)
+        config = device_config(dictionary, context)
+        own = device_config(dictionary, own_context(dictionary, context)) if boots_qemu(data) else None
     except Exception as exc:  # the renderer's errors name the template and line
         log.warning("device %s does not render: %s", device.hostname, exc)
         raise fault(("device_type",), f"the configuration of device {device.hostname} ({name}) does not "
                                       f"render, ask the lab admins: {exc}") from None
+    qemu, reads = qemu_faults(data, config, own, doc)
     # what the job reads from the worker itself must be allowed by some worker that can run it
-    local = local_accesses(data)
-    refused = policy_faults(local, candidate_policies(dtype, tags), name, doc) if local else []
+    local = local_accesses(data) + reads
+    refused = qemu + (policy_faults(local, candidate_policies(dtype, tags), name, doc) if local else [])
     pool = _pool
     faults = pool.validate(text, config, limits) if pool is not None else validate_job(text, config, limits)
     if faults or refused:

@@ -72,13 +72,14 @@ class Console:
 
     @classmethod
     def spawn_command(cls, argv: list[str], logger, name: str, env: dict | None = None,
-                      maxread: int = DEFAULT_MAXREAD, **kwargs: Any) -> Console:
-        """Start ``argv`` on a pty and talk to it (QEMU -nographic, telnet, a connection command)."""
+                      maxread: int = DEFAULT_MAXREAD, cwd: str | None = None, **kwargs: Any) -> Console:
+        """Start ``argv`` on a pty, in ``cwd`` (default: ours), and talk to it (QEMU -nographic, telnet,
+        a connection command)."""
         from agent.process import die_with_parent
 
         try:
             spawn = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace",
-                                  maxread=maxread, env=env, dimensions=(24, 250),
+                                  maxread=maxread, env=env, cwd=cwd, dimensions=(24, 250),
                                   preexec_fn=die_with_parent, searchwindowsize=None)
         except pexpect.ExceptionPexpect as exc:
             raise InfrastructureError(f"cannot start {argv[0]}: {exc}") from None

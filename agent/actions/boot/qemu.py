@@ -2,21 +2,114 @@
 
 from __future__ import annotations
 
+import posixpath
 import shlex
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import voluptuous as v
 
 from agent.actions.boot.login import add_shell_actions, login_schema
+from agent.actions.deploy.guest import GUEST_IMAGE, guest_drive
 from agent.errors import InfrastructureError, JobError
 from agent.pipeline import Action, RetryAction, register
+from agent.policy import PolicyRefusal
+from agent.qemu_policy import PLACEHOLDER_ROOT, Part, Verdict, judge, refusals
 from agent.schema import action_base
 from agent.timeout import Deadline
 
+if TYPE_CHECKING:
+    from agent.job import Job
 
-def qemu_parameters(device: dict) -> dict:
+
+def qemu_parameters(device: Mapping) -> dict:
     methods = ((device.get("actions") or {}).get("boot") or {}).get("methods") or {}
     return (methods.get("qemu") or {}).get("parameters") or {}
+
+
+def split(text: str) -> list[str]:
+    """``text`` split as a shell would (as LAVA does); unbalanced quotes leave it whole (QEMU then
+    refuses it)."""
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return [text]
+
+
+def device_arguments(device: Mapping) -> tuple[str, list[str]]:
+    """The device's QEMU program and its arguments: ``options`` then ``extra``, each split."""
+    params = qemu_parameters(device)
+    arguments: list[str] = []
+    for key in ("options", "extra"):
+        values = params.get(key) or []
+        for option in values if isinstance(values, list) else [values]:
+            arguments += split(str(option))
+    return str(params.get("command") or ""), arguments
+
+
+def image_args(definition: Mapping) -> dict[str, tuple[str, tuple]]:
+    """image key -> its ``image_arg`` and that one's YAML path, from the job's deploy blocks."""
+    found = {}
+    actions = definition.get("actions")
+    for index, block in enumerate(actions if isinstance(actions, list) else []):
+        params = block.get("deploy") if isinstance(block, dict) else None
+        images = params.get("images") if isinstance(params, dict) else None
+        for key, image in (images if isinstance(images, dict) else {}).items():
+            if isinstance(image, dict) and image.get("image_arg"):
+                found[key] = (str(image["image_arg"]), ("actions", index, "deploy", "images", key, "image_arg"))
+    return found
+
+
+def boots_qemu(definition: Mapping) -> bool:
+    """Whether the job has a ``boot: method: qemu`` block."""
+    actions = definition.get("actions")
+    return any(isinstance(block, dict) and isinstance(block.get("boot"), dict)
+               and block["boot"].get("method") == "qemu" for block in (actions if isinstance(actions, list) else []))
+
+
+def command_line(definition: Mapping, device: Mapping, root: str, files: Mapping[str, str] | None = None,
+                 extra: Sequence[str] | None = None) -> tuple[str, list[Part]]:
+    """The QEMU program and the parts of its command line, by author (:class:`agent.qemu_policy.Part`):
+    the device's options and extra, each ``image_arg`` with ``files`` (image key -> deployed file;
+    default, before anything is deployed: ``{key}`` itself, a file in QEMU's working directory
+    ``root``), then ``extra`` from the deploy actions (default: the guest disk of the test overlay)."""
+    program, arguments = device_arguments(device)
+    parts = [Part(tuple(arguments), ("context",))]
+    for key, (arg, path) in image_args(definition).items():
+        file = "{" + key + "}" if files is None else files.get(key)
+        if file is not None:
+            parts.append(Part(tuple(split(arg.replace("{" + key + "}", shlex.quote(str(file))))), path, job=True))
+    if extra is None:
+        extra = guest_drive(device, posixpath.join(root, GUEST_IMAGE))
+    parts.append(Part(tuple(extra), ("context",)))
+    return program, parts
+
+
+def command_verdict(definition: Mapping, device: Mapping, device_own: Mapping | None, root: str,
+                    files: Mapping[str, str] | None = None, extra: Sequence[str] | None = None,
+                    resolve: bool = False) -> Verdict:
+    """The worker's file policy on the job's QEMU command line (:mod:`agent.qemu_policy`):
+    ``device_own`` is the device's configuration rendered without the job's context (None: the
+    device configuration is all the device's own, as in a standalone run)."""
+    program, parts = command_line(definition, device, root, files, extra)
+    return judge(program, parts, *own_arguments(device_own, root), root, resolve)
+
+
+def own_arguments(device_own: Mapping | None, root: str) -> tuple[str | None, list[str] | None]:
+    """The QEMU program and arguments of the device's own configuration (None, None: all is its own)."""
+    if device_own is None:
+        return None, None
+    program, arguments = device_arguments(device_own)
+    return program, arguments + guest_drive(device_own, posixpath.join(root, GUEST_IMAGE))
+
+
+def policy_refusals(job: Job) -> list[tuple[tuple, str]]:
+    """(YAML path, refusal) for the job's QEMU command line under its worker's file policy, before
+    anything is deployed (files are placeholders; symlinks resolved on the worker)."""
+    if not boots_qemu(job.definition):
+        return []
+    verdict = command_verdict(job.definition, job.device, job.device_own, PLACEHOLDER_ROOT, resolve=True)
+    return refusals(verdict, job.policy, resolve=True)
 
 
 @register("boot", "qemu")
@@ -70,29 +163,13 @@ class BootQemuRetry(RetryAction):
 
 
 class CallQemuAction(Action):
-    """Start QEMU: the device's command, options and extra, then each image's ``image_arg``."""
+    """Start QEMU: the device's command, options and extra, then each image's ``image_arg``, once
+    the worker's file policy has judged the command line (agent.qemu_policy)."""
 
     name = "execute-qemu"
     description = "call qemu to boot the image"
     summary = "execute qemu to boot the image"
     timeout_exception = InfrastructureError
-
-    def base_command(self) -> list[str]:
-        params = qemu_parameters(self.job.device)
-        command = [str(params.get("command") or "")]
-        for option in list(params.get("options") or []) + list(params.get("extra") or []):
-            command += shlex.split(str(option))
-        return command
-
-    def image_args(self) -> dict[str, str]:
-        """image key -> its ``image_arg`` from the deploy blocks before this boot."""
-        args = {}
-        for params in self.job.checked_blocks("deploy"):
-            images = params.get("images")
-            for key, image in (images.items() if isinstance(images, dict) else ()):
-                if isinstance(image, dict) and image.get("image_arg"):
-                    args[key] = image["image_arg"]
-        return args
 
     def validate(self) -> None:
         params = qemu_parameters(self.job.device)
@@ -103,7 +180,7 @@ class CallQemuAction(Action):
                                f"context or in the device dictionary (known: {known})")
         else:
             self.require_tool(command)
-        for key, arg in self.image_args().items():
+        for key, (arg, _) in image_args(self.job.definition).items():
             if "{" + key + "}" not in arg:
                 self.errors.append(f"images.{key}.image_arg {arg!r} does not use {{{key}}}")
 
@@ -111,13 +188,19 @@ class CallQemuAction(Action):
         if self.job.state.connection is not None:  # a retry: stop the previous attempt first
             self.job.state.connection.close()
             self.job.state.connection = None
-        command = self.base_command()
         downloads = self.job.state.downloads
-        for key, arg in self.image_args().items():
+        for key in image_args(self.job.definition):
             if key not in downloads:
                 raise JobError(f"image {key!r} has an image_arg but was not deployed")
-            command += shlex.split(arg.replace("{" + key + "}", shlex.quote(str(downloads[key]))))
-        command += self.job.state.qemu_extra
+        # the command line as it will run, judged once more (defence in depth): the deployed files
+        # are real now, with their symlinks and what the disk images name
+        root = str(self.job.workdir)
+        files = {key: str(path) for key, path in downloads.items()}
+        program, parts = command_line(self.job.definition, self.job.device, root, files, self.job.state.qemu_extra)
+        verdict = judge(program, parts, *own_arguments(self.job.device_own, root), root, resolve=True)
+        for _, message in refusals(verdict, self.job.policy, resolve=True):
+            raise PolicyRefusal(message)
+        command = [program] + [token for part in parts for token in part.tokens]
         self.logger.info(f"boot command: {shlex.join(command)}")
         from agent.connections.console import DEFAULT_MAXREAD, Console
 
@@ -125,7 +208,7 @@ class CallQemuAction(Action):
         maxread = int(constants.get("spawn_maxread") or DEFAULT_MAXREAD)
         delays = self.job.device.get("character_delays") or {}
         console = Console.spawn_command(command, self.logger, name="qemu", maxread=maxread,
-                                        env=self.job.env or None,
+                                        env=self.job.env or None, cwd=root,
                                         character_delay=float(delays.get("test", 0)) / 1000.0)
         self.job.state.connection = console
         self.results["command"] = command[0]

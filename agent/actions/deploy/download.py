@@ -12,7 +12,8 @@ import voluptuous as v
 
 from agent.errors import Bug, InfrastructureError, JobError, PumiceError
 from agent.pipeline import Action, RetryAction
-from agent.policy import scheme_of
+from agent.policy import PolicyRefusal, scheme_of
+from agent.qemu_policy import image_verdict, refusals
 from agent.timeout import Deadline
 
 CHECKSUMS = ("md5sum", "sha256sum", "sha512sum")
@@ -355,6 +356,11 @@ class QCowConversionAction(Action):
         import subprocess
 
         source = self.job.state.downloads[self.key]
+        # qemu-img reads what the image names (a backing file, a data file): the worker's file policy
+        # decides, as for QEMU (agent.qemu_policy)
+        verdict = image_verdict(str(source), "qcow2", str(self.job.workdir), f"image {self.key}")
+        for _, message in refusals(verdict, self.job.policy, resolve=True):
+            raise PolicyRefusal(message)
         dest = source.with_name(source.name + ".img")
         command = ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(dest)]
         try:

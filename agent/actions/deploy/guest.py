@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -13,6 +14,23 @@ from agent.pipeline import Action
 from agent.timeout import Deadline
 
 GUEST_LABEL = "LAVA"
+#: the guest disk's file in the job's scratch directory
+GUEST_IMAGE = "lava-guest.img"
+
+
+def guest_parameters(device: Mapping) -> dict:
+    """The device's guest disk settings (``actions.deploy.methods.image.parameters.guest``)."""
+    methods = ((device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
+    guest = ((methods.get("image") or {}).get("parameters") or {}).get("guest")
+    return guest if isinstance(guest, dict) else {}
+
+
+def guest_drive(device: Mapping, image: str) -> list[str]:
+    """The QEMU arguments that attach the guest disk ``image`` as ``device`` configures it."""
+    guest = guest_parameters(device)
+    interface = guest.get("interface") or "ide"
+    driveid = guest.get("driveid") or "lavatest"
+    return ["-drive", f"format=raw,file={image},media=disk,if={interface},id={driveid}"]
 
 
 class ApplyOverlayGuest(Action):
@@ -23,10 +41,6 @@ class ApplyOverlayGuest(Action):
     summary = "build a guest filesystem with the overlay"
     timeout_exception = InfrastructureError
 
-    def guest(self) -> dict:
-        methods = ((self.job.device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
-        return ((methods.get("image") or {}).get("parameters") or {}).get("guest") or {}
-
     def validate(self) -> None:
         self.require_tool("mke2fs", "mkfs.ext4", why="e2fsprogs builds the guest disk of the test overlay")
 
@@ -36,9 +50,9 @@ class ApplyOverlayGuest(Action):
         root = self.job.state.overlay_root
         if root is None:
             return connection
-        guest = self.guest()
+        guest = guest_parameters(self.job.device)
         size_mb = int(guest.get("size") or 512)
-        image = self.job.workdir / "lava-guest.img"
+        image = self.job.workdir / GUEST_IMAGE
         # the disk holds what /lava-<job id> holds: the test shell mounts it there
         content = root / PurePosixPath(results_path(self.job.job_id, results_dir(self.job))).name
         command = [shutil.which("mke2fs") or "mkfs.ext4", "-q", "-F", "-t", "ext4", "-L", GUEST_LABEL,
@@ -49,10 +63,8 @@ class ApplyOverlayGuest(Action):
             raise self.timed_out("mke2fs") from None
         if done.returncode:
             raise InfrastructureError(f"cannot build the guest overlay disk: {done.stderr.strip()}")
-        interface = guest.get("interface") or "ide"
-        driveid = guest.get("driveid") or "lavatest"
-        self.job.state.qemu_extra += ["-drive", f"format=raw,file={image},media=disk,if={interface},"
-                                                f"id={driveid}"]
+        self.job.state.qemu_extra += guest_drive(self.job.device, str(image))
         self.job.state.guest_label = GUEST_LABEL
-        self.logger.info(f"test overlay on a {size_mb} MB guest disk ({interface}, label {GUEST_LABEL})")
+        self.logger.info(f"test overlay on a {size_mb} MB guest disk ({guest.get('interface') or 'ide'}, "
+                         f"label {GUEST_LABEL})")
         return connection
