@@ -333,7 +333,8 @@ class Engine:
 
     def remove(self, name: str) -> bool:
         """Kill and remove container ``name`` if it exists; True when one was removed."""
-        done = self.call("rm", "--force", name)
+        # podman's rm --force waits 10 s for the stop signal first; a job's container is killed at once
+        done = self.call("rm", "--force", *(["--time=0"] if self.name == "podman" else []), name)
         return done.returncode == 0 and bool(done.stdout.strip())
 
     def containers(self, prefix: str) -> list[str]:

@@ -17,7 +17,7 @@ site)
     conf=/etc/nginx/sites-enabled/pumice-site.conf
     sed -i -e "s|^\(\s*\)listen .*;|\1listen ${PUMICE_SITE_PORT:-80};|" \
         -e "s|^\(\s*\)root .*;|\1root $data/site;|" "$conf"
-    mkdir -p "$data/site"
+    [ -d "$data/site" ] || mkdir -p "$data/site" 2>/dev/null || true
     exec nginx -g 'daemon off; error_log stderr;'
     ;;
 *)
