@@ -33,16 +33,21 @@ LOG = logging.getLogger("pumice.tests")
 # --- DUT images ---------------------------------------------------------------------------------
 
 
-def load_dut_builder() -> ModuleType:
-    """tools/build_dut_images.py as a module (tools/ is a script directory, not a package)."""
-    name = "pumice_build_dut_images"
+def load_tool(script: str) -> ModuleType:
+    """``tools/SCRIPT.py`` as a module (tools/ is a script directory, not a package)."""
+    name = f"pumice_{script}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "build_dut_images.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{script}.py")
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_dut_builder() -> ModuleType:
+    """tools/build_dut_images.py as a module."""
+    return load_tool("build_dut_images")
 
 
 @dataclass(frozen=True)
@@ -263,14 +268,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Tmpfs]]:
 
 def load_container_builder() -> ModuleType:
     """tools/build_container_images.py as a module."""
-    name = "pumice_build_container_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "build_container_images.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_tool("build_container_images")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.connections.console import Console
-from agent.containers import ContainerSpec, Engine, engine_for, qualified, sweep
+from agent.containers import ContainerSpec, Engine, check_job_images, engine_for, qualified, sweep
 from agent.errors import InfrastructureError, JobTimeout
 from agent.timeout import Deadline
 
@@ -207,3 +207,35 @@ def test_a_containerised_qemu_costs_about_half_a_second_over_a_plain_one(contain
     print(f"qemu-system-x86_64 -version: plain {plain:.3f} s, in a container {contained:.3f} s")
     assert contained - plain < 2.0
     assert_nothing_left(job_id)
+
+
+def test_podman_kills_a_container_past_its_timeout_even_when_its_runner_was_killed(container_images, job_id,
+                                                                                    tmp_path):
+    spec = ContainerSpec(TEST_IMAGE, job_id, "test", scratch=tmp_path, timeout=3)
+    client = subprocess.Popen(PODMAN.run_argv(spec, ["sleep", "600"], console=False), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not names(spec.name):
+            assert time.monotonic() < deadline, "the container did not start"
+            time.sleep(0.2)
+        os.kill(client.pid, signal.SIGKILL)  # the runner (and its engine client) killed outright
+        client.wait(10)
+        deadline = time.monotonic() + 30
+        while names(spec.name):
+            assert time.monotonic() < deadline, "podman did not end the container at its timeout"
+            time.sleep(0.5)
+    finally:
+        sweep(job_id, {})
+    assert_nothing_left(job_id, tmp_path)
+
+
+def test_validation_names_the_job_path_and_the_engine_or_image_at_fault(container_images):
+    images = [("actions[1].boot.docker.image", QEMU_IMAGE, False),
+              ("actions[0].deploy.postprocess.docker.image", "pumice-test/absent:1", True)]
+    down = check_job_images(Engine("docker"), images)
+    assert len(down) == 1 and down[0].startswith(
+        "actions[1].boot.docker.image: the worker's container engine docker does not work: ")
+    assert check_job_images(PODMAN, images) == [
+        "actions[0].deploy.postprocess.docker.image: image 'pumice-test/absent:1' (docker.io/pumice-test/absent:1) "
+        "is not on this worker and the job says local: true; build or load it with podman on the worker"]
