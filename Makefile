@@ -10,14 +10,19 @@ export PUMICE_CACHE
 LAVA_PACKAGES := lava-dispatcher
 APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
 	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
-	python3-venv shellcheck $(LAVA_PACKAGES)
+	python3-venv shellcheck $(CONTAINER_PACKAGES) $(LAVA_PACKAGES)
+# the container engine the tests drive (podman with runc: crun cannot start containers on some VMs),
+# debootstrap for the images' Debian base, docker-compose for its copy of the compose specification
+CONTAINER_PACKAGES := podman runc catatonit debootstrap docker-compose
+#: podman reads this drop-in after the machine's own containers.conf (which stays untouched)
+CONTAINERS_CONF_DROPIN := /etc/containers/containers.conf.d/50-pumice.conf
 # only for make bench: LAVA's U-Boot jobs read tftpd-hpa's configuration for their TFTP root
 BENCH_PACKAGES := tftpd-hpa
 APT_INSTALL ?= $(APT_PACKAGES)
 
-.PHONY: setup apt venv compile images test demo bench fuzz lint golden compat clean
+.PHONY: setup apt venv compile images containers-conf container-images test demo bench fuzz lint golden compat clean
 
-setup: apt venv compile images
+setup: apt venv compile images containers-conf container-images
 
 # apt packages, only when root and only what is missing (idempotent, quiet when all is there)
 apt:
@@ -45,6 +50,20 @@ compile: venv
 
 images: venv
 	$(PY) tools/build_dut_images.py --cache $(PUMICE_CACHE)
+
+# podman's settings for this machine (runc, cgroupfs, no default ulimits), written only when they differ
+containers-conf: apt
+	@if ! cmp -s deploy/containers/containers.conf $(CONTAINERS_CONF_DROPIN); then \
+		if [ "$$(id -u)" = 0 ]; then install -D -m 644 deploy/containers/containers.conf $(CONTAINERS_CONF_DROPIN) \
+			&& echo "installed $(CONTAINERS_CONF_DROPIN)"; \
+		else echo "podman needs $(CONTAINERS_CONF_DROPIN) (run as root, or copy deploy/containers/containers.conf)"; \
+			exit 1; fi; \
+	fi
+
+# the test container images (Debian base, qemu, lava-test, mkbootimg), built once, cached; with
+# PUMICE_IMAGES=1 also Pumice's agent and master images (the tests build those themselves)
+container-images: venv containers-conf
+	$(PY) tools/build_container_images.py --cache $(PUMICE_CACHE) $(if $(PUMICE_IMAGES),--pumice)
 
 test: setup
 	$(PY) -m pytest -q -ra tests

@@ -33,16 +33,21 @@ LOG = logging.getLogger("pumice.tests")
 # --- DUT images ---------------------------------------------------------------------------------
 
 
-def load_dut_builder() -> ModuleType:
-    """tools/build_dut_images.py as a module (tools/ is a script directory, not a package)."""
-    name = "pumice_build_dut_images"
+def load_tool(script: str) -> ModuleType:
+    """``tools/SCRIPT.py`` as a module (tools/ is a script directory, not a package)."""
+    name = f"pumice_{script}"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "build_dut_images.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{script}.py")
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_dut_builder() -> ModuleType:
+    """tools/build_dut_images.py as a module."""
+    return load_tool("build_dut_images")
 
 
 @dataclass(frozen=True)
@@ -256,3 +261,34 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Tmpfs]]:
     finally:
         for fs in reversed(mounted):
             fs.unmount()
+
+
+# --- container images ---------------------------------------------------------------------------
+
+
+def load_container_builder() -> ModuleType:
+    """tools/build_container_images.py as a module."""
+    return load_tool("build_container_images")
+
+
+@pytest.fixture(scope="session")
+def container_images() -> dict:
+    """The test container images (Debian base, qemu, lava-test, mkbootimg) in podman's storage,
+    built first when absent or stale; the builder's stamp (names, ids, sizes, build times)."""
+    builder = load_container_builder()
+    cache = Path(os.environ.get("PUMICE_CACHE") or "~/.cache/pumice").expanduser()
+    try:
+        return builder.build_images(cache)
+    except builder.BuildError as exc:
+        pytest.fail(f"cannot build the container images (see `make container-images`): {exc}")
+
+
+@pytest.fixture(scope="session")
+def pumice_container_images(container_images: dict) -> dict:
+    """Pumice's own agent and master images, built from this tree's wheels (and the test images)."""
+    builder = load_container_builder()
+    cache = Path(os.environ.get("PUMICE_CACHE") or "~/.cache/pumice").expanduser()
+    try:
+        return builder.build_images(cache, [builder.TEST_IMAGES["base"], *builder.pumice_specs(cache)])
+    except builder.BuildError as exc:
+        pytest.fail(f"cannot build Pumice's images: {exc}")
