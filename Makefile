@@ -8,9 +8,12 @@ export PUMICE_CACHE
 # the real LAVA 2023.01, run beside Pumice for side-by-side checks (tests) and figures (bench);
 # Pumice never imports it
 LAVA_PACKAGES := lava-dispatcher
+# the worker's NFS server, a client that tests it, the NFS-rootable DUTs' builder (debootstrap, a
+# foreign-architecture second stage through binfmt_misc + qemu-user-static) and zstd rootfs archives
+NFS_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils debootstrap qemu-user-static zstd
 APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
 	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
-	python3-venv shellcheck $(LAVA_PACKAGES)
+	python3-venv shellcheck $(NFS_PACKAGES) $(LAVA_PACKAGES)
 # only for make bench: LAVA's U-Boot jobs read tftpd-hpa's configuration for their TFTP root
 BENCH_PACKAGES := tftpd-hpa
 APT_INSTALL ?= $(APT_PACKAGES)

@@ -256,3 +256,36 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Tmpfs]]:
     finally:
         for fs in reversed(mounted):
             fs.unmount()
+
+
+# --- the worker's NFS server (agent/nfs.py) ------------------------------------------------------
+
+#: NFS has fixed ports (111, 2049, 20048): one nfs-ganesha per machine serves every test session;
+#: its state (the export files, their lock) is machine-wide, each session's roots are its own
+NFS_TEST_STATE = Path("/var/lib/pumice-tests/nfs-state")
+
+
+@pytest.fixture(scope="session")
+def nfs_settings(tmp_path_factory: pytest.TempPathFactory):
+    """The NFS part of a test worker's dispatcher configuration: ganesha, started when not running,
+    job roots under a directory of this session, boards (QEMU user networking) reach it at 10.0.2.2."""
+    from agent.nfs import NfsSettings
+
+    return NfsSettings(export_root=tmp_path_factory.mktemp("nfs-roots"), address="10.0.2.2",
+                       state_dir=NFS_TEST_STATE, start=True)
+
+
+@pytest.fixture
+def nfs_server(nfs_settings):
+    """The running NFS server (started when needed); every export a test leaves is removed after
+    it, and the test fails if one was left."""
+    from agent import nfs
+
+    server = nfs.server(nfs_settings)
+    server.ensure_running()
+    yield server
+    left = server.exports()
+    for export in left:
+        server.remove(export.name)
+        nfs.remove_tree(export.directory)
+    assert not left, f"exports left by the test: {left}"
