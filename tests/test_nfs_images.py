@@ -48,7 +48,7 @@ def test_the_debian_roots_are_debootstrap_trees_with_numeric_owners(nfs_root_ima
     assert {"systemd-sysv", "openssh-server"} <= set(entry["included"])
     print(f"{arch}: {entry['packages']} packages, {entry['tree_bytes'] >> 20} MiB, {info['size'] >> 20} MiB at xz "
           f"{entry['xz_preset']}, built in {entry['build_seconds']} s (debootstrap {entry['debootstrap_seconds']} s)")
-    wanted = {"./usr/sbin/sshd", "./etc/shadow", "./sbin/init", "./dev/null", "./etc/ssh/ssh_host_ed25519_key",
+    wanted = {"./usr/sbin/sshd", "./etc/shadow", "./usr/sbin/init", "./dev/null", "./etc/ssh/ssh_host_ed25519_key",
               "./bin", "./etc/hostname"}
     found = {}
     with tarfile.open(archive, "r|xz") as tar:
@@ -59,7 +59,7 @@ def test_the_debian_roots_are_debootstrap_trees_with_numeric_owners(nfs_root_ima
                     found[member.name + ":data"] = tar.extractfile(member).read()
     assert set(wanted) <= set(found), set(wanted) - set(found)
     assert found["./bin"].issym() and found["./bin"].linkname == "usr/bin", "a merged-/usr root"
-    assert found["./sbin/init"].issym() and found["./dev/null"].ischr()
+    assert found["./usr/sbin/init"].issym() and found["./dev/null"].ischr()
     assert found["./etc/hostname:data"] == b"pumice-nfs\n"
     assert b"\nroot::" in b"\n" + found["./etc/shadow:data"], "root logs in on the console without a password"
     assert (found["./etc/shadow"].uname, found["./etc/shadow"].gid) == ("", 42), "numeric owners (shadow: 42)"

@@ -337,7 +337,7 @@ def test_a_download_is_extracted_while_it_streams_from_http_in_bounded_memory(tm
                                                                              nfs_root_images):
     """The DUT's Debian root (xz -6) over HTTP: no archive on disk, the tree identical to the archive's
     listing, and the memory of the whole process tree (python and xz) bounded: the extraction adds
-    at most the xz window (8 MiB at -6) and a few buffers to what the runner holds."""
+    the xz window (8 MiB at -6), xz itself and a few buffers to what the runner holds."""
     archive = nfs_root_images.amd64_rootfs
     served = http_server.root / "nfs-rootfs.tar.xz"
     served.unlink(missing_ok=True)
@@ -383,8 +383,9 @@ print(done.members, done.file_bytes, round(done.seconds, 2), flush=True)
     grown = peak - before
     print(f"extracting {int(size) >> 20} MiB ({members} members) in {seconds} s: process tree peak {peak >> 10} MiB, "
           f"{grown >> 10} MiB above the python process before the extraction")
-    assert grown < 14 << 10, f"the extraction grew the process tree by {grown} kB"
-    assert peak < 30 << 10, f"peak RSS of the extraction's process tree {peak} kB"
+    # xz -6 decodes with an 8 MiB window: that, xz itself and the buffers are all the extraction adds;
+    # the rest is the interpreter and its imports (here http.client and ssl, as a runner has them)
+    assert grown < 12 << 10, f"the extraction grew the process tree by {grown} kB"
 
 
 def test_the_declared_size_is_read_from_xz_and_gzip_files_and_zstd_headers(tmp_path):
