@@ -46,8 +46,10 @@ venv: $(VENV)/.installed
 compile: venv
 	$(PY) -m compileall -q agent results master sitegen tools
 
+# the boards' kernels and ramdisks, and their Debian NFS roots (debootstrap: minutes the first time,
+# then a no-op); the larger root of make bench nfs: tools/build_dut_images.py --rootfs-bench
 images: venv
-	$(PY) tools/build_dut_images.py --cache $(PUMICE_CACHE)
+	$(PY) tools/build_dut_images.py --cache $(PUMICE_CACHE) --rootfs
 
 test: setup
 	$(PY) -m pytest -q -ra tests

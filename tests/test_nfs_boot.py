@@ -52,9 +52,13 @@ def amd64_argv(dut_images, initramfs: Path | None, append: str) -> list[str]:
     return argv + (["-initrd", str(initramfs)] if initramfs else [])
 
 
-def nfs_append(console: str, export: str, extra: str = "") -> str:
+#: base.jinja2's base_ip_args for a device with a static address: "ip=%s::%s:%s:::off:%s:"
+STATIC_IP = "ip=10.0.2.15::10.0.2.2:255.255.255.0:::off:10.0.2.3:"
+
+
+def nfs_append(console: str, export: str, extra: str = "", ip: str = "ip=dhcp") -> str:
     """LAVA's NFS kernel arguments (base.jinja2: base_nfsroot_args, base_ip_args)."""
-    return f"console={console},115200 loglevel=6 root=/dev/nfs rw nfsroot=10.0.2.2:{export},tcp,hard ip=dhcp {extra}"
+    return f"console={console},115200 loglevel=6 root=/dev/nfs rw nfsroot=10.0.2.2:{export},tcp,hard {ip} {extra}"
 
 
 def login(child: pexpect.spawn) -> float:
@@ -92,9 +96,10 @@ def test_amd64_board_boots_debian_over_nfs_and_writes_into_the_export(dut_images
 
 
 def test_two_boards_boot_at_once_each_on_its_own_root(dut_images, nfs_root_images, job_root, qemu):
+    """The second board has a static address (LAVA's ip= for a device without DHCP)."""
     exports = [job_root(JOB + n, nfs_root_images.amd64_rootfs) for n in (1, 2)]
-    boards = [qemu(amd64_argv(dut_images, nfs_root_images.amd64_initramfs, nfs_append("ttyS0", e.path)))
-              for e in exports]
+    boards = [qemu(amd64_argv(dut_images, nfs_root_images.amd64_initramfs, nfs_append("ttyS0", e.path, ip=ip)))
+              for e, ip in zip(exports, ("ip=dhcp", STATIC_IP), strict=True)]
     for n, board in enumerate(boards):
         login(board)
         shell(board, f"echo board {n} > /root/whoami && sync")
@@ -102,6 +107,8 @@ def test_two_boards_boot_at_once_each_on_its_own_root(dut_images, nfs_root_image
         assert (export.path / "root/whoami").read_text() == f"board {n}\n"
     assert shell(boards[0], "cat /root/whoami") == ["board 0"]
     assert shell(boards[1], "cat /root/whoami") == ["board 1"]
+    assert "inet 10.0.2.15/24" in " ".join(shell(boards[1], "ip -4 addr show dev eth0"))
+    assert shell(boards[1], "ip route show default") == ["default via 10.0.2.2 dev eth0"]
 
 
 def test_arm64_board_boots_through_uboot_tftp_with_its_root_over_nfs(dut_images, nfs_root_images, job_root, qemu,
