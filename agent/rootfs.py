@@ -451,6 +451,7 @@ def extract(
     reserve: int = DEFAULT_RESERVE,
     deadline: Deadline | None = None,
     progress: Callable[[Extracted], None] | None = None,
+    onto: bool = False,
 ) -> Extracted:
     """Extract the tar archive read from ``source`` (a binary stream: ``read(size)``) into the
     existing, empty ``directory``; return what was made.
@@ -462,6 +463,9 @@ def extract(
     member; ``reserve`` bytes are always left free. On any error the tree is removed and the
     error raised: JobError (archive, checksum, member outside the root, bad prefix),
     InfrastructureError (disk full, download cut short, decompressor missing).
+
+    ``onto``: ``directory`` is a root already (kernel modules, the test overlay extracted into it,
+    with the same view of paths): its own mode is kept, and nothing is removed on an error.
     """
     started = time.monotonic()
     if compression is not None and compression not in DECOMPRESSORS:
@@ -487,7 +491,8 @@ def extract(
             f"not enough space on the worker for {url}: the archive {what} {needed} bytes, "
             f"{free} bytes free in {directory}, {reserve} kept in reserve"
         )
-    os.chmod(directory, 0o755)  # the root's own mode, unless the archive has a "./" entry
+    if not onto:
+        os.chmod(directory, 0o755)  # the root's own mode, unless the archive has a "./" entry
     try:
         _extract(reader, head, result, reserve, url, deadline, progress)
         result.compressed_bytes = reader.count
@@ -508,7 +513,8 @@ def extract(
             if not result.root.is_dir() or result.root.is_symlink():
                 raise JobError(f"prefix {prefix!r} is not a directory of {url}")
     except BaseException:
-        remove_tree(result.directory, keep_top=True)
+        if not onto:
+            remove_tree(result.directory, keep_top=True)
         raise
     result.seconds = time.monotonic() - started
     return result

@@ -201,6 +201,23 @@ def test_a_connection_cut_during_the_download_is_an_infrastructure_error(tmp_pat
     assert leftovers(tmp_path / "root") == []
 
 
+def test_modules_extracted_onto_a_merged_usr_root_land_in_usr_lib(tmp_path):
+    """LAVA's install_modules: lib/modules/... of the modules archive, into a root whose /lib is a
+    link to usr/lib; the root keeps its mode and files."""
+    done = extract(tar_bytes(*ROOT_MEMBERS), tmp_path / "root")
+    os.chmod(done.root, 0o750)
+    modules = compress(tar_bytes(member("lib/", tarfile.DIRTYPE), member("lib/modules/", tarfile.DIRTYPE),
+                                 member("lib/modules/6.1.0/", tarfile.DIRTYPE),
+                                 member("lib/modules/6.1.0/kernel/fs/nfs.ko", data=b"\x7fELF nfs")), "gz")
+    rootfs.extract(io.BytesIO(modules), done.root, url=URL, onto=True)
+    assert (done.root / "usr/lib/modules/6.1.0/kernel/fs/nfs.ko").read_bytes() == b"\x7fELF nfs"
+    assert os.readlink(done.root / "lib") == "/usr/lib", "the link stays a link"
+    assert stat.S_IMODE(done.root.stat().st_mode) == 0o750 and (done.root / "etc/hostname").exists()
+    with pytest.raises(rootfs.MemberRefused):
+        rootfs.extract(io.BytesIO(tar_bytes(member("../x", data=b"x"))), done.root, url=URL, onto=True)
+    assert (done.root / "etc/hostname").exists(), "a refused overlay does not take the root along"
+
+
 # --- prefix (LAVA: the board's root is a directory of the archive) ----------------------------
 
 

@@ -652,17 +652,19 @@ class RootfsSpec:
 
 
 ROOTFS: dict[str, RootfsSpec] = {
-    # what the boards boot in the tests: systemd (as a Debian board boots) and openssh-server (the
-    # container and SSH issues log in with it)
+    # what the boards boot in the tests: systemd and udev (as a Debian board boots: without udev,
+    # systemd's serial getty waits for its tty device in vain) and openssh-server (the container and
+    # SSH issues log in with it)
     "test": RootfsSpec("nfsrootfs.tar.xz", ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps"),
                        slim=True),
     # make bench nfs: the size of a developer's test root (KernelCI's and LKFT's roots carry test
-    # suites and their tool chains: hundreds of MB), here Debian's compilers, Python, debuggers and
-    # benchmarks, documentation kept; >= 50 MB at xz -6
+    # suites and their tool chains: hundreds of MB), here Debian's compilers, Python, Perl, tracers and
+    # benchmarks, documentation kept (gdb is left out: a dependency's postinst fails under
+    # debootstrap); >= 50 MB at xz -6
     "bench": RootfsSpec(
         "bench-nfsrootfs.tar.xz",
         ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps", "python3", "build-essential", "git", "curl",
-         "strace", "gdb", "stress-ng", "iperf3", "fio", "ethtool", "pciutils", "kmod", "less", "vim-tiny"),
+         "strace", "perl", "stress-ng", "iperf3", "fio", "ethtool", "pciutils", "kmod", "less", "vim-tiny"),
         slim=False,
     ),
 }
