@@ -813,15 +813,15 @@ def build_rootfs_images(cache: Path, arches: Iterable[str] = tuple(ARCHES), name
     arches = list(arches)
     if not force and all(rootfs_is_current(cache, load_manifest(cache), arch, name) for arch in arches):
         return load_manifest(cache)
-    with build_lock(cache):
+    with build_lock(cache, ".lock-rootfs"):
         for arch in arches:
-            manifest = load_manifest(cache)
-            if rootfs_is_current(cache, manifest, arch, name) and not force:
-                continue
+            if rootfs_is_current(cache, load_manifest(cache), arch, name) and not force:
+                continue  # another session built it while we waited
             entry = build_rootfs(cache, ARCHES[arch], ROOTFS[name])
-            manifest = load_manifest(cache)  # written by the kernels' build meanwhile? keep theirs
-            manifest.setdefault("rootfs", {}).setdefault(name, {})[arch] = entry
-            _write_manifest(cache, manifest)
+            with build_lock(cache):  # the kernels' build may have rewritten the manifest meanwhile
+                manifest = load_manifest(cache)
+                manifest.setdefault("rootfs", {}).setdefault(name, {})[arch] = entry
+                _write_manifest(cache, manifest)
     return load_manifest(cache)
 
 
@@ -832,9 +832,11 @@ def _write_manifest(cache: Path, manifest: dict) -> None:
 
 
 @contextlib.contextmanager
-def build_lock(cache: Path) -> Iterator[None]:
-    """Serialise builds sharing one cache (several test sessions may start at once)."""
-    lockfile = Path(cache) / "dut" / ".lock"
+def build_lock(cache: Path, name: str = ".lock") -> Iterator[None]:
+    """Serialise builds sharing one cache (several test sessions may start at once). The kernels'
+    builds and every manifest update take ``.lock`` (briefly); the NFS roots' builds, which take
+    minutes, serialise on ``.lock-rootfs`` so that a kernels' build never waits for a debootstrap."""
+    lockfile = Path(cache) / "dut" / name
     lockfile.parent.mkdir(parents=True, exist_ok=True)
     with lockfile.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
