@@ -275,14 +275,11 @@ class NfsServer:
         try:
             for proto in ("udp", "tcp"):
                 rpc.ping("127.0.0.1", rpc.NFS, 3, proto, timeout)
-            rpc.getport("127.0.0.1", rpc.MOUNT, 3, "tcp", timeout) or _raise("MOUNT v3 is not registered")
+            if not rpc.getport("127.0.0.1", rpc.MOUNT, 3, "tcp", timeout):
+                return "MOUNT version 3 is not registered with the portmapper"
         except rpc.RpcError as exc:
             return str(exc)
         return None
-
-
-def _raise(message: str) -> None:
-    raise rpc.RpcError(message)
 
 
 class GaneshaServer(NfsServer):
