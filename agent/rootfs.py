@@ -247,7 +247,7 @@ class _Feeder(threading.Thread):
             while data and not self.stop.is_set():
                 try:
                     self.pipe.write(data)
-                except BrokenPipeError:
+                except (BrokenPipeError, ValueError):  # ValueError: closed by the main thread's cleanup
                     self.broken = True  # the decompressor gave up: its exit status says why
                     return
                 data = self.source.read(CHUNK)
@@ -256,7 +256,7 @@ class _Feeder(threading.Thread):
         finally:
             try:
                 self.pipe.close()
-            except OSError:
+            except (OSError, ValueError):
                 self.broken = True
 
 
