@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -122,6 +123,36 @@ def test_a_root_keeps_numeric_owners_modes_links_and_device_nodes(tmp_path):
     assert stat.S_IMODE(root.stat().st_mode) == 0o755
     rootfs.remove_tree(tmp_path / "root")
     assert not (tmp_path / "root").exists(), "a read-only directory does not stop the removal"
+
+
+def test_an_unprivileged_agent_skips_device_nodes_and_owners_and_counts_them():
+    archive = tar_bytes(*ROOT_MEMBERS)
+    out = Path(tempfile.mkdtemp(prefix="pumice-test-unprivileged-"))  # pytest's tmp_path is root's only
+    try:
+        os.chown(out, 65534, 65534)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child drops root, as an agent run by an unprivileged user
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                done = rootfs.extract(io.BytesIO(archive), out, url=URL, reserve=0)
+                os.write(write, f"{done.devices_skipped} {done.members}".encode())
+            except BaseException as exc:  # noqa: BLE001 (reported to the parent)
+                os.write(write, repr(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        answer = os.read(read, 4096).decode()
+        os.waitpid(pid, 0)
+        os.close(read)
+        assert answer.split() == ["2", str(len(ROOT_MEMBERS))], "/dev/null and /dev/sda skipped, the rest made"
+        assert stat.S_ISFIFO((out / "run/initctl").lstat().st_mode), "a fifo needs no privilege"
+        assert (out / "home/user/notes").stat().st_uid == 65534, "owners are the agent's own"
+        assert stat.S_IMODE((out / "usr/bin/su").stat().st_mode) == 0o755, "no set-uid bit without root"
+    finally:
+        rootfs.remove_tree(out)
 
 
 @pytest.mark.parametrize("compression", ["gz", "bz2", "xz", "zstd", None])
