@@ -8,9 +8,12 @@ export PUMICE_CACHE
 # the real LAVA 2023.01, run beside Pumice for side-by-side checks (tests) and figures (bench);
 # Pumice never imports it
 LAVA_PACKAGES := lava-dispatcher
+# the worker's NFS server, a client that tests it, the NFS-rootable DUTs' builder (debootstrap, a
+# foreign-architecture second stage through binfmt_misc + qemu-user-static) and zstd rootfs archives
+NFS_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils debootstrap qemu-user-static zstd
 APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
 	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
-	python3-venv shellcheck $(CONTAINER_PACKAGES) $(LAVA_PACKAGES)
+	python3-venv shellcheck $(CONTAINER_PACKAGES) $(NFS_PACKAGES) $(LAVA_PACKAGES)
 # the container engine the tests drive (podman with runc: crun cannot start containers on some VMs),
 # debootstrap for the images' Debian base, docker-compose for its copy of the compose specification
 CONTAINER_PACKAGES := podman runc catatonit debootstrap docker-compose
@@ -48,8 +51,10 @@ venv: $(VENV)/.installed
 compile: venv
 	$(PY) -m compileall -q agent results master sitegen tools
 
+# the boards' kernels and ramdisks, and their Debian NFS roots (debootstrap: minutes the first time,
+# then a no-op); the larger root of make bench nfs: tools/build_dut_images.py --rootfs-bench
 images: venv
-	$(PY) tools/build_dut_images.py --cache $(PUMICE_CACHE)
+	$(PY) tools/build_dut_images.py --cache $(PUMICE_CACHE) --rootfs
 
 # podman's settings for this machine (runc, cgroupfs, no default ulimits), written only when they differ
 containers-conf: apt

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -292,3 +293,91 @@ def pumice_container_images(container_images: dict) -> dict:
         return builder.build_images(cache, [builder.TEST_IMAGES["base"], *builder.pumice_specs(cache)])
     except builder.BuildError as exc:
         pytest.fail(f"cannot build Pumice's images: {exc}")
+
+
+# --- the worker's NFS server (agent/nfs.py) ------------------------------------------------------
+
+#: NFS has fixed ports (111, 2049, 20048): one nfs-ganesha per machine serves every test session;
+#: its state (the export files, their lock) is machine-wide, each session's roots are its own
+NFS_TEST_STATE = Path("/var/lib/pumice-tests/nfs-state")
+
+
+@pytest.fixture(scope="session")
+def nfs_settings(tmp_path_factory: pytest.TempPathFactory):
+    """The NFS part of a test worker's dispatcher configuration: ganesha, started when not running,
+    job roots under a directory of this session, boards (QEMU user networking) reach it at 10.0.2.2."""
+    from agent.nfs import NfsSettings
+
+    return NfsSettings(export_root=tmp_path_factory.mktemp("nfs-roots"), address="10.0.2.2",
+                       state_dir=NFS_TEST_STATE, start=True)
+
+
+@pytest.fixture
+def nfs_server(nfs_settings):
+    """The running NFS server (started when needed); every export a test leaves is removed after
+    it, and the test fails if one was left."""
+    from agent import nfs
+
+    server = nfs.server(nfs_settings)
+    server.ensure_running()
+    yield server
+    left = server.exports()
+    for export in left:
+        server.remove(export.name)
+        nfs.remove_tree(export.directory)
+    assert not left, f"exports left by the test: {left}"
+
+
+@dataclass(frozen=True)
+class NfsRootImages:
+    """The NFS-rootable DUTs: the Debian roots (xz tarballs) and the initramfs that mounts them."""
+
+    amd64_rootfs: Path
+    arm64_rootfs: Path
+    amd64_initramfs: Path
+    arm64_initramfs: Path
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def nfs_root_images(dut_images: DutImages, dut_builder: ModuleType) -> NfsRootImages:
+    """The NFS roots in the cache, built first when absent or stale (debootstrap: minutes, once)."""
+    try:
+        manifest = dut_builder.build_rootfs_images(dut_images.cache, ("amd64", "arm64"))
+    except dut_builder.BuildError as exc:
+        pytest.fail(f"cannot build the NFS roots in {dut_images.cache}/dut (see `make images`): {exc}")
+    out = dut_images.cache / "dut"
+    return NfsRootImages(amd64_rootfs=out / "amd64" / "nfsrootfs.tar.xz",
+                         arm64_rootfs=out / "arm64" / "nfsrootfs.tar.xz",
+                         amd64_initramfs=out / "amd64" / "initramfs-nfs.cpio.gz",
+                         arm64_initramfs=out / "arm64" / "initramfs-nfs.cpio.gz", manifest=manifest)
+
+
+# --- QEMU boards driven through their console ----------------------------------------------------
+
+
+@pytest.fixture
+def qemu() -> Iterator[Callable[..., Any]]:
+    """``qemu(argv, timeout=60)`` starts QEMU under pexpect (``timeout``: the default of each
+    expect); every QEMU started is killed at the end, also on failure, and its console printed."""
+    import io
+
+    import pexpect
+
+    children: list[tuple[pexpect.spawn, io.StringIO]] = []
+
+    def spawn(argv: list[str], timeout: float = 60) -> Any:
+        console = io.StringIO()
+        child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", codec_errors="replace", timeout=timeout)
+        child.logfile_read = console
+        children.append((child, console))
+        return child
+
+    try:
+        yield spawn
+    finally:
+        for child, console in children:
+            child.terminate(force=True)
+            child.close()
+            # Shown by pytest when the test failed: what the board said.
+            print(f"--- console of {child.args[0].decode()} (last 4000 chars) ---\n{console.getvalue()[-4000:]}")

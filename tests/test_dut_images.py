@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import re
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 
 PROMPT = "/ # "
-BOOT_TIMEOUT = 60
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -46,40 +43,14 @@ def read_cpio(data: bytes) -> dict[str, dict]:
         offset = body + filesize + (-(body + filesize) % 4)
 
 
-def shell(child: pexpect.spawn, command: str, timeout: float = 15) -> list[str]:
+def shell(child: pexpect.spawn, command: str, timeout: float = 15, prompt: str = PROMPT) -> list[str]:
     """Run a command at the board's shell; its output lines (without the echoed command)."""
     child.sendline(command)
-    child.expect_exact(PROMPT, timeout=timeout)
+    child.expect_exact(prompt, timeout=timeout)
     lines = [ANSI.sub("", line).strip() for line in child.before.splitlines()]
     # The first line is the echo of the command itself.
     start = next(i for i, line in enumerate(lines) if line.endswith(command))
     return [line for line in lines[start + 1 :] if line]
-
-
-@pytest.fixture
-def qemu() -> Iterator[Callable[[list[str]], pexpect.spawn]]:
-    """Starts QEMU under pexpect; every QEMU started is killed at the end, also on failure."""
-    children: list[tuple[pexpect.spawn, io.StringIO]] = []
-
-    def spawn(argv: list[str]) -> pexpect.spawn:
-        console = io.StringIO()
-        child = pexpect.spawn(
-            argv[0], argv[1:], encoding="utf-8", codec_errors="replace", timeout=BOOT_TIMEOUT
-        )
-        child.logfile_read = console
-        children.append((child, console))
-        return child
-
-    try:
-        yield spawn
-    finally:
-        for child, console in children:
-            child.terminate(force=True)
-            child.close()
-            # Shown by pytest when the test failed: what the board said.
-            print(
-                f"--- console of {child.args[0].decode()} (last 3000 chars) ---\n{console.getvalue()[-3000:]}"
-            )
 
 
 def amd64_argv(board, console: list[str], append: str) -> list[str]:
@@ -95,8 +66,8 @@ def amd64_argv(board, console: list[str], append: str) -> list[str]:
 
 
 EXPECTED_FILES = {
-    "amd64": {"vmlinuz", "initramfs.cpio.gz"},
-    "arm64": {"Image", "initramfs.cpio.gz", "virt.dtb", "u-boot.bin"},
+    "amd64": {"vmlinuz", "initramfs.cpio.gz", "initramfs-nfs.cpio.gz"},
+    "arm64": {"Image", "initramfs.cpio.gz", "initramfs-nfs.cpio.gz", "virt.dtb", "u-boot.bin"},
 }
 
 

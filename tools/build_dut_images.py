@@ -8,7 +8,17 @@ busybox-static. The output, under ``CACHE/dut/``::
     amd64/vmlinuz, amd64/initramfs.cpio.gz          QEMU x86_64: -kernel/-initrd, console ttyS0
     arm64/Image, arm64/initramfs.cpio.gz,           QEMU virt + U-Boot (-bios u-boot.bin), TFTP
     arm64/virt.dtb, arm64/u-boot.bin                boot with booti, console ttyAMA0
+    ARCH/initramfs-nfs.cpio.gz                      the same /init, plus the kernel's NFS client
+                                                    modules and klibc's nfsmount: root=/dev/nfs
+    ARCH/nfsrootfs.tar.xz                           a Debian minbase root for NFS (debootstrap,
+                                                    systemd, openssh-server), xz -6
     manifest.json                                   packages, sha256s, command lines, addresses
+
+The NFS roots (``--rootfs``, and ``make images``) have a recipe of their own (:func:`rootfs_recipe`:
+the suite, the packages, tools/dut/rootfs-setup.sh, ROOTFS_FORMAT), so a change to the kernels'
+recipe does not run debootstrap again. The arm64 root is made by a foreign debootstrap whose
+second stage runs through binfmt_misc and qemu-user-static (registered here when missing).
+``--rootfs-bench`` makes the larger root of ``make bench nfs`` (``bench-nfsrootfs.tar.xz``).
 
 Each architecture has its own private apt state (``CACHE/dut/apt/ARCH``: the host's Debian
 sources, restricted to that architecture), so no multiarch setup and no change to the host's apt
@@ -16,7 +26,7 @@ lists is needed. Downloaded packages are kept in ``CACHE/dut/debs/ARCH``: a rebu
 of the /init recipe works offline. When the manifest matches the recipe and the files, a run is a
 no-op that touches neither apt nor the network.
 
-Usage: ``build_dut_images.py --cache DIR [--arch amd64|arm64|all] [--force]``
+Usage: ``build_dut_images.py --cache DIR [--arch amd64|arm64|all] [--force] [--rootfs] [--rootfs-bench]``
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +75,9 @@ class ArchSpec:
     console: str  # serial console device of the board
     modules: tuple[str, ...]  # modules /init loads (their dependencies are added)
     command_line: str  # kernel command line known to work (see the note above ARCHES)
+    qemu_user: str  # qemu-user name of the architecture (a foreign debootstrap's second stage)
+    #: what the NFS initramfs adds: the NFS client (v3, what klibc's nfsmount speaks)
+    nfs_modules: tuple[str, ...] = ("nfs", "nfsv3")
 
 
 #: Why the command lines carry loglevel=6 and not ``quiet``: ``quiet`` sets the console loglevel
@@ -79,6 +93,7 @@ ARCHES: dict[str, ArchSpec] = {
         console="ttyS0",
         modules=("virtio_pci", "virtio_net", "virtio_blk", "virtio_console"),
         command_line="console=ttyS0,115200 loglevel=6",
+        qemu_user="x86_64",
     ),
     "arm64": ArchSpec(
         arch="arm64",
@@ -88,6 +103,7 @@ ARCHES: dict[str, ArchSpec] = {
         # QEMU virt's virtio-*-device are virtio-mmio transports; -device virtio-*-pci also works.
         modules=("virtio_mmio", "virtio_pci", "virtio_net", "virtio_blk", "virtio_console"),
         command_line="console=ttyAMA0,115200 loglevel=6",
+        qemu_user="aarch64",
     ),
 }
 
@@ -402,8 +418,10 @@ INITRAMFS_DIRS = (
 )  # fmt: skip
 
 
-def build_initramfs(root: Path, spec: ArchSpec, kernel_version: str) -> tuple[bytes, list[str]]:
-    """The initramfs of a board from the unpacked packages in ``root``; returns (cpio.gz, modules)."""
+def build_initramfs(root: Path, spec: ArchSpec, kernel_version: str, nfs: bool = False) -> tuple[bytes, list[str]]:
+    """The initramfs of a board from the unpacked packages in ``root``; returns (cpio.gz, modules).
+    ``nfs`` adds the NFS client modules (loaded for root=/dev/nfs only) and klibc's nfsmount, the
+    program Debian's initramfs mounts NFS roots with (busybox's mount has no NFS in Debian)."""
     cpio = Cpio()
     for directory in INITRAMFS_DIRS:
         cpio.directory(directory, 0o1777 if directory == "tmp" else 0o755)
@@ -421,8 +439,22 @@ def build_initramfs(root: Path, spec: ArchSpec, kernel_version: str) -> tuple[by
     modules = resolve_modules(moddir, spec.modules)
     for relative, elf in modules:
         cpio.file(f"lib/modules/{kernel_version}/{relative}", elf)
-    cpio.file(f"lib/modules/{kernel_version}/modules.dep", modules_dep(modules).encode())
     cpio.file("etc/pumice/modules", "".join(f"{rel}\n" for rel, _ in modules).encode())
+    if nfs:
+        loaded = {rel for rel, _ in modules}
+        nfs_modules = [(rel, elf) for rel, elf in resolve_modules(moddir, spec.nfs_modules) if rel not in loaded]
+        for relative, elf in nfs_modules:
+            cpio.file(f"lib/modules/{kernel_version}/{relative}", elf)
+        modules += nfs_modules
+        cpio.file("etc/pumice/nfs-modules", "".join(f"{rel}\n" for rel, _ in nfs_modules).encode())
+        libraries = sorted((root / "lib").glob("klibc-*.so")) or sorted((root / "usr/lib").glob("klibc-*.so"))
+        nfsmount = root / "usr/lib/klibc/bin/nfsmount"
+        if not libraries or not nfsmount.is_file():
+            raise BuildError("klibc's nfsmount or its library is missing from klibc-utils/libklibc")
+        # nfsmount's ELF interpreter is /lib/klibc-<hash>.so: the same path in the initramfs
+        cpio.file(f"lib/{libraries[0].name}", libraries[0].read_bytes(), 0o755)
+        cpio.file("usr/lib/klibc/bin/nfsmount", nfsmount.read_bytes(), 0o755)
+    cpio.file(f"lib/modules/{kernel_version}/modules.dep", modules_dep(modules).encode())
     return cpio.gzipped(), [rel for rel, _ in modules]
 
 
@@ -508,14 +540,18 @@ def arch_is_current(cache: Path, manifest: dict, arch: str) -> bool:
     return True
 
 
+#: the packages of the initramfs besides the kernel (klibc's for the NFS one's nfsmount)
+INITRAMFS_PACKAGES = ("busybox-static", "klibc-utils", "libklibc")
+
+
 def fetch_packages(cache: Path, spec: ArchSpec, previous: dict | None, force: bool) -> dict[str, Path]:
-    """The kernel and busybox .debs of an architecture: reused from the cache, else downloaded."""
+    """The kernel, busybox and klibc .debs of an architecture: reused from the cache, else downloaded."""
     debdir = Path(cache) / "dut" / "debs" / spec.arch
     if previous and not force:
         cached = {
             name: debdir / info["deb"] for name, info in previous.get("packages", {}).items() if "deb" in info
         }
-        if cached and all(path.is_file() for path in cached.values()):
+        if cached and set(INITRAMFS_PACKAGES) <= cached.keys() and all(p.is_file() for p in cached.values()):
             LOG.info("%s: reusing cached packages %s", spec.arch, ", ".join(p.name for p in cached.values()))
             return {
                 "kernel" if name.startswith("linux-image-") else name: path for name, path in cached.items()
@@ -526,14 +562,14 @@ def fetch_packages(cache: Path, spec: ArchSpec, previous: dict | None, force: bo
     LOG.info("%s: %s -> %s", spec.arch, spec.kernel_meta, kernel)
     debdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=debdir) as tmp:
-        apt.download([kernel, "busybox-static"], Path(tmp))
+        apt.download([kernel, *INITRAMFS_PACKAGES], Path(tmp))
         fetched: dict[str, Path] = {}
         for deb in sorted(Path(tmp).glob("*.deb")):
             name = deb_field(deb, "Package")
             final = debdir / deb.name
             os.replace(deb, final)
             fetched["kernel" if name == kernel else name] = final
-    missing = {"kernel", "busybox-static"} - fetched.keys()
+    missing = {"kernel", *INITRAMFS_PACKAGES} - fetched.keys()
     if missing:
         raise BuildError(f"apt-get download gave no package for {', '.join(sorted(missing))} ({spec.arch})")
     for old in set(debdir.glob("*.deb")) - set(fetched.values()):
@@ -567,6 +603,8 @@ def build_arch(cache: Path, spec: ArchSpec, previous: dict | None, force: bool) 
             shutil.copyfile(vmlinuz[0], staged / spec.kernel_file)
         initramfs, modules = build_initramfs(unpacked, spec, kernel_version)
         (staged / "initramfs.cpio.gz").write_bytes(initramfs)
+        nfs_initramfs, nfs_modules = build_initramfs(unpacked, spec, kernel_version, nfs=True)
+        (staged / "initramfs-nfs.cpio.gz").write_bytes(nfs_initramfs)
         files = {}
         for path in sorted(staged.iterdir()):
             files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
@@ -585,6 +623,7 @@ def build_arch(cache: Path, spec: ArchSpec, previous: dict | None, force: bool) 
         "kernel_start_message": "Linux version [0-9]",
         "shell_prompt": "/ # ",
         "modules": modules,
+        "nfs_modules": [rel for rel in nfs_modules if rel not in modules],
         "files": files,
     }
     if spec.arch == "arm64":
@@ -594,10 +633,210 @@ def build_arch(cache: Path, spec: ArchSpec, previous: dict | None, force: bool) 
     return entry
 
 
+# --- NFS root filesystems -----------------------------------------------------------------------
+
+#: bumped when the root filesystem's build logic below changes (its recipe, unlike the kernels',
+#: does not hash this whole script: debootstrap takes minutes)
+ROOTFS_FORMAT = 1
+ROOTFS_SETUP = DUT_FILES / "rootfs-setup.sh"
+
+
+@dataclass(frozen=True)
+class RootfsSpec:
+    """One NFS root filesystem: a debootstrap minbase root with ``packages``, as an xz tarball."""
+
+    file: str  # output name in CACHE/dut/ARCH
+    packages: tuple[str, ...]
+    slim: bool  # documentation, manual pages and translations removed
+    xz_preset: str = "-6"
+
+
+ROOTFS: dict[str, RootfsSpec] = {
+    # what the boards boot in the tests: systemd and udev (as a Debian board boots: without udev,
+    # systemd's serial getty waits for its tty device in vain) and openssh-server (the container and
+    # SSH issues log in with it)
+    "test": RootfsSpec("nfsrootfs.tar.xz", ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps"),
+                       slim=True),
+    # make bench nfs: the size of a developer's test root (KernelCI's and LKFT's roots carry test
+    # suites and their tool chains: hundreds of MB), here Debian's compilers, Python, Perl, tracers and
+    # benchmarks, documentation kept (gdb is left out: a dependency's postinst fails under
+    # debootstrap); >= 50 MB at xz -6
+    "bench": RootfsSpec(
+        "bench-nfsrootfs.tar.xz",
+        ("systemd-sysv", "udev", "openssh-server", "iproute2", "procps", "python3", "build-essential", "git", "curl",
+         "strace", "perl", "stress-ng", "iperf3", "fio", "ethtool", "pciutils", "kmod", "less", "vim-tiny"),
+        slim=False,
+    ),
+}
+
+
+def host_suite() -> str:
+    """The Debian release of the host (bookworm): the roots are of the same release."""
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise BuildError("cannot tell the host's Debian release (no VERSION_CODENAME in /etc/os-release)")
+
+
+def debian_mirror(suite: str) -> str:
+    """The host's Debian mirror of ``suite`` (its apt sources: a lab's proxy or mirror carries over)."""
+    out = run(["apt-get", "indextargets", "Identifier: Packages"], "listing the host's apt sources").stdout
+    for record in out.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in record.splitlines() if ": " in line)
+        if (fields.get("Target-Of") == "deb" and fields.get("Origin", "Debian") == "Debian"
+                and fields.get("Release") == suite and fields.get("Component") == "main"):
+            return fields["Repo-URI"]
+    raise BuildError(f"the host's apt sources have no Debian {suite} main to debootstrap from")
+
+
+def rootfs_recipe(spec: RootfsSpec, suite: str) -> str:
+    """Hash of what decides a root filesystem's contents."""
+    recipe = json.dumps({"format": ROOTFS_FORMAT, "suite": suite, "spec": spec.__dict__}, sort_keys=True)
+    return hashlib.sha256(recipe.encode() + ROOTFS_SETUP.read_bytes()).hexdigest()
+
+
+def host_arch() -> str:
+    return run(["dpkg", "--print-architecture"], "asking dpkg the host's architecture").stdout.strip()
+
+
+def ensure_binfmt(spec: ArchSpec) -> None:
+    """Let the host run the architecture's programs in a chroot (a foreign debootstrap's second
+    stage): binfmt_misc mounted, qemu-user-static registered with the F flag (the interpreter is
+    opened at registration, so it works inside the chroot). Root only."""
+    misc = Path("/proc/sys/fs/binfmt_misc")
+    if not (misc / "register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(misc)],
+            "mounting binfmt_misc (a foreign debootstrap needs it; run as root)")
+    entry = misc / f"qemu-{spec.qemu_user}"
+    if not entry.exists():
+        conf = Path(f"/usr/lib/binfmt.d/qemu-{spec.qemu_user}.conf")
+        if not conf.is_file():
+            raise BuildError(f"{conf} is missing: install qemu-user-static (run `make apt`)")
+        LOG.info("%s: registering %s with binfmt_misc", spec.arch, conf)
+        try:
+            (misc / "register").write_text(conf.read_text().strip())
+        except OSError as exc:
+            raise BuildError(f"cannot register qemu-{spec.qemu_user} with binfmt_misc: {exc}") from exc
+    text = entry.read_text()
+    if "enabled" not in text.split() or "F" not in next(
+            (line.split()[1] for line in text.splitlines() if line.startswith("flags:")), ""):
+        raise BuildError(f"{entry} is registered without the F flag (or disabled): a chroot cannot run "
+                         f"{spec.arch} programs; remove it (echo -1 > {entry}) and build again")
+
+
+def build_rootfs(cache: Path, spec: ArchSpec, root: RootfsSpec) -> dict:
+    """debootstrap a root for ``spec``'s board, set it up (tools/dut/rootfs-setup.sh), pack it with
+    numeric owners into CACHE/dut/ARCH/<file>; returns its manifest entry."""
+    suite = host_suite()
+    mirror = debian_mirror(suite)
+    outdir = Path(cache) / "dut" / spec.arch
+    outdir.mkdir(parents=True, exist_ok=True)
+    debs = Path(cache) / "dut" / "debs" / f"rootfs-{spec.arch}"
+    debs.mkdir(parents=True, exist_ok=True)
+    foreign = spec.arch != host_arch()
+    if foreign:
+        ensure_binfmt(spec)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=outdir.parent, prefix=f".rootfs-{spec.arch}-") as tmp:
+        tree = Path(tmp) / "root"
+        LOG.info("%s: debootstrap %s %s (%s)%s", spec.arch, suite, ",".join(root.packages), mirror,
+                 " through qemu-user-static" if foreign else "")
+        try:
+            run(["debootstrap", f"--arch={spec.arch}", "--variant=minbase", f"--include={','.join(root.packages)}",
+                 f"--cache-dir={debs}", suite, str(tree), mirror], f"debootstrap of the {spec.arch} root",
+                timeout=3600)
+            bootstrapped = time.monotonic()
+            setup = tree / "tmp" / "rootfs-setup.sh"
+            shutil.copyfile(ROOTFS_SETUP, setup)
+            run(["chroot", str(tree), "/bin/sh", "/tmp/rootfs-setup.sh", "1" if root.slim else "0"],
+                f"setting the {spec.arch} root up", timeout=600)
+            setup.unlink()
+            packages = run(["chroot", str(tree), "dpkg-query", "-W", "-f=${Package} ${Version}\n"],
+                           "listing the root's packages").stdout.split("\n")
+            size = int(run(["du", "-sb", str(tree)], "measuring the root").stdout.split()[0])
+            staged = Path(tmp) / root.file
+            LOG.info("%s: packing %s (%d MB) with xz %s", spec.arch, root.file, size >> 20, root.xz_preset)
+            with staged.open("wb") as out:
+                tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(tree), "-cf", "-", "."],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                xz = subprocess.run(["xz", root.xz_preset, "-T0", "-c"], stdin=tar.stdout, stdout=out,
+                                    stderr=subprocess.PIPE, check=False)
+                tar.stdout.close()
+                tar_error = tar.stderr.read().decode(errors="replace")
+                if tar.wait() != 0 or xz.returncode != 0:
+                    raise BuildError(f"packing the {spec.arch} root failed: {tar_error}{xz.stderr.decode()}")
+        finally:
+            _unmount_below(tree)
+        info = {"sha256": sha256_file(staged), "size": staged.stat().st_size}
+        os.replace(staged, outdir / root.file)
+    LOG.info("%s: wrote %s (%d bytes) in %.0f s", spec.arch, outdir / root.file, info["size"],
+             time.monotonic() - started)
+    return {
+        "recipe": rootfs_recipe(root, suite),
+        "suite": suite,
+        "file": root.file,
+        "files": {root.file: info},
+        "packages": len([line for line in packages if line]),
+        "included": list(root.packages),
+        "tree_bytes": size,
+        "xz_preset": root.xz_preset,
+        "debootstrap_seconds": round(bootstrapped - started),
+        "build_seconds": round(time.monotonic() - started),
+        "foreign": foreign,
+        "console_login": {"login_prompt": "login:", "username": "root", "shell_prompt": "root@pumice-nfs:~#"},
+    }
+
+
+def _unmount_below(tree: Path) -> None:
+    """Unmount what a failed debootstrap left mounted in its chroot (proc, sys), deepest first."""
+    with contextlib.suppress(OSError):
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for point in sorted((m for m in mounts if m.startswith(f"{tree}/")), reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=60)
+
+
+def rootfs_is_current(cache: Path, manifest: dict, arch: str, name: str) -> bool:
+    """True when the root ``name`` of ``arch`` matches its recipe and its file."""
+    entry = manifest.get("rootfs", {}).get(name, {}).get(arch)
+    if not entry or entry.get("recipe") != rootfs_recipe(ROOTFS[name], host_suite()):
+        return False
+    path = Path(cache) / "dut" / arch / entry["file"]
+    info = entry["files"][entry["file"]]
+    return path.is_file() and path.stat().st_size == info["size"] and sha256_file(path) == info["sha256"]
+
+
+def build_rootfs_images(cache: Path, arches: Iterable[str] = tuple(ARCHES), name: str = "test",
+                        force: bool = False) -> dict:
+    """Make sure the NFS root ``name`` (:data:`ROOTFS`) of ``arches`` exists in ``cache``/dut;
+    returns the manifest (a no-op, touching neither apt nor the network, when it matches)."""
+    cache = Path(cache).expanduser()
+    arches = list(arches)
+    if not force and all(rootfs_is_current(cache, load_manifest(cache), arch, name) for arch in arches):
+        return load_manifest(cache)
+    with build_lock(cache, ".lock-rootfs"):
+        for arch in arches:
+            if rootfs_is_current(cache, load_manifest(cache), arch, name) and not force:
+                continue  # another session built it while we waited
+            entry = build_rootfs(cache, ARCHES[arch], ROOTFS[name])
+            with build_lock(cache):  # the kernels' build may have rewritten the manifest meanwhile
+                manifest = load_manifest(cache)
+                manifest.setdefault("rootfs", {}).setdefault(name, {})[arch] = entry
+                _write_manifest(cache, manifest)
+    return load_manifest(cache)
+
+
+def _write_manifest(cache: Path, manifest: dict) -> None:
+    tmp = manifest_path(cache).with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path(cache))
+
+
 @contextlib.contextmanager
-def build_lock(cache: Path) -> Iterator[None]:
-    """Serialise builds sharing one cache (several test sessions may start at once)."""
-    lockfile = Path(cache) / "dut" / ".lock"
+def build_lock(cache: Path, name: str = ".lock") -> Iterator[None]:
+    """Serialise builds sharing one cache (several test sessions may start at once). The kernels'
+    builds and every manifest update take ``.lock`` (briefly); the NFS roots' builds, which take
+    minutes, serialise on ``.lock-rootfs`` so that a kernels' build never waits for a debootstrap."""
+    lockfile = Path(cache) / "dut" / name
     lockfile.parent.mkdir(parents=True, exist_ok=True)
     with lockfile.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -634,10 +873,9 @@ def build_images(cache: Path, arches: Iterable[str] = tuple(ARCHES), force: bool
             LOG.info("%s: building DUT images in %s", arch, cache / "dut" / arch)
             current[arch] = build_arch(cache, ARCHES[arch], previous.get(arch), force)
         # Entries of other architectures stay only when still valid under the new recipe.
-        manifest = {"format": MANIFEST_FORMAT, "recipe": recipe, "arches": dict(sorted(current.items()))}
-        tmp = manifest_path(cache).with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, manifest_path(cache))
+        manifest = {"format": MANIFEST_FORMAT, "recipe": recipe, "arches": dict(sorted(current.items())),
+                    **({"rootfs": manifest["rootfs"]} if "rootfs" in manifest else {})}
+        _write_manifest(cache, manifest)
         LOG.info("wrote %s", manifest_path(cache))
     return manifest
 
@@ -655,6 +893,8 @@ def main(argv: list[str] | None = None) -> int:
         "--arch", choices=[*ARCHES, "all"], default="all", help="board architecture (default all)"
     )
     parser.add_argument("--force", action="store_true", help="fetch the packages again and rebuild")
+    parser.add_argument("--rootfs", action="store_true", help="also the NFS roots (debootstrap: minutes)")
+    parser.add_argument("--rootfs-bench", action="store_true", help="also the larger NFS root of make bench nfs")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the commands run")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -663,6 +903,10 @@ def main(argv: list[str] | None = None) -> int:
     arches = list(ARCHES) if args.arch == "all" else [args.arch]
     try:
         build_images(args.cache, arches, force=args.force)
+        if args.rootfs:
+            build_rootfs_images(args.cache, arches, "test", force=args.force)
+        if args.rootfs_bench:
+            build_rootfs_images(args.cache, ["amd64"], "bench", force=args.force)
     except BuildError as exc:
         print(f"build_dut_images: error: {exc}", file=sys.stderr)
         return 1
