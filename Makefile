@@ -11,12 +11,12 @@ LAVA_PACKAGES := lava-dispatcher
 # the worker's NFS server, a client that tests it, the NFS-rootable DUTs' builder (debootstrap, a
 # foreign-architecture second stage through binfmt_misc + qemu-user-static) and zstd rootfs archives
 NFS_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils debootstrap qemu-user-static zstd
-APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
-	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
-	python3-venv shellcheck $(CONTAINER_PACKAGES) $(NFS_PACKAGES) $(LAVA_PACKAGES)
 # the container engine the tests drive (podman with runc: crun cannot start containers on some VMs),
 # debootstrap for the images' Debian base, docker-compose for its copy of the compose specification
 CONTAINER_PACKAGES := podman runc catatonit debootstrap docker-compose
+APT_PACKAGES := qemu-system-x86 qemu-system-arm qemu-utils ipxe-qemu busybox-static u-boot-qemu u-boot-tools \
+	cpio xz-utils bzip2 gzip nginx-light ser2net telnet chromium git curl dpkg-dev iproute2 \
+	python3-venv shellcheck $(CONTAINER_PACKAGES) $(NFS_PACKAGES) $(LAVA_PACKAGES)
 #: podman reads this drop-in after the machine's own containers.conf (which stays untouched)
 CONTAINERS_CONF_DROPIN := /etc/containers/containers.conf.d/50-pumice.conf
 # only for make bench: LAVA's U-Boot jobs read tftpd-hpa's configuration for their TFTP root
