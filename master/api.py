@@ -20,7 +20,7 @@ from typing import Any
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from agent.errors import Fault
-from master import certificates, diskfull, jobs, lab
+from master import bundles, certificates, diskfull, jobs, lab
 from master.db import connection
 from master.errors import Invalid, ServiceError, TooLarge
 from master.instance import current
@@ -346,7 +346,7 @@ def make_app() -> Bottle:
 
     @route("/bundles/", "POST")
     def upload_bundle() -> dict:
-        reply = jobs.upload_bundle(text_field("bundle"), user())
+        reply = bundles.upload_bundle(text_field("bundle"), user())
         response.status = 201 if reply["created"] else 200
         return reply
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from master.db import open_database
-from master.store import ArtifactStore
 from results.bounded import DEFAULT_LIMITS, Limits
+from results.store import ArtifactStore
 
 DEFAULT_DATA = "/var/lib/pumice"
 #: the largest request body / job definition accepted (a LAVA job with inline tests is a few kB)

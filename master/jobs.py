@@ -1,6 +1,6 @@
 """Jobs (service layer): submit, cancel, resubmit, list, show, logs, results; and what the agent reports.
 
-Plain functions over the models, called by every front door (REST now, LAVA XML-RPC later) and by
+Plain functions over the models, called by every front door (REST, LAVA XML-RPC, the CLI) and by
 the ZeroMQ broker (``job_started``, ``append_logs``, ``append_results``, ``job_finished``). Legal
 transitions and their consequences come from :mod:`master.states`. Every state change rewrites the
 job's ``meta.yaml`` in the artifact store; events wake the scheduler and the broker after commit.
@@ -34,10 +34,10 @@ from master.states import (
     finish_outcome,
     parse_count,
 )
-from master.store import META_FIELDS
 from master.validation import JobRequest, check_definition
 from results.log import LogRecord
 from results.record import Result
+from results.store import META_FIELDS
 
 log = logging.getLogger("pumice.jobs")
 
@@ -437,43 +437,6 @@ def job_started(job_id: int) -> bool:
     return bool(changed)
 
 
-def start_data(job_id: int) -> dict[str, Any]:
-    """What the broker sends in START: the job id, its definition, the device YAML (the device's
-    dictionary rendered with the job's ``context:``), the device and worker names, the worker's env."""
-    from agent.schema import load_yaml
-    from master.validation import bare_dictionary, render_device
-
-    job = Job.get_or_none(Job.id == job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    if job.actual_device_id is None:
-        raise Conflict(f"job {job_id} is {job.state}: it has no device")
-    device = Device.get_by_id(job.actual_device_id)
-    data = load_yaml(job.definition, limits=current().limits).data
-    context = (data.get("context") if isinstance(data, dict) else None) or {}
-    worker = Worker.get_or_none(Worker.id == job.worker_id) if job.worker_id else None
-    return {
-        "job_id": job.id,
-        "definition": job.definition,
-        "device": device.hostname,
-        "device_yaml": render_device(device.dictionary or bare_dictionary(device.device_type.name), context),
-        "worker": worker.hostname if worker else None,
-        "env": worker.env if worker else None,
-    }
-
-
-def active_jobs(worker: str | None = None) -> list[dict[str, Any]]:
-    """Jobs holding a device (Scheduled, Running, Canceling), optionally on one worker: what the
-    broker asks the agents about after a restart."""
-    query = (Job.select(Job.id, Job.state, Device.hostname.alias("device"), Worker.hostname.alias("worker"))
-             .join(Device, JOIN.LEFT_OUTER, on=(Job.actual_device == Device.id))
-             .switch(Job).join(Worker, JOIN.LEFT_OUTER, on=(Job.worker == Worker.id))
-             .where(Job.state.in_(JobState.ACTIVE)))
-    if worker is not None:
-        query = query.where(Worker.hostname == worker)
-    return list(query.order_by(Job.id).dicts())
-
-
 def append_logs(job_id: int, lines: Iterable[LogRecord | str]) -> int:
     """Append log records (or already formatted output.yaml lines) to the job's log file.
 
@@ -624,78 +587,3 @@ def job_bundle(job_id: int | str, user: User | None) -> str:
 
 def _write_bundle(job_id: int) -> None:
     current().store.write_file(job_id, "results.yaml", _bundle_text(job_id))
-
-
-# ---- bundles from other instances ----
-
-_BUNDLE_HEALTH = {"complete": JobHealth.COMPLETE, "incomplete": JobHealth.INCOMPLETE,
-                  "canceled": JobHealth.CANCELED}
-
-
-def _upload_reply(job_id: int, created: bool) -> dict[str, Any]:
-    (source,) = Job.select(Job.source).where(Job.id == job_id).tuples().get()
-    return {"job": job_id, "created": created, "url": current().job_url(job_id), "source": source}
-
-
-def upload_bundle(text: str, user: User | None) -> dict[str, Any]:
-    """Import a results bundle downloaded from another instance (a job page's ``results.yaml``) as a
-    finished job of this instance, with a new job id here, its results in the database and its
-    ``source`` kept; then publish its pages.
-
-    Returns ``{job, created, url, source}``: ``created`` is False when this bundle (by its uuid) was
-    imported before, and ``job`` is then the job it became. Raises Invalid (message and line) for
-    a text that is not a bundle, Unauthorized without a token.
-    """
-    from sitegen.bundles import BundleImportError, find_import, import_bundle, read_bundle
-
-    if user is None:
-        raise Unauthorized("uploading a bundle needs a token: 'Authorization: Token <token>'")
-
-    def invalid(exc: BundleImportError) -> Invalid:
-        line = getattr(exc.__cause__, "line", 0) or None
-        return Invalid(f"invalid results bundle: {exc}", [Fault("", str(exc), line)])
-
-    try:
-        bundle, info = read_bundle(text)
-    except BundleImportError as exc:
-        raise invalid(exc) from None
-    instance = current()
-    existing = find_import(instance.store, info.uuid)
-    if existing is not None:
-        return _upload_reply(existing, False)
-    source = {"instance": info.instance, "url": info.url, "job": info.job, "uuid": info.uuid}
-    now = utcnow()
-    with db.atomic() as transaction:
-        job = Job.create(name=info.name[:200], definition="", submitter=user, state=JobState.FINISHED,
-                         health=_BUNDLE_HEALTH.get(info.health, JobHealth.UNKNOWN), submit_time=now,
-                         end_time=now, source=source)
-        append_results(job.id, bundle.results)
-        # last: its files (and the uuid marker) are written only once the rows are in place, and
-        # a failure here rolls the rows back
-        try:
-            imported = import_bundle(instance.store, text, job_id=job.id, submitter=user.username)
-        except BundleImportError as exc:
-            raise invalid(exc) from None
-        if not imported.created:  # a concurrent upload of the same bundle got there first
-            transaction.rollback()
-            return _upload_reply(imported.job_id, False)
-    write_meta([job.id])  # the master's record (with source) replaces the importer's meta.yaml
-    log.info("bundle %s from %s imported by %s as job %d", info.uuid, info.url or info.instance,
-             user.username, job.id)
-    publish_pages(job.id)
-    return _upload_reply(job.id, True)
-
-
-def publish_pages(job_id: int) -> None:
-    """Publish the job's pages on this instance's site now (sitegen, incremental). A failure is
-    logged, not raised: the job is recorded, and ``pumice-site build`` catches up."""
-    instance = current()
-    if instance.site_dir is None:
-        return
-    try:
-        from sitegen import publish_job
-
-        publish_job(instance.store.root, instance.site_dir, job_id, instance=instance.name,
-                    base_url=instance.url)
-    except Exception:
-        log.exception("publishing job %d failed; 'pumice-site build' will catch up", job_id)

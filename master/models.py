@@ -2,7 +2,7 @@
 
 All bound to :data:`master.db.db` (a DatabaseProxy), so the same models serve SQLite and PostgreSQL.
 States and healths are stored as the words of :mod:`master.states` (readable in SQL and in dumps).
-Logs never go to the database: they live in the artifact store (:mod:`master.store`).
+Logs never go to the database: they live in the artifact store (:mod:`results.store`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import signal
 import threading
 from typing import Any
@@ -19,60 +18,13 @@ import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 
-from master import diskfull, events
 from master.api import make_app
 from master.instance import current
+from master.publish import SitePublisher
 from master.scheduler import Scheduler
 from master.validation import ValidatorPool, default_validators
 
 log = logging.getLogger("pumice.server")
-
-
-class SitePublisher:
-    """Publishes a job's pages when it starts and when it finishes (sitegen, incremental), off the
-    request path."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[int | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def on_event(self, event: str, data: dict[str, Any]) -> None:
-        # a running job too: its log page tails output.yaml live
-        if event in ("job_started", "job_finished"):
-            for job_id in data.get("job_ids", ()):
-                self._queue.put(job_id)
-
-    def _run(self) -> None:
-        try:
-            from sitegen import publish_job
-        except ImportError:
-            log.warning("sitegen.publish_job is not available: finished jobs are not published")
-            return
-        while (job_id := self._queue.get()) is not None:
-            instance = current()
-            try:
-                # a full disk is waited out: the pages are published once there is space
-                diskfull.retry(publish_job, instance.store.root, instance.site_dir, job_id, stop=self._stop,
-                               what=f"publishing job {job_id}'s pages", instance=instance.name,
-                               base_url=instance.url)
-            except Exception as exc:
-                if diskfull.is_storage_error(exc):
-                    diskfull.report(exc, f"publishing job {job_id}'s pages (given up: the master stops)")
-                else:
-                    log.exception("publishing job %s failed; 'pumice-site build' will catch up", job_id)
-
-    def start(self) -> None:
-        events.subscribe(self.on_event)
-        self._thread = threading.Thread(target=self._run, name="pumice-site", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        events.unsubscribe(self.on_event)
-        self._stop.set()
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(10)
 
 
 class _Channel(HTTPChannel):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from test_master_support import build_lab, job_text, stop_server
 
-from master import jobs
+from master import jobs, publish
 from master.client import ApiError, Client
 from master.db import close_database, connection, db
 from master.migrations import LATEST, current_version, migrate
@@ -96,7 +96,7 @@ def run_job(name: str, results: list[Result], health: str = "Complete") -> int:
     jobs.append_logs(job_id, [LogRecord("2024-01-01T10:00:00.000000", "target", "hello from the board")])
     jobs.append_results(job_id, [Result(**{**r.to_dict(), "job": str(job_id)}) for r in results])
     jobs.job_finished(job_id, health)
-    jobs.publish_pages(job_id)
+    publish.publish_pages(job_id)
     return job_id
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from test_site_nginx import serve_site
 
+from results.imports import import_bundle
 from results.log import LogRecord
 from results.logfile import LogFile
 from results.record import Result
 from sitegen import build_site, publish_job
-from sitegen.bundles import import_bundle
 from sitegen.fixtures import HOSTILE_URLS, hostile_bundle, make_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -541,7 +541,7 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
     from test_master_bundles import serving
     from test_master_support import build_lab, job_text
 
-    from master import jobs
+    from master import jobs, publish
     from master import lab as lab_service
     from master.client import Client
     from master.db import close_database, connection
@@ -576,7 +576,7 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
                                       for r in board])
             jobs.append_results(job_id, board)
             jobs.job_finished(job_id, "Complete")
-            jobs.publish_pages(job_id)
+            publish.publish_pages(job_id)
         close_database()
         with serving(data, None, "lab-b", f"{site}/") as master:
             alice = Client(master, token=lab.tokens["alice"])  # not an admin
