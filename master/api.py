@@ -388,7 +388,7 @@ def make_app() -> Bottle:
     @route("/devices/<hostname>/dictionary/")
     def get_dictionary(hostname: str) -> dict:
         if _bool(request.query.get("render", "")):
-            return {"device": hostname, "dictionary": lab.review_dictionary(hostname)}
+            return {"device": hostname, "dictionary": lab.device_yaml(hostname)}
         return {"device": hostname, "dictionary": lab.get_dictionary(hostname)}
 
     @route("/devices/<hostname>/dictionary/", ["POST", "PUT"])

@@ -39,13 +39,13 @@ artifact store after a restart.
 Keys: the master's key pair (``--master-cert``, created on first use) and the workers' public
 keys live in :mod:`master.certificates`; the broker holds only the sockets.
 
-Hooks for ``pumice-master serve`` (master/cli.py calls them): :func:`add_arguments`,
-:func:`start_from_args`.
+START is assembled by :mod:`master.start`; the results in log lines are read by
+:func:`results.record.results_in_lines`. ``pumice-master serve`` (master/cli.py) builds and binds
+the broker from its options; :class:`~master.server.MasterServer` starts and stops it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -53,13 +53,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 import zmq
 from zmq.utils import z85
 
@@ -80,7 +79,6 @@ from agent.messages import (
     Ping,
     Pong,
     Refused,
-    Start,
     StartOk,
     Status,
     StatusReply,
@@ -89,19 +87,16 @@ from agent.messages import (
     decode,
     encode,
 )
-from agent.timeout import parse_duration
 from agent.transport import LIVENESS, CertificateError
 from master import certificates, diskfull, events, jobs, lab
 from master.db import connection, db
-from master.errors import Invalid, NotFound, ServiceError
+from master.errors import NotFound, ServiceError
 from master.instance import current
-from master.models import Device, Job, TestCase, Worker, utcnow
+from master.models import Job, TestCase, Worker, utcnow
+from master.start import job_timeout, start_message
 from master.states import JobHealth, JobState, WorkerState
-from master.validation import own_context
-from results import bounded
-from results.log import LogRecord
 from results.logfile import LogFile
-from results.record import Result
+from results.record import Result, results_in_lines
 
 log = logging.getLogger("pumice.broker")
 
@@ -128,28 +123,6 @@ ZAP_LOG_EVERY = 60.0
 PLAIN_WARNING_EVERY = 600.0
 PLAIN_WARNING = ("the broker runs WITHOUT worker authentication (--insecure-plain): anyone who can reach "
                  "%s can connect with a worker's name and receive its jobs (definitions, env, secrets)")
-
-
-# ---- results records -> results ----
-
-def results_in_lines(job_id: int | str, lines: Iterable[str]) -> list[Result]:
-    """The results of the ``results`` records among ``output.yaml`` lines, in order. Invalid ones
-    are logged and skipped (deterministically: the same lines always give the same results)."""
-    found: list[Result] = []
-    for line in lines:
-        if '"results"' not in line and "results" not in line:
-            continue
-        try:
-            record = LogRecord.from_line(line)
-        except ValueError:
-            continue
-        if record.lvl != "results":
-            continue
-        try:
-            found.append(Result.from_record(record.msg, job_id))
-        except (ValueError, TypeError) as exc:
-            log.warning("job %s: results record skipped (%s): %s", job_id, exc, line[:200])
-    return found
 
 
 # ---- the broker ----
@@ -230,7 +203,6 @@ class Broker:
         self.stats = BrokerStats()
         #: workers the database says are online, waiting for their HELLO after our (re)start
         self._expected: dict[str, float] = {}
-        self._timeouts: dict[int, float] = {}
         self._inbox: deque[tuple[str, list[int]]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         self._wake_fds: tuple[int, ...] = (self._wake_r, self._wake_w)
@@ -552,7 +524,7 @@ class Broker:
             return
         if pending.message is None:
             try:
-                pending.message = self.start_message(job_id)
+                pending.message = start_message(job_id)
             except ServiceError as exc:
                 self.starts.pop(job_id, None)
                 log.error("job %d cannot start: %s", job_id, exc.message)
@@ -572,33 +544,6 @@ class Broker:
         if self._send(pending.worker, Cancel(job_id=job_id)):
             pending.sent = time.monotonic()
             log.info("job %d: CANCEL sent to %s", job_id, pending.worker)
-
-    def start_message(self, job_id: int) -> Start | None:
-        """START for a Scheduled job: the definition, the device YAML rendered with the job's
-        context, the worker's env and dispatcher config (None if the job is not Scheduled)."""
-        job = Job.get_or_none(Job.id == job_id)
-        if job is None or job.state != JobState.SCHEDULED or job.actual_device_id is None:
-            return None
-        device = Device.get_by_id(job.actual_device_id)
-        worker = Worker.get_by_id(job.worker_id)
-        data = _load_yaml(job.definition, f"job {job_id}")
-        context = data.get("context") if isinstance(data.get("context"), dict) else None
-        device_yaml = lab.review_dictionary(device.hostname, context)
-        # the same without the job's context: what of it the job's context did not write (agent.qemu_policy)
-        device_own = lab.review_dictionary(device.hostname, own_context(lab.get_dictionary(device.hostname), context))
-        config = _load_yaml(worker.config, f"worker {worker.hostname} config")
-        return Start(job_id=job.id, definition=job.definition, device=device_yaml, device_own=device_own,
-                     device_name=device.hostname, env=worker_env(worker.env), dispatcher=config,
-                     timeout=self._job_timeout(job))
-
-    def _job_timeout(self, job: Job) -> float:
-        if job.id not in self._timeouts:
-            try:
-                timeouts = _load_yaml(job.definition, f"job {job.id}").get("timeouts") or {}
-                self._timeouts[job.id] = parse_duration(timeouts["job"], "timeouts.job")
-            except Exception:  # a job that validated has one; be safe with anything else
-                self._timeouts[job.id] = 24 * 3600.0
-        return self._timeouts[job.id]
 
     # -- the loop --
 
@@ -992,7 +937,6 @@ class Broker:
         self.cancels.pop(job_id, None)
         self._close_stream(job_id)
         self._blocked.discard(job_id)
-        self._timeouts.pop(job_id, None)
         if job_id in self._ending:  # its end is being recorded already
             if reply is not None:
                 self._service(self._reply, *reply)
@@ -1089,7 +1033,7 @@ class Broker:
         for job in rows:
             if job.worker_name in self.sessions:
                 continue
-            timeout = self._job_timeout(job)
+            timeout = job_timeout(job)
             since = job.seen or job.start_time or job.submit_time
             away = (now - since).total_seconds()
             if away > timeout:
@@ -1105,72 +1049,3 @@ _running: Broker | None = None
 def running() -> Broker | None:
     """The broker running in this process (None if there is none)."""
     return _running
-
-
-def _load_yaml(text: str | None, what: str) -> dict:
-    if not text:
-        return {}
-    try:
-        data = bounded.load_data(text, current().limits)
-    except yaml.YAMLError as exc:
-        raise Invalid(f"{what} is not valid YAML: {exc}") from None
-    return data if isinstance(data, dict) else {}
-
-
-def worker_env(text: str | None) -> dict[str, Any]:
-    """A worker's env (LAVA's env.yaml: ``purge``, ``removes``, ``overrides``) as START carries it;
-    a plain mapping is taken as overrides."""
-    data = _load_yaml(text, "worker env")
-    if not data:
-        return {}
-    if set(data) <= {"purge", "removes", "overrides"}:
-        return {"purge": bool(data.get("purge")), "removes": [str(n) for n in data.get("removes") or ()],
-                "overrides": {str(k): v for k, v in (data.get("overrides") or {}).items()}}
-    return {"purge": False, "removes": [], "overrides": {str(k): v for k, v in data.items()}}
-
-
-# ---- hooks for pumice-master serve ----
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The broker's options of ``pumice-master serve``."""
-    group = parser.add_argument_group("broker (the ZeroMQ endpoint of pumice-agent workers)")
-    group.add_argument("--broker", metavar="ENDPOINT",
-                       help=f"run the broker on this ZeroMQ endpoint, e.g. {DEFAULT_ENDPOINT}")
-    group.add_argument("--broker-logs", metavar="ENDPOINT",
-                       help="a second endpoint for job logs (agents' --logger), e.g. tcp://*:5555")
-    group.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
-                       help="seconds between heartbeats; a worker is offline after 3 silent ones "
-                            "(default %(default)s)")
-    group.add_argument("--insecure-plain", action="store_true",
-                       help="do NOT authenticate the workers (no CURVE): anyone who reaches the broker can "
-                            "take a worker's jobs; for a closed test network only, logged as a warning")
-    # CURVE is the default now: the old switch is accepted and changes nothing
-    group.add_argument("--encrypt", action="store_true", help=argparse.SUPPRESS)
-    # the key directory of an older release: its keys are taken into the database at start
-    group.add_argument("--workers-certs", metavar="DIR", help=argparse.SUPPRESS)
-    group.add_argument("--master-cert", metavar="FILE",
-                       help="the master's key pair (default DATA/certificates/master.key_secret, "
-                            "created if missing)")
-
-
-def start_from_args(args: argparse.Namespace) -> Broker | None:
-    """Start the broker thread when ``--broker`` was given (after the instance is open)."""
-    endpoint = getattr(args, "broker", None)
-    if not endpoint:
-        return None
-    if args.insecure_plain and args.encrypt:
-        raise SystemExit("pumice-master: --insecure-plain and --encrypt contradict each other")
-    try:
-        broker = Broker(endpoint, log_endpoint=args.broker_logs, heartbeat=args.heartbeat,
-                        encrypt=not args.insecure_plain,
-                        master_cert=Path(args.master_cert) if args.master_cert else None,
-                        old_keys=Path(args.workers_certs) if args.workers_certs else None)
-        broker.bind()
-    except zmq.ZMQError as exc:
-        raise SystemExit(f"pumice-master: cannot bind the broker on {endpoint}: {exc}") from None
-    except CertificateError as exc:
-        raise SystemExit(f"pumice-master: {exc}") from None
-    print(f"pumice broker on {', '.join(broker.bound)} "
-          f"({'CURVE' if broker.encrypt else 'WITHOUT worker authentication: --insecure-plain'})", flush=True)
-    return broker.start()

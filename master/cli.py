@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import zmq
 
+from agent.transport import CertificateError
 from master import certificates, lab
+from master.broker import DEFAULT_ENDPOINT, DEFAULT_HEARTBEAT, Broker
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
 from master.users import SYSTEM
@@ -69,18 +72,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, _, port = args.http.rpartition(":")
     if not host or not port.isdigit():
         raise SystemExit(f"pumice-master: bad --http {args.http!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
-    from master.broker import start_from_args
-
+    broker = _bound_broker(args)
     server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval,
-                          validators=args.validators)
+                          validators=args.validators, broker=broker)
     print(f"pumice master on {server.url} (data {args.data})", flush=True)
-    broker = start_from_args(args)
-    try:
-        server.serve_forever()
-    finally:
-        if broker is not None:
-            broker.stop()
+    server.serve_forever()
     return 0
+
+
+# ---- the broker's options of pumice-master serve ----
+
+def _broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker's options of ``pumice-master serve``."""
+    group = parser.add_argument_group("broker (the ZeroMQ endpoint of pumice-agent workers)")
+    group.add_argument("--broker", metavar="ENDPOINT",
+                       help=f"run the broker on this ZeroMQ endpoint, e.g. {DEFAULT_ENDPOINT}")
+    group.add_argument("--broker-logs", metavar="ENDPOINT",
+                       help="a second endpoint for job logs (agents' --logger), e.g. tcp://*:5555")
+    group.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
+                       help="seconds between heartbeats; a worker is offline after 3 silent ones "
+                            "(default %(default)s)")
+    group.add_argument("--insecure-plain", action="store_true",
+                       help="do NOT authenticate the workers (no CURVE): anyone who reaches the broker can "
+                            "take a worker's jobs; for a closed test network only, logged as a warning")
+    # CURVE is the default now: the old switch is accepted and changes nothing
+    group.add_argument("--encrypt", action="store_true", help=argparse.SUPPRESS)
+    # the key directory of an older release: its keys are taken into the database at start
+    group.add_argument("--workers-certs", metavar="DIR", help=argparse.SUPPRESS)
+    group.add_argument("--master-cert", metavar="FILE",
+                       help="the master's key pair (default DATA/certificates/master.key_secret, "
+                            "created if missing)")
+
+
+def _bound_broker(args: argparse.Namespace) -> Broker | None:
+    """The broker of ``--broker``, bound (after the instance is open); the server starts it."""
+    endpoint = getattr(args, "broker", None)
+    if not endpoint:
+        return None
+    if args.insecure_plain and args.encrypt:
+        raise SystemExit("pumice-master: --insecure-plain and --encrypt contradict each other")
+    try:
+        broker = Broker(endpoint, log_endpoint=args.broker_logs, heartbeat=args.heartbeat,
+                        encrypt=not args.insecure_plain,
+                        master_cert=Path(args.master_cert) if args.master_cert else None,
+                        old_keys=Path(args.workers_certs) if args.workers_certs else None)
+        broker.bind()
+    except zmq.ZMQError as exc:
+        raise SystemExit(f"pumice-master: cannot bind the broker on {endpoint}: {exc}") from None
+    except CertificateError as exc:
+        raise SystemExit(f"pumice-master: {exc}") from None
+    print(f"pumice broker on {', '.join(broker.bound)} "
+          f"({'CURVE' if broker.encrypt else 'WITHOUT worker authentication: --insecure-plain'})", flush=True)
+    return broker
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
@@ -192,7 +235,7 @@ def cmd_device_dictionary(args: argparse.Namespace) -> int:
     elif args.export:
         sys.stdout.write(lab.get_dictionary(args.hostname))
     else:
-        sys.stdout.write(lab.review_dictionary(args.hostname))
+        sys.stdout.write(lab.device_yaml(args.hostname))
     return 0
 
 
@@ -240,9 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(Limits.names()) + " (README: Limits)")
     p.add_argument("--scheduler-interval", type=float, default=20.0,
                    help="seconds between safety-net scheduling passes (events trigger passes at once)")
-    from master import broker
-
-    broker.add_arguments(p)
+    _broker_arguments(p)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     leaf(db, "migrate", cmd_db_migrate, "apply pending schema migrations")

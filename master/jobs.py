@@ -160,7 +160,7 @@ def _tag_ids(names: Iterable[str]) -> list[int]:
 #: the columns a new job row gets, all given explicitly (no defaults computed by the ORM)
 _INSERT_FIELDS = (Job.name, Job.definition, Job.submitter, Job.requested_device_type, Job.requested_device,
                   Job.priority, Job.visibility, Job.state, Job.health, Job.submit_time, Job.health_check,
-                  Job.source, Job.local_urls)
+                  Job.source, Job.local_urls, Job.context, Job.timeout)
 
 
 @functools.lru_cache(maxsize=8)
@@ -189,7 +189,8 @@ def create_job(request: JobRequest, submitter: User, *, health_check: bool = Fal
                       requested_device_type=request.device_type.id, requested_device=device.id if device else None,
                       priority=request.priority, visibility=request.visibility, state=JobState.SUBMITTED,
                       health=JobHealth.UNKNOWN, submit_time=utcnow(), health_check=health_check, source=None,
-                      local_urls=request.local_urls or None)
+                      local_urls=request.local_urls or None, context=request.context or None,
+                      timeout=request.timeout)
     tag_ids = _tag_ids(request.tags)
     if tag_ids:
         JobTag.insert_many([(job.id, tag_id) for tag_id in tag_ids], fields=[JobTag.job, JobTag.tag]).execute()

@@ -489,7 +489,7 @@ def set_dictionary(user: User | None, hostname: str, text: str) -> None:
     events.publish("device_changed", devices=[hostname])
 
 
-def review_dictionary(hostname: str, context: dict | None = None) -> str:
+def device_yaml(hostname: str, context: dict | None = None) -> str:
     """The device YAML the agent gets for this device (the dictionary rendered with its template)."""
     try:
         return render_device(get_dictionary(hostname), context)

@@ -198,6 +198,10 @@ class Job(BaseModel):
     #: repositories, the worker's own addresses; see agent.policy); None for most jobs. The scheduler
     #: gives the job only to workers whose file policy allows all of it.
     local_urls = JSONField(null=True)
+    #: the job's ``context:`` (what its device YAML is rendered with) and its job timeout in seconds,
+    #: kept at submission so that START is assembled without parsing the definition again
+    context = JSONField(null=True)
+    timeout = FloatField(null=True)
 
     class Meta:
         table_name = "jobs"

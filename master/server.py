@@ -2,8 +2,9 @@
 the validator processes that check submitted pipelines (:class:`master.validation.ValidatorPool`).
 
 ``MasterServer(...).start()`` runs everything in background threads (tests, tools);
-``serve_forever()`` is ``pumice-master serve``. The ZeroMQ broker plugs in next to these through
-:mod:`master.events` and the service layer.
+``serve_forever()`` is ``pumice-master serve``. The ZeroMQ broker (:mod:`master.broker`), when
+given, is started and stopped with the scheduler; it works through :mod:`master.events` and the
+service layer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from waitress import wasyncore
 from waitress.channel import HTTPChannel
 
 from master.api import make_app
+from master.broker import Broker
 from master.instance import current
 from master.publish import SitePublisher
 from master.scheduler import Scheduler
@@ -50,7 +52,9 @@ class MasterServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
                  scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True,
-                 validators: int | None = None) -> None:
+                 validators: int | None = None, broker: Broker | None = None) -> None:
+        #: the ZeroMQ side (bound by the caller, which reports a bad endpoint or key first)
+        self.broker = broker
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
         self.publisher = SitePublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
@@ -77,6 +81,8 @@ class MasterServer:
             self.scheduler.start()
         if self.publisher:
             self.publisher.start()
+        if self.broker is not None:
+            self.broker.start()
 
     def start(self) -> MasterServer:
         """Serve in background threads; returns at once."""
@@ -113,6 +119,8 @@ class MasterServer:
             self._server.task_dispatcher.shutdown()
 
     def _stop_helpers(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
         if self.scheduler:
             self.scheduler.stop()
         if self.publisher:

@@ -77,6 +77,9 @@ class WorkerHealth:
 #: job priorities by name, as in LAVA job files (``priority: medium``); numbers 0-100 are allowed too
 PRIORITIES = {"low": 0, "medium": 50, "high": 100}
 
+#: seconds: the job timeout of a job that has none recorded (stored before release 6, or imported)
+DEFAULT_JOB_TIMEOUT = 24 * 3600.0
+
 #: error types (agent.errors ``error_type``) that are the lab's fault, not the job's: the device is suspect
 INFRASTRUCTURE_ERRORS = ("Infrastructure", "Configuration", "Bug")
 

@@ -408,7 +408,7 @@ def devices_get_dictionary(user: User | None, hostname: str, render: bool = Fals
             raise Invalid(f"context is not valid YAML: {exc}") from None
         if not isinstance(job_context, dict):
             raise Invalid(f"context must be a YAML mapping, not {type(job_context).__name__}")
-    return _text(lab.review_dictionary(hostname, job_context))
+    return _text(lab.device_yaml(hostname, job_context))
 
 
 @method("scheduler.devices.set_dictionary")

@@ -25,7 +25,6 @@ from test_master_support import job_text
 
 from agent import messages as m
 from master import jobs
-from master.broker import results_in_lines
 from master.db import connection
 from master.instance import current
 from master.models import Job
@@ -33,6 +32,7 @@ from master.models import TestCase as CaseRow
 from master.scheduler import Scheduler
 from master.states import JobHealth, JobState
 from results.logfile import LogFile
+from results.record import results_in_lines
 
 #: the fake runner fetches nothing: an address the file policy lets through
 FAKE_IMAGES = "images.example"

@@ -30,6 +30,7 @@ from master.scheduler import (
     load_queued_jobs,
     load_workers,
 )
+from master.start import start_message
 from master.states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerState
 from master.users import SYSTEM
 
@@ -222,19 +223,20 @@ def test_loop_once_claims_and_frees(lab) -> None:
     assert scheduler.loop_once() == [(ids[2], device)]
 
 
-def test_what_the_broker_needs(lab) -> None:
+def test_start_is_assembled_from_what_submission_stored(lab) -> None:
     alice = lab.user("alice")
     lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
     job_id = jobs.submit_job(job_text(), alice)[0]
-    assert jobs.active_jobs() == []
+    assert start_message(job_id) is None  # not Scheduled yet
+    row = Job.get_by_id(job_id)
+    assert (row.context, row.timeout) == ({"arch": "amd64"}, 300.0)
     [(_, device)] = Scheduler().loop_once()
-    data = jobs.start_data(job_id)
-    assert (data["job_id"], data["device"], data["worker"]) == (job_id, device, "w1")
-    assert data["definition"] == job_text()
-    assert "qemu-system-x86_64" in data["device_yaml"]  # rendered with the job's context (arch: amd64)
-    assert "http_proxy" in data["env"]
-    assert jobs.active_jobs("w1") == [{"id": job_id, "state": "Scheduled", "device": device, "worker": "w1"}]
-    assert jobs.active_jobs("elsewhere") == []
+    start = start_message(job_id)
+    assert (start.job_id, start.device_name) == (job_id, device)
+    assert start.definition == job_text()
+    assert start.timeout == 300.0
+    assert "qemu-system-x86_64" in start.device  # rendered with the job's context (arch: amd64)
+    assert start.env["overrides"] == {"http_proxy": "http://proxy:3128"}
 
 
 def test_infrastructure_error_then_health_check(lab) -> None:

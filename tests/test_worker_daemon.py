@@ -20,7 +20,7 @@ from agent.transport import CertificateError
 from agent.worker import AgentConfig, Worker, build_config, job_environment
 from master import jobs
 from master import lab as lab_service
-from master.broker import Broker, results_in_lines
+from master.broker import Broker
 from master.db import connection
 from master.instance import current
 from master.models import Device, Job
@@ -29,6 +29,7 @@ from master.scheduler import Scheduler
 from master.states import DeviceHealth, JobHealth, JobState
 from master.users import SYSTEM
 from results.logfile import LogFile
+from results.record import results_in_lines
 
 
 @pytest.fixture
