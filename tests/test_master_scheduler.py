@@ -439,6 +439,26 @@ def test_a_pass_over_a_large_lab_claims_what_assign_chose(lab) -> None:
     assert sum(1 for device in reserved if owners[device] == worker_ids[0]) == 40  # its job limit
 
 
+def test_migration_keeps_what_start_needs_for_the_jobs_still_to_run(tmp_path, database_url) -> None:
+    """A database of the previous release (no jobs.context, jobs.timeout) is upgraded: the queued
+    jobs get them from their definitions, once; START never parses a definition again."""
+    lab = build_lab(tmp_path / "data", database_url)
+    alice = lab.user("alice")
+    with connection():
+        queued = jobs.submit_job(job_text(), alice)[0]
+        done = jobs.submit_job(job_text(), alice)[0]
+        Job.update(state=JobState.FINISHED).where(Job.id == done).execute()
+        Job.update(context=None, timeout=None).execute()
+        database = db.obj
+        for column in ("context", "timeout"):
+            database.execute_sql(f'ALTER TABLE "jobs" DROP COLUMN "{column}"')
+        SchemaVersion.delete().where(SchemaVersion.version >= 6).execute()
+        assert migrate() == [(6, MIGRATIONS[5][1])]
+        rows = {row.id: (row.context, row.timeout) for row in Job.select()}
+        assert rows == {queued: ({"arch": "amd64"}, 300.0), done: (None, None)}
+    assert migrate() == []
+
+
 def test_migration_to_the_queue_index(tmp_path, database_url) -> None:
     """A database of the previous release (the old queue index, no fillfactor) is upgraded."""
     build_lab(tmp_path / "data", database_url)
