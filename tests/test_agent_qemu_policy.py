@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
-from test_broker_support import BrokerLab, db_wait, make_broker_lab
+from support.broker import BrokerLab, db_wait, make_broker_lab
+from support.master import Lab
 from test_master_policy import master  # noqa: F401  (the running master fixture)
-from test_master_support import Lab
 from test_worker_daemon import Running
 
 from agent.actions.boot.qemu import boots_qemu, command_verdict
@@ -56,8 +56,6 @@ from master.scheduler import Scheduler
 from master.server import MasterServer
 from master.states import JobHealth, JobState
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 DATA = Path(__file__).parent / "data"
 SECRET = "root:$6$pumice-qemu-policy-SECRET$:19000:0:99999:7:::"

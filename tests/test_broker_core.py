@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
-from test_broker_support import BrokerLab, db_wait, make_broker_lab, timed_job, wait_for
-from test_master_support import LOCAL_IMAGES, job_text
+from support.broker import BrokerLab, db_wait, make_broker_lab, timed_job, wait_for
+from support.master import LOCAL_IMAGES, job_text
 
 from agent import messages as m
 from master import jobs
@@ -25,8 +25,6 @@ from master.scheduler import Scheduler
 from master.states import DeviceHealth, JobHealth, JobState, WorkerState
 from master.users import SYSTEM
 from results.log import LogRecord
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 
 @pytest.fixture

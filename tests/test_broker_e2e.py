@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_broker_support import ProcessLab, running_process_lab, wait_for
+from support.broker import ProcessLab, running_process_lab, wait_for
 
 from results.logfile import LogFile
 from results.record import results_in_lines

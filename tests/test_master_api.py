@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from test_master_support import corpus_file, job_text, stop_server
+from support.master import corpus_file, job_text, stop_server
 
 from agent.job import validate_job
 from master import jobs, validation
@@ -21,8 +21,6 @@ from master.models import Device
 from master.server import MasterServer
 from results.log import LogRecord
 from results.record import JOB_LEVEL, Result
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_master_support import build_lab, job_text, stop_server
+from support.master import build_lab, job_text, stop_server
 
 from master import jobs, publish
 from master.client import ApiError, Client
@@ -29,8 +29,6 @@ from master.scheduler import Scheduler
 from master.users import authenticate
 from results.log import LogRecord
 from results.record import JOB_LEVEL, Result
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 

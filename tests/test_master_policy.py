@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
+from support.broker import BrokerLab, db_wait, make_broker_lab
+from support.master import Lab, stop_server
 from test_agent_policy import GIT_TEST
 from test_agent_policy import deploy_job as job
-from test_broker_support import BrokerLab, db_wait, make_broker_lab
-from test_master_support import Lab, stop_server
 from test_worker_daemon import Running
 
 from agent.policy import ADDRESSES_KEY, DIRS_KEY, REFUSED, Access, FilePolicy
@@ -37,8 +37,6 @@ from master.scheduler import IdleDevice, QueuedJob, Scheduler, WorkerSlot, assig
 from master.server import MasterServer
 from master.states import JobHealth, JobState
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 SECRET = "root:$6$pumice-master-policy-SECRET$:19000:0:99999:7:::"
 IMAGE = b"pumice policy image\n" * 64

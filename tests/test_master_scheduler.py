@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 import pytest
-from test_master_support import build_lab, job_text
+from support.master import build_lab, job_text
 
 from master import events, jobs
 from master import lab as lab_service
@@ -33,8 +33,6 @@ from master.scheduler import (
 from master.start import start_message
 from master.states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerState
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0)
 ONLINE = {"w1": WorkerSlot("w1", True, True), "w2": WorkerSlot("w2", True, True)}

@@ -538,8 +538,8 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
     ``javascript:``; the master publishes it; a reader opens the job on the site (nginx, shipped
     configuration) and clicks. Beside it, a job of the lab whose metadata, test reference and test
     definition repository are hostile, and a worker whose description is."""
+    from support.master import build_lab, job_text
     from test_master_bundles import serving
-    from test_master_support import build_lab, job_text
 
     from master import jobs, publish
     from master import lab as lab_service

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import yaml
 from boards import ramdisk_job
-from boards.fixtures import *  # noqa: F403 (pytest fixtures)
 
 pytestmark = pytest.mark.qemu
 

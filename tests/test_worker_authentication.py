@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-from test_broker_support import BrokerLab, FakeAgent, ProcessLab, make_broker_lab, running_process_lab, wait_for
-from test_master_support import job_text
+from support.broker import BrokerLab, FakeAgent, ProcessLab, make_broker_lab, running_process_lab, wait_for
+from support.master import job_text
 
 from agent import messages as m
 from agent.enrolment import fingerprint, token_digest
@@ -34,8 +34,6 @@ from master.errors import Conflict, Forbidden, Invalid, Unauthorized
 from master.models import JoinToken, Worker
 from master.scheduler import Scheduler
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 #: what a worker's connection must never receive before it is admitted
 JOB_MESSAGES = (m.Start, m.Cancel, m.Status, m.Welcome)
@@ -440,7 +438,7 @@ def test_plain_mode_needs_the_flag_and_is_logged_loudly(tmp_path: Path) -> None:
 def test_an_older_lab_is_upgraded_with_its_worker_keys(tmp_path: Path, database_url: str | None) -> None:
     """A database of the previous release (no join_tokens, no master_keys) is migrated, and the
     key files of its old key directory are taken into the database when the broker starts."""
-    from test_master_support import build_lab
+    from support.master import build_lab
 
     from agent.transport import write_certificate
     from master.broker import Broker

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import BrokerLab, db_wait, fake_runner, make_broker_lab, wait_for
-from test_master_support import job_text
+from support.broker import BrokerLab, db_wait, fake_runner, make_broker_lab, wait_for
+from support.master import job_text
 
 from agent import worker as agent_worker
 from agent.transport import CertificateError

@@ -255,8 +255,8 @@ def bench_alias_bomb(rounds: int = 20) -> dict[str, float]:
     largest) to refuse a 1 KB alias bomb, over ``rounds`` submissions to a real master process;
     and the bomb's size in bytes."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_hostile_support import MasterProcess, bomb_job
-    from test_master_support import job_text
+    from support.hostile import MasterProcess, bomb_job
+    from support.master import job_text
 
     text = bomb_job("context")
     seconds, growth = [], []
