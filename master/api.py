@@ -20,7 +20,7 @@ from typing import Any
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from agent.errors import Fault
-from master import bundles, certificates, diskfull, jobs, lab
+from master import bundles, certificates, diskfull, inventory, jobs
 from master.db import connection
 from master.errors import Invalid, ServiceError, TooLarge
 from master.instance import current
@@ -191,12 +191,6 @@ def authenticate_request(header: str | None) -> Any:
     return who
 
 
-def forget_tokens() -> None:
-    """Drop every cached verification (tests, and after a change to users in this process)."""
-    with _verified_lock:
-        _verified.clear()
-
-
 # ---- the wrapper every route runs in ----
 
 def _json_error(status: int, message: str, faults: list | None = None) -> HTTPResponse:
@@ -354,7 +348,7 @@ def make_app() -> Bottle:
 
     @route("/devices/")
     def list_devices() -> dict:
-        items = lab.list_devices(**{k: request.query.get(k) for k in ("device_type", "worker", "state",
+        items = inventory.list_devices(**{k: request.query.get(k) for k in ("device_type", "worker", "state",
                                                                       "health", "tag")})
         return _page(len(items), items, len(items), 0)
 
@@ -365,7 +359,7 @@ def make_app() -> Bottle:
         hostname, device_type = data.get("hostname"), data.get("device_type")
         if not hostname or not device_type:
             raise Invalid("a device needs a hostname and a device_type")
-        record = lab.add_device(user(), hostname, device_type, worker=data.get("worker"),
+        record = inventory.add_device(user(), hostname, device_type, worker=data.get("worker"),
                                 tags=_list(data.get("tags")), description=data.get("description") or "",
                                 health=data.get("health") or "Unknown", dictionary=data.get("dictionary"))
         response.status = 201
@@ -373,7 +367,7 @@ def make_app() -> Bottle:
 
     @route("/devices/<hostname>/")
     def show_device(hostname: str) -> dict:
-        return lab.show_device(hostname)
+        return inventory.show_device(hostname)
 
     @route("/devices/<hostname>/", ["PUT", "PATCH"])
     def update_device(hostname: str) -> dict:
@@ -383,24 +377,24 @@ def make_app() -> Bottle:
             changes["worker"] = data["worker"]
         if "tags" in data:
             changes["tags"] = _list(data["tags"])
-        return lab.update_device(user(), hostname, **changes)
+        return inventory.update_device(user(), hostname, **changes)
 
     @route("/devices/<hostname>/dictionary/")
     def get_dictionary(hostname: str) -> dict:
         if _bool(request.query.get("render", "")):
-            return {"device": hostname, "dictionary": lab.device_yaml(hostname)}
-        return {"device": hostname, "dictionary": lab.get_dictionary(hostname)}
+            return {"device": hostname, "dictionary": inventory.device_yaml(hostname)}
+        return {"device": hostname, "dictionary": inventory.get_dictionary(hostname)}
 
     @route("/devices/<hostname>/dictionary/", ["POST", "PUT"])
     def set_dictionary(hostname: str) -> dict:
-        lab.set_dictionary(user(), hostname, text_field("dictionary"))
-        return {"device": hostname, "dictionary": lab.get_dictionary(hostname)}
+        inventory.set_dictionary(user(), hostname, text_field("dictionary"))
+        return {"device": hostname, "dictionary": inventory.get_dictionary(hostname)}
 
     # ---- device types ----
 
     @route("/devicetypes/")
     def list_device_types() -> dict:
-        items = lab.list_device_types()
+        items = inventory.list_device_types()
         return _page(len(items), items, len(items), 0)
 
     @route("/devicetypes/", "POST")
@@ -409,7 +403,7 @@ def make_app() -> Bottle:
                            health_denominator=TEXT, display=FLAG)
         if not data.get("name"):
             raise Invalid("a device type needs a name")
-        record = lab.add_device_type(
+        record = inventory.add_device_type(
             user(), data["name"], description=data.get("description") or "", template=data.get("template"),
             health_check=data.get("health_check"), health_frequency=data.get("health_frequency") or 24,
             health_denominator=data.get("health_denominator") or "hours",
@@ -419,12 +413,12 @@ def make_app() -> Bottle:
 
     @route("/devicetypes/<name>/")
     def show_device_type(name: str) -> dict:
-        return lab.device_type_record(lab.get_device_type(name))
+        return inventory.device_type_record(inventory.get_device_type(name))
 
     @route("/devicetypes/<name>/", ["PUT", "PATCH"])
     def update_device_type(name: str) -> dict:
         data = body_fields(description=TEXT, health_frequency=NUMBER, health_denominator=TEXT, display=FLAG)
-        return lab.update_device_type(
+        return inventory.update_device_type(
             user(), name, description=data.get("description"),
             health_frequency=data.get("health_frequency") or None,
             health_denominator=data.get("health_denominator"),
@@ -432,27 +426,27 @@ def make_app() -> Bottle:
 
     @route("/devicetypes/<name>/template/")
     def get_template(name: str) -> dict:
-        return {"name": name, "template": lab.device_type_template(name)}
+        return {"name": name, "template": inventory.device_type_template(name)}
 
     @route("/devicetypes/<name>/template/", ["POST", "PUT"])
     def set_template(name: str) -> dict:
-        lab.set_device_type_template(user(), name, text_field("template"))
-        return {"name": name, "template": lab.device_type_template(name)}
+        inventory.set_device_type_template(user(), name, text_field("template"))
+        return {"name": name, "template": inventory.device_type_template(name)}
 
     @route("/devicetypes/<name>/health_check/")
     def get_health_check(name: str) -> dict:
-        return {"name": name, "health_check": lab.health_check_definition(name)}
+        return {"name": name, "health_check": inventory.health_check_definition(name)}
 
     @route("/devicetypes/<name>/health_check/", ["POST", "PUT"])
     def set_health_check(name: str) -> dict:
-        lab.set_health_check(user(), name, text_field("health_check"))
-        return {"name": name, "health_check": lab.health_check_definition(name)}
+        inventory.set_health_check(user(), name, text_field("health_check"))
+        return {"name": name, "health_check": inventory.health_check_definition(name)}
 
     # ---- workers ----
 
     @route("/workers/")
     def list_workers() -> dict:
-        items = lab.list_workers()
+        items = inventory.list_workers()
         return _page(len(items), items, len(items), 0)
 
     @route("/workers/", "POST")
@@ -460,7 +454,7 @@ def make_app() -> Bottle:
         data = body_fields(hostname=TEXT, description=TEXT, disabled=FLAG, job_limit=NUMBER)
         if not data.get("hostname"):
             raise Invalid("a worker needs a hostname")
-        record = lab.add_worker(user(), data["hostname"], description=data.get("description") or "",
+        record = inventory.add_worker(user(), data["hostname"], description=data.get("description") or "",
                                 disabled=_bool(data.get("disabled", False)),
                                 job_limit=data.get("job_limit") or 0)
         response.status = 201
@@ -468,23 +462,23 @@ def make_app() -> Bottle:
 
     @route("/workers/<hostname>/")
     def show_worker(hostname: str) -> dict:
-        return lab.show_worker(hostname)
+        return inventory.show_worker(hostname)
 
     @route("/workers/<hostname>/", ["PUT", "PATCH"])
     def update_worker(hostname: str) -> dict:
         data = body_fields(description=TEXT, health=TEXT, job_limit=NUMBER)
-        return lab.update_worker(user(), hostname, description=data.get("description"),
+        return inventory.update_worker(user(), hostname, description=data.get("description"),
                                  health=data.get("health"),
                                  job_limit=data.get("job_limit") if data.get("job_limit") != "" else None)
 
     for what in ("env", "config"):
         def get_text(hostname: str, what: str = what) -> dict:
-            lab.get_worker(hostname)
-            return {"hostname": hostname, what: lab.worker_text(hostname, what)}
+            inventory.get_worker(hostname)
+            return {"hostname": hostname, what: inventory.worker_text(hostname, what)}
 
         def set_text(hostname: str, what: str = what) -> dict:
-            lab.set_worker_text(user(), hostname, what, text_field(what))
-            return {"hostname": hostname, what: lab.worker_text(hostname, what)}
+            inventory.set_worker_text(user(), hostname, what, text_field(what))
+            return {"hostname": hostname, what: inventory.worker_text(hostname, what)}
 
         route(f"/workers/<hostname>/{what}/")(get_text)
         route(f"/workers/<hostname>/{what}/", ["PUT", "POST"])(set_text)

@@ -3,7 +3,7 @@
 A ROUTER socket (``--broker tcp://*:5556``; optionally a second one for logs, ``--broker-logs
 tcp://*:5555``) speaks the messages of :mod:`agent.messages` with every worker. The broker runs in
 a thread of ``pumice-master serve`` and works through the service layer (:mod:`master.jobs`,
-:mod:`master.lab`); it only keeps in memory what it can rebuild from the database and the
+:mod:`master.inventory`); it only keeps in memory what it can rebuild from the database and the
 artifact store after a restart.
 
 - Authentication (CURVE, the default): the ZAP handler admits a connection only with a key
@@ -77,7 +77,7 @@ from agent.messages import (
     encode,
 )
 from agent.transport import LIVENESS
-from master import certificates, diskfull, events, jobs, lab
+from master import certificates, diskfull, events, inventory, jobs
 from master.db import connection
 from master.errors import NotFound, ServiceError
 from master.instance import current
@@ -397,7 +397,7 @@ class Broker:
                 log.warning("worker %s: the CURVE key of its session was %s: session dropped", hostname,
                             "revoked" if key is None else "replaced by a new one")
                 del self.sessions[hostname]
-                self._service(lab.worker_offline, hostname)
+                self._service(inventory.worker_offline, hostname)
 
     # -- sending --
 
@@ -547,7 +547,7 @@ class Broker:
         elif isinstance(msg, Bye):
             log.info("worker %s says goodbye", hostname)
             del self.sessions[hostname]
-            self._service(lab.worker_offline, hostname)
+            self._service(inventory.worker_offline, hostname)
         else:
             log.warning("worker %s sent %s, which only the master sends", hostname, msg.TYPE)
 
@@ -581,7 +581,7 @@ class Broker:
             first = hostname not in self.sessions
             self.sessions[hostname] = Session(hostname, msg.version, now, now, key)
             self._expected.pop(hostname, None)
-            self._service(lab.worker_seen, hostname, msg.version)
+            self._service(inventory.worker_seen, hostname, msg.version)
             welcome = Welcome(protocol=PROTOCOL_VERSION, version=__version__, heartbeat=self.heartbeat)
             self._send(hostname, welcome, sock)
             if first:
@@ -716,10 +716,10 @@ class Broker:
             log.warning("worker %s silent for %.1f s: offline", hostname,
                         now - self.sessions[hostname].last_seen)
             del self.sessions[hostname]
-            self._service(lab.worker_offline, hostname)
+            self._service(inventory.worker_offline, hostname)
         for hostname in missing:
             if hostname not in self.sessions:
-                self._service(lab.worker_offline, hostname)
+                self._service(inventory.worker_offline, hostname)
         for session in self.sessions.values():
             if now - session.db_seen > SEEN_REFRESH:
                 session.db_seen = now
@@ -741,7 +741,7 @@ class Broker:
         """(service thread) Keep the worker's last_seen fresh in the database, and see a key
         revoked or replaced by another process (the CLI)."""
         try:
-            lab.worker_seen(hostname)
+            inventory.worker_seen(hostname)
         except NotFound:  # deleted meanwhile: it is refused at its next HELLO
             log.warning("worker %s was deleted while connected", hostname)
         if self.encrypt and certificates.worker_key(hostname) != key:

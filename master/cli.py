@@ -27,7 +27,7 @@ import yaml
 import zmq
 
 from agent.transport import CertificateError
-from master import certificates, lab
+from master import certificates, inventory
 from master.broker import DEFAULT_ENDPOINT, DEFAULT_HEARTBEAT, Broker
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
@@ -146,7 +146,7 @@ def _print_join_token(issued: dict[str, Any]) -> None:
 
 
 def cmd_workers_add(args: argparse.Namespace) -> int:
-    record = lab.add_worker(SYSTEM, args.hostname, description=args.description or "", disabled=args.disable,
+    record = inventory.add_worker(SYSTEM, args.hostname, description=args.description or "", disabled=args.disable,
                             job_limit=args.job_limit)
     print(f"worker {record['hostname']} added ({record['health']})")
     if not args.no_token:
@@ -172,20 +172,20 @@ def cmd_workers_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_workers_update(args: argparse.Namespace) -> int:
-    record = lab.update_worker(SYSTEM, args.hostname, description=args.description, health=args.health,
+    record = inventory.update_worker(SYSTEM, args.hostname, description=args.description, health=args.health,
                                job_limit=args.job_limit)
     print(f"worker {record['hostname']}: {record['health']}, job limit {record['job_limit'] or 'none'}")
     return 0
 
 
 def cmd_workers_list(args: argparse.Namespace) -> int:
-    _show(lab.list_workers(), ("hostname", "state", "health", "last_seen", "version", "job_limit",
+    _show(inventory.list_workers(), ("hostname", "state", "health", "last_seen", "version", "job_limit",
                                "description"), args.yaml)
     return 0
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
-    record = lab.add_device(SYSTEM, args.hostname, args.device_type, worker=args.worker,
+    record = inventory.add_device(SYSTEM, args.hostname, args.device_type, worker=args.worker,
                             tags=_tags(args.tags) or [], description=args.description or "",
                             health=args.health, dictionary=_read(args.dictionary) if args.dictionary else None)
     print(f"device {record['hostname']} added ({record['device_type']}, {record['health']})")
@@ -199,20 +199,20 @@ def cmd_devices_update(args: argparse.Namespace) -> int:
         changes["worker"] = None
     elif args.worker:
         changes["worker"] = args.worker
-    record = lab.update_device(SYSTEM, args.hostname, **changes)
+    record = inventory.update_device(SYSTEM, args.hostname, **changes)
     print(f"device {record['hostname']}: {record['health']} on {record['worker'] or 'no worker'}, "
           f"tags: {', '.join(record['tags']) or 'none'}")
     return 0
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    rows = lab.list_devices(device_type=args.device_type, worker=args.worker, health=args.health)
+    rows = inventory.list_devices(device_type=args.device_type, worker=args.worker, health=args.health)
     _show(rows, ("hostname", "device_type", "worker", "state", "health", "tags", "current_job"), args.yaml)
     return 0
 
 
 def cmd_device_types_add(args: argparse.Namespace) -> int:
-    record = lab.add_device_type(
+    record = inventory.add_device_type(
         SYSTEM, args.name, description=args.description or "",
         template=_read(args.template) if args.template else None,
         health_check=_read(args.health_check) if args.health_check else None,
@@ -223,19 +223,19 @@ def cmd_device_types_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_types_list(args: argparse.Namespace) -> int:
-    _show(lab.list_device_types(), ("name", "devices", "health_check", "health_frequency",
+    _show(inventory.list_device_types(), ("name", "devices", "health_check", "health_frequency",
                                     "health_denominator", "template", "description"), args.yaml)
     return 0
 
 
 def cmd_device_dictionary(args: argparse.Namespace) -> int:
     if args.import_file:
-        lab.set_dictionary(SYSTEM, args.hostname, _read(args.import_file))
+        inventory.set_dictionary(SYSTEM, args.hostname, _read(args.import_file))
         print(f"device dictionary of {args.hostname} updated")
     elif args.export:
-        sys.stdout.write(lab.get_dictionary(args.hostname))
+        sys.stdout.write(inventory.get_dictionary(args.hostname))
     else:
-        sys.stdout.write(lab.device_yaml(args.hostname))
+        sys.stdout.write(inventory.device_yaml(args.hostname))
     return 0
 
 

@@ -15,7 +15,7 @@ sets everything up (tests and the CLI use it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class Instance:
     #: the bounds of what users send (``serve --max-body`` sets ``max_bytes``, ``--limit`` the others)
     limits: Limits = DEFAULT_LIMITS
     site_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_body(self) -> int:

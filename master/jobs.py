@@ -561,7 +561,7 @@ def publish_end(end: JobEnd) -> None:
         if end.device_health:
             log.warning("device %s health %s -> %s after job %d (%s)", end.device, end.device_health_before,
                         end.device_health, end.job_id, "health check" if end.health_check else end.error_type)
-        from master.lab import write_lab
+        from master.inventory import write_lab
 
         write_lab()
     log.info("job %d finished: %s", end.job_id, end.job_health)

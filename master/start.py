@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from agent.messages import Start
-from master import lab
+from master import inventory
 from master.errors import Invalid
 from master.instance import current
 from master.models import Device, Job, Worker
@@ -32,9 +32,9 @@ def start_message(job_id: int) -> Start | None:
     device = Device.get_by_id(job.actual_device_id)
     worker = Worker.get_by_id(job.worker_id)
     context = job.context or None
-    device_yaml = lab.device_yaml(device.hostname, context)
+    device_yaml = inventory.device_yaml(device.hostname, context)
     # the same without the job's context: what of it the job's context did not write (agent.qemu_policy)
-    device_own = lab.device_yaml(device.hostname, own_context(lab.get_dictionary(device.hostname), context))
+    device_own = inventory.device_yaml(device.hostname, own_context(inventory.get_dictionary(device.hostname), context))
     config = _load_yaml(worker.config, f"worker {worker.hostname} config")
     return Start(job_id=job.id, definition=job.definition, device=device_yaml, device_own=device_own,
                  device_name=device.hostname, env=worker_env(worker.env), dispatcher=config,

@@ -93,11 +93,6 @@ _JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def job_transitions(state: str) -> tuple[str, ...]:
-    """The states a job in ``state`` may move to."""
-    return _JOB_TRANSITIONS[state]
-
-
 def sources_of(target: str) -> tuple[str, ...]:
     """Every job state from which ``target`` may be reached (the WHERE of a conditional UPDATE)."""
     return tuple(state for state, targets in _JOB_TRANSITIONS.items() if target in targets)

@@ -46,8 +46,7 @@ from agent.qemu_policy import (
 )
 from agent.timeout import Deadline
 from agent.worker import AgentConfig, Worker
-from master import jobs
-from master import lab as lab_service
+from master import inventory, jobs
 from master.client import ApiError, Client
 from master.db import connection
 from master.instance import current
@@ -395,7 +394,7 @@ def qemu_master(master: tuple[Lab, MasterServer, dict[str, Client]],  # noqa: F8
     take arch, memory and options from the job's context."""
     with connection():
         for hostname in ("qemu01", "qemu02"):
-            lab_service.set_dictionary(SYSTEM, hostname, DICTIONARY)
+            inventory.set_dictionary(SYSTEM, hostname, DICTIONARY)
     return master
 
 
@@ -493,16 +492,16 @@ def test_a_real_agent_refuses_what_the_job_s_context_adds_when_validation_let_it
     definition was changed after its validation (a hole in the master, say) is refused when it runs;
     QEMU never starts."""
     with connection():
-        lab_service.update_worker(SYSTEM, "w1", health="Maintenance")
-        lab_service.add_worker(SYSTEM, "qp")
-        lab_service.set_worker_text(SYSTEM, "qp", "config",
+        inventory.update_worker(SYSTEM, "w1", health="Maintenance")
+        inventory.add_worker(SYSTEM, "qp")
+        inventory.set_worker_text(SYSTEM, "qp", "config",
                                     yaml.safe_dump({**allowing([world.images]), "tmp_dir": str(tmp_path)}))
-        lab_service.add_device(SYSTEM, "qp-1", "qemu", worker="qp", health="Good", dictionary=DICTIONARY)
+        inventory.add_device(SYSTEM, "qp-1", "qemu", worker="qp", health="Good", dictionary=DICTIONARY)
     master_cert, worker_cert = broker_lab.key_files("qp", tmp_path / "keys")
     agent = Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname="qp", spool=tmp_path / "spool",
                                        heartbeat=0.5, master_cert=master_cert, worker_cert=worker_cert)))
     try:
-        db_wait(lambda: lab_service.get_worker("qp").state == "Online", 20, "the agent online")
+        db_wait(lambda: inventory.get_worker("qp").state == "Online", 20, "the agent online")
         url = f"file://{world.images}/kernel.bin"
         benign = job_text(world, Case("benign", context={"extra_options": ["-smp 2"]}), url)
         with connection():

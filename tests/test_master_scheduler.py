@@ -10,8 +10,7 @@ from collections import Counter
 import pytest
 from support.master import build_lab, job_text
 
-from master import events, jobs
-from master import lab as lab_service
+from master import events, inventory, jobs
 from master.db import close_database, connection, db, is_postgres
 from master.errors import Invalid
 from master.migrations import DEVICES_FILLFACTOR, LATEST, MIGRATIONS, current_version, migrate
@@ -223,7 +222,7 @@ def test_loop_once_claims_and_frees(lab) -> None:
 
 def test_start_is_assembled_from_what_submission_stored(lab) -> None:
     alice = lab.user("alice")
-    lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
+    inventory.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
     job_id = jobs.submit_job(job_text(), alice)[0]
     assert start_message(job_id) is None  # not Scheduled yet
     row = Job.get_by_id(job_id)
@@ -238,7 +237,7 @@ def test_start_is_assembled_from_what_submission_stored(lab) -> None:
 
 
 def test_infrastructure_error_then_health_check(lab) -> None:
-    lab_service.set_health_check(SYSTEM, "qemu", job_text("qemu health check"))
+    inventory.set_health_check(SYSTEM, "qemu", job_text("qemu health check"))
     # both devices are Good but never checked: their checks are due first
     scheduler = Scheduler()
     checks = scheduler.loop_once()
@@ -350,30 +349,30 @@ def test_two_schedulers_race_without_double_assignment(tmp_path, database_url, b
 
 def test_job_limit_and_offline_worker(lab) -> None:
     alice = lab.user("alice")
-    lab_service.update_worker(SYSTEM, "w1", job_limit=1)
+    inventory.update_worker(SYSTEM, "w1", job_limit=1)
     for _ in range(3):
         jobs.submit_job(job_text(), alice)
     scheduler = Scheduler()
     assert len(scheduler.loop_once()) == 1
-    lab_service.update_worker(SYSTEM, "w1", job_limit=0)
-    lab_service.worker_offline("w1")
+    inventory.update_worker(SYSTEM, "w1", job_limit=0)
+    inventory.worker_offline("w1")
     assert scheduler.loop_once() == []
-    lab_service.worker_seen("w1", "0.1.0")
+    inventory.worker_seen("w1", "0.1.0")
     assert len(scheduler.loop_once()) == 1
 
 
 def test_retired_and_maintenance_devices_get_no_jobs(lab) -> None:
     alice = lab.user("alice")
-    lab_service.update_device(SYSTEM, "qemu01", health="Retired")
-    lab_service.update_device(SYSTEM, "qemu02", health="Retired")
+    inventory.update_device(SYSTEM, "qemu01", health="Retired")
+    inventory.update_device(SYSTEM, "qemu02", health="Retired")
     with pytest.raises(Invalid, match="invalid job definition") as refused:
         jobs.submit_job(job_text(), alice)
     assert "device type 'qemu' is unavailable" in refused.value.faults[0].message
     # a device in Maintenance still accepts submissions, but runs nothing
-    lab_service.update_device(SYSTEM, "qemu01", health="Maintenance")
+    inventory.update_device(SYSTEM, "qemu01", health="Maintenance")
     job_id = jobs.submit_job(job_text(), alice)[0]
     assert Scheduler().loop_once() == []
-    lab_service.update_device(SYSTEM, "qemu02", health="Good")
+    inventory.update_device(SYSTEM, "qemu02", health="Good")
     assert Scheduler().loop_once() == [(job_id, "qemu02")]
 
 

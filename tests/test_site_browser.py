@@ -541,8 +541,7 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
     from support.master import build_lab, job_text
     from test_master_bundles import serving
 
-    from master import jobs, publish
-    from master import lab as lab_service
+    from master import inventory, jobs, publish
     from master.client import Client
     from master.db import close_database, connection
     from master.scheduler import Scheduler
@@ -556,9 +555,9 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
         safe = f"{site}/index.html"  # a safe reference that leads somewhere: clicking it must go there
         lab = build_lab(data, None, name="lab-b", url=f"{site}/")
         with connection():
-            lab_service.update_worker(SYSTEM, "w1", description=HOSTILE_URLS["javascript"])
-            lab_service.update_device(SYSTEM, "qemu01", description=HOSTILE_URLS["tabbed"])
-            lab_service.update_device(SYSTEM, "qemu02", description=HOSTILE_URLS["tabbed"])
+            inventory.update_worker(SYSTEM, "w1", description=HOSTILE_URLS["javascript"])
+            inventory.update_device(SYSTEM, "qemu01", description=HOSTILE_URLS["tabbed"])
+            inventory.update_device(SYSTEM, "qemu02", description=HOSTILE_URLS["tabbed"])
             metadata = "".join(f"  {name}: {json.dumps(url)}\n" for name, url in HOSTILE_URLS.items())
             [job_id] = jobs.submit_job(
                 job_text("hostile metadata") + f"metadata:\n{metadata}  build: {json.dumps(safe)}\n",

@@ -27,8 +27,7 @@ from support.master import job_text
 from agent import messages as m
 from agent.enrolment import fingerprint, token_digest
 from agent.transport import CurveKeys
-from master import certificates, jobs
-from master import lab as lab_service
+from master import certificates, inventory, jobs
 from master.db import connection
 from master.errors import Conflict, Forbidden, Invalid, Unauthorized
 from master.models import JoinToken, Worker
@@ -77,7 +76,7 @@ def test_a_connection_claiming_a_worker_without_its_key_receives_nothing(
     stranger.close()
     # the key of another registered worker: refused, and told so, but nothing of w1's
     with connection():
-        lab_service.add_worker(SYSTEM, "w2")
+        inventory.add_worker(SYSTEM, "w2")
     thief = broker_lab.agent("w1", curve=broker_lab.curve("w2"))
     got = received(thief)
     assert got and all(isinstance(msg, m.Refused) and msg.code == "key" for msg in got), got
@@ -143,7 +142,7 @@ def test_rotation_keeps_the_old_key_until_a_new_one_is_enrolled(broker_lab: Brok
 def test_join_tokens_are_single_use_expire_and_enrol_one_worker(broker_lab: BrokerLab) -> None:
     admin = broker_lab.lab.user("admin")
     with connection():
-        lab_service.add_worker(SYSTEM, "w2")
+        inventory.add_worker(SYSTEM, "w2")
         issued = certificates.issue_join_token(admin, "w2", "30m")
         token = issued["token"]
         master = certificates.master_public_key()

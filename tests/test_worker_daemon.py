@@ -18,8 +18,7 @@ from support.master import job_text
 from agent import worker as agent_worker
 from agent.transport import CertificateError
 from agent.worker import AgentConfig, Worker, build_config, job_environment
-from master import jobs
-from master import lab as lab_service
+from master import inventory, jobs
 from master.broker import Broker
 from master.db import connection
 from master.instance import current
@@ -120,8 +119,8 @@ def assert_same_log_and_results(job_id: int, spool: Path) -> list[str]:
 
 def test_job_runs_and_streams_everything(broker_lab: BrokerLab, agent, tmp_path: Path) -> None:
     with connection():
-        lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  PUMICE_TEST_ENV: from-the-master\n")
-        lab_service.set_worker_text(SYSTEM, "w1", "config", "dispatcher_ip: 192.0.2.7\n")
+        inventory.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  PUMICE_TEST_ENV: from-the-master\n")
+        inventory.set_worker_text(SYSTEM, "w1", "config", "dispatcher_ip: 192.0.2.7\n")
     running = agent()
     job_id = submit(broker_lab, "lines=2500 delay=0")
     job = finished(job_id)

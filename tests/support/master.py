@@ -20,7 +20,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from master import lab as lab_service
+from master import inventory
 from master.db import close_database
 from master.instance import Instance, open_instance
 from master.users import SYSTEM, authenticate, create_token
@@ -151,15 +151,15 @@ def build_lab(data_dir: Path, database_url: str | None, *, devices: int = 2, nam
     from conftest import allowing  # conftest imports this module: its helper is taken when called
 
     instance = open_instance(data_dir, database_url, name=name, url=url)
-    lab_service.add_device_type(SYSTEM, "qemu", description="QEMU x86_64")
-    lab_service.add_worker(SYSTEM, "w1", description="the test worker")
+    inventory.add_device_type(SYSTEM, "qemu", description="QEMU x86_64")
+    inventory.add_worker(SYSTEM, "w1", description="the test worker")
     # the test job downloads from http://127.0.0.1/ (never fetched: these runners are fakes)
-    lab_service.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(allowing(addresses=[LOCAL_IMAGES])))
+    inventory.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(allowing(addresses=[LOCAL_IMAGES])))
     for number in range(1, devices + 1):
-        lab_service.add_device(
+        inventory.add_device(
             SYSTEM, f"qemu{number:02d}", "qemu", worker="w1", health="Good", dictionary=QEMU_DICTIONARY
         )
-    lab_service.worker_seen("w1", "0.1.0")
+    inventory.worker_seen("w1", "0.1.0")
     tokens = {
         "admin": create_token("admin", admin=True),
         "alice": create_token("alice"),

@@ -1,4 +1,4 @@
-"""The lab (service layer): device types, devices, device dictionaries and workers.
+"""The lab's inventory (service layer): device types, devices, device dictionaries, workers and tags.
 
 Plain functions over the models, shared by the REST API, the CLI and the broker (``worker_seen``).
 Changing the lab requires an admin (the CLI acts as :data:`master.users.SYSTEM`); reading it does
@@ -28,7 +28,7 @@ from master.states import DeviceHealth, DeviceState, WorkerHealth, WorkerState, 
 from master.validation import bare_dictionary, check_definition, render_device, stored_templates
 from results import bounded
 
-log = logging.getLogger("pumice.lab")
+log = logging.getLogger("pumice.inventory")
 
 #: device type, device, worker and tag names: safe in URLs, file names and template names
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
