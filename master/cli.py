@@ -31,6 +31,7 @@ from master import certificates, inventory
 from master.broker import DEFAULT_ENDPOINT, DEFAULT_HEARTBEAT, Broker
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
+from master.states import DEFAULT_HEALTH_DENOMINATOR, DEFAULT_HEALTH_FREQUENCY, DeviceHealth
 from master.users import SYSTEM
 from results.bounded import Limits
 
@@ -146,7 +147,7 @@ def _print_join_token(issued: dict[str, Any]) -> None:
 
 
 def cmd_workers_add(args: argparse.Namespace) -> int:
-    record = inventory.add_worker(SYSTEM, args.hostname, description=args.description or "", disabled=args.disable,
+    record = inventory.add_worker(SYSTEM, args.hostname, description=args.description, disabled=args.disable,
                             job_limit=args.job_limit)
     print(f"worker {record['hostname']} added ({record['health']})")
     if not args.no_token:
@@ -186,7 +187,7 @@ def cmd_workers_list(args: argparse.Namespace) -> int:
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
     record = inventory.add_device(SYSTEM, args.hostname, args.device_type, worker=args.worker,
-                            tags=_tags(args.tags) or [], description=args.description or "",
+                            tags=_tags(args.tags), description=args.description,
                             health=args.health, dictionary=_read(args.dictionary) if args.dictionary else None)
     print(f"device {record['hostname']} added ({record['device_type']}, {record['health']})")
     return 0
@@ -213,7 +214,7 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 
 def cmd_device_types_add(args: argparse.Namespace) -> int:
     record = inventory.add_device_type(
-        SYSTEM, args.name, description=args.description or "",
+        SYSTEM, args.name, description=args.description,
         template=_read(args.template) if args.template else None,
         health_check=_read(args.health_check) if args.health_check else None,
         health_frequency=args.health_frequency, health_denominator=args.health_denominator)
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", dest="device_type", required=True, help="its device type")
     p.add_argument("--worker", help="the worker it is attached to")
     p.add_argument("--tags", help="comma-separated tags")
-    p.add_argument("--health", default="Unknown", help="initial health (default %(default)s)")
+    p.add_argument("--health", help=f"initial health (default {DeviceHealth.UNKNOWN})")
     p.add_argument("--description")
     p.add_argument("--dictionary", metavar="FILE", help="its device dictionary")
     p = leaf(devices, "update", cmd_devices_update, "change a device")
@@ -347,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", metavar="FILE",
                    help="store this template (default: the packaged or site file NAME.jinja2)")
     p.add_argument("--health-check", metavar="FILE", help="the health-check job definition")
-    p.add_argument("--health-frequency", type=int, default=24)
-    p.add_argument("--health-denominator", default="hours", choices=("hours", "jobs"))
+    p.add_argument("--health-frequency", type=int, help=f"default {DEFAULT_HEALTH_FREQUENCY}")
+    p.add_argument("--health-denominator", choices=("hours", "jobs"), help=f"default {DEFAULT_HEALTH_DENOMINATOR}")
     p = leaf(types, "list", cmd_device_types_list, "list device types")
     p.add_argument("--yaml", action="store_true")
 

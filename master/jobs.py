@@ -30,6 +30,7 @@ from master.states import (
     JobHealth,
     JobState,
     cancel_target,
+    check_choice,
     check_job_transition,
     finish_outcome,
     parse_count,
@@ -329,9 +330,9 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
         if value is None or value == "":
             continue
         if key == "state":
-            query = query.where(Job.state == _choice("state", value, JobState.ALL))
+            query = query.where(Job.state == check_choice("job state", value, JobState.ALL))
         elif key == "health":
-            query = query.where(Job.health == _choice("health", value, JobHealth.ALL))
+            query = query.where(Job.health == check_choice("job health", value, JobHealth.ALL))
         elif key == "device_type":
             query = query.where(Job.requested_device_type.in_(
                 DeviceType.select(DeviceType.id).where(DeviceType.name == value)))
@@ -356,13 +357,6 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
     count = query.count()
     ids = [row for (row,) in query.order_by(*order).limit(limit).offset(offset).tuples()]
     return count, job_records(ids)
-
-
-def _choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
-    for choice in allowed:
-        if choice.lower() == str(value).lower():
-            return choice
-    raise Invalid(f"unknown job {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def show_job(job_id: int | str, user: User | None) -> dict[str, Any]:

@@ -373,8 +373,7 @@ def devices_add(user: User | None, hostname: str, type_name: str, worker_hostnam
     """scheduler.devices.add(hostname, type_name, worker_hostname, user_name=None, group_name=None,
     public=True, health=None, description=None): [admin] add a device (user, group and public are
     LAVA's deprecated fields, ignored)."""
-    inventory.add_device(user, hostname, type_name, worker=worker_hostname, description=description or "",
-                   health=health or DeviceHealth.UNKNOWN)
+    inventory.add_device(user, hostname, type_name, worker=worker_hostname, description=description, health=health)
 
 
 @method("scheduler.devices.update")
@@ -496,12 +495,12 @@ def device_types_show(user: User | None, name: str) -> dict[str, Any]:
 
 @method("scheduler.device_types.add")
 def device_types_add(user: User | None, name: str, description: str | None = None, display: bool = True,
-                     owners_only: bool = False, health_frequency: int = 24,
-                     health_denominator: str = "hours") -> None:
+                     owners_only: bool = False, health_frequency: int | None = None,
+                     health_denominator: str | None = None) -> None:
     """scheduler.device_types.add(name, description=None, display=True, owners_only=False,
     health_frequency=24, health_denominator="hours"): [admin] add a device type; its template is the
     file NAME.jinja2 until one is set (owners_only is ignored)."""
-    inventory.add_device_type(user, name, description=description or "", display=bool(display),
+    inventory.add_device_type(user, name, description=description, display=bool(display),
                         health_frequency=health_frequency, health_denominator=health_denominator)
 
 
@@ -581,7 +580,7 @@ def workers_show(user: User | None, hostname: str) -> dict[str, Any]:
 def workers_add(user: User | None, hostname: str, description: str | None = None, disabled: bool = False) -> None:
     """scheduler.workers.add(hostname, description=None, disabled=False): [admin] add a worker
     (disabled: Retired)."""
-    inventory.add_worker(user, hostname, description=description or "", disabled=bool(disabled))
+    inventory.add_worker(user, hostname, description=description, disabled=bool(disabled))
 
 
 @method("scheduler.workers.update")
