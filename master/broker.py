@@ -40,11 +40,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,12 +75,13 @@ from agent.messages import (
     encode,
 )
 from agent.transport import LIVENESS
-from master import certificates, diskfull, events, inventory, jobs
+from master import certificates, diskfull, events, inventory
 from master.db import connection
 from master.errors import NotFound, ServiceError
 from master.instance import current
 from master.joblogs import JobLogs, Unavailable
 from master.models import Job, Worker, utcnow
+from master.servicethread import ServiceThread, record_end, record_start
 from master.start import job_timeout, start_message
 from master.states import JobHealth, JobState, WorkerState
 from master.zap import ZapHandler, curve_server, master_keys
@@ -182,10 +181,8 @@ class Broker:
         self._next_timers = 0.0
         self._next_away = 0.0
         self.bound: list[str] = []
-        # service-layer calls that may take long (a job's end writes its bundle, lab.yaml...) run
-        # in order on a thread of their own, so that log streams never wait for them
-        self._services: queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None] = queue.SimpleQueue()
-        self._service_thread: threading.Thread | None = None
+        #: the service-layer calls (a job's start and end, a worker's presence), in order, off the loop
+        self.services = ServiceThread(self._stop)
         #: replies produced by the service thread, sent by the loop (sockets are the loop's only)
         self._outbox: deque[tuple[zmq.Socket, str, Message]] = deque()
         #: jobs whose end the service thread is recording
@@ -256,9 +253,7 @@ class Broker:
         self.recover()
         events.subscribe(self.on_event)
         self._stop.clear()
-        self._service_thread = threading.Thread(target=self._run_services, name="pumice-broker-services",
-                                                daemon=True)
-        self._service_thread.start()
+        self.services.start()
         self._thread = threading.Thread(target=self.run, name="pumice-broker", daemon=True)
         self._thread.start()
         _running = self
@@ -281,10 +276,7 @@ class Broker:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        if self._service_thread is not None:
-            self._services.put(None)
-            self._service_thread.join(30)
-            self._service_thread = None
+        self.services.stop()
         self.logs.close_all()
         for sock in self.sockets:
             sock.close(linger=0)
@@ -301,32 +293,6 @@ class Broker:
                 os.close(fd)
         if _running is self:
             _running = None
-
-    # -- the service thread --
-
-    def _service(self, func: Callable[..., Any], *args: Any) -> None:
-        """Run ``func(*args)`` on the service thread, after the calls queued before it (inline
-        when no service thread runs: a broker driven by ``loop_once()``)."""
-        if self._service_thread is None:
-            self._call(func, args)
-        else:
-            self._services.put((func, args))
-
-    def _call(self, func: Callable[..., Any], args: tuple) -> None:
-        name = str(getattr(func, "__name__", func)).lstrip("_")
-        try:
-            with connection():
-                # a state change met by a full disk waits for space (and the ones after it, in order)
-                diskfull.retry(func, *args, what=f"broker: {name}", stop=self._stop)
-        except Exception as exc:
-            if diskfull.is_storage_error(exc):
-                diskfull.report(exc, f"broker: {name} (given up: the broker stops)")
-            else:
-                log.exception("broker: %s%r failed", name, args)
-
-    def _run_services(self) -> None:
-        while (item := self._services.get()) is not None:
-            self._call(*item)
 
     def _reply(self, sock: zmq.Socket, hostname: str, msg: Message) -> None:
         """Send ``msg`` from any thread (through the loop)."""
@@ -397,7 +363,7 @@ class Broker:
                 log.warning("worker %s: the CURVE key of its session was %s: session dropped", hostname,
                             "revoked" if key is None else "replaced by a new one")
                 del self.sessions[hostname]
-                self._service(inventory.worker_offline, hostname)
+                self.services.submit(inventory.worker_offline, hostname)
 
     # -- sending --
 
@@ -547,7 +513,7 @@ class Broker:
         elif isinstance(msg, Bye):
             log.info("worker %s says goodbye", hostname)
             del self.sessions[hostname]
-            self._service(inventory.worker_offline, hostname)
+            self.services.submit(inventory.worker_offline, hostname)
         else:
             log.warning("worker %s sent %s, which only the master sends", hostname, msg.TYPE)
 
@@ -581,7 +547,7 @@ class Broker:
             first = hostname not in self.sessions
             self.sessions[hostname] = Session(hostname, msg.version, now, now, key)
             self._expected.pop(hostname, None)
-            self._service(inventory.worker_seen, hostname, msg.version)
+            self.services.submit(inventory.worker_seen, hostname, msg.version)
             welcome = Welcome(protocol=PROTOCOL_VERSION, version=__version__, heartbeat=self.heartbeat)
             self._send(hostname, welcome, sock)
             if first:
@@ -608,19 +574,7 @@ class Broker:
 
     def _on_start_ok(self, session: Session, msg: StartOk) -> None:
         pending = self.starts.pop(msg.job_id, None)
-        self._service(self._record_start, session.hostname, msg.job_id, pending.sent if pending else 0.0)
-
-    @staticmethod
-    def _record_start(hostname: str, job_id: int, sent: float) -> None:
-        """(service thread) The worker runs the job: Scheduled -> Running."""
-        job = Job.get_or_none(Job.id == job_id)
-        owner = Worker.get_by_id(job.worker_id).hostname if job and job.worker_id else None
-        if owner != hostname:
-            log.warning("worker %s acknowledged job %d, which is not its job", hostname, job_id)
-            return
-        if jobs.job_started(job_id):
-            log.info("job %d running on %s%s", job_id, hostname,
-                     f" ({(time.monotonic() - sent) * 1000:.1f} ms after START)" if sent else "")
+        self.services.submit(record_start, session.hostname, msg.job_id, pending.sent if pending else 0.0)
 
     def _on_log(self, sock: zmq.Socket, session: Session, msg: Log) -> None:
         reply = self.logs.append(sock, session.hostname, msg)
@@ -665,23 +619,16 @@ class Broker:
         self.logs.forget(job_id)
         if job_id in self._ending:  # its end is being recorded already
             if reply is not None:
-                self._service(self._reply, *reply)
+                self.services.submit(self._reply, *reply)
             return
         self._ending.add(job_id)
-        self._service(self._record_end, job_id, health, error, error_type, reply)
+        self.services.submit(self._record_end, job_id, health, error, error_type, reply)
 
     def _record_end(self, job_id: int, health: str, error: str | None, error_type: str | None,
                     reply: tuple[zmq.Socket, str, Message] | None) -> None:
-        """(service thread) ``job_finished``, then the acknowledgement. A full disk or database
-        is waited out (END is acknowledged only once the end is recorded and published)."""
-        what = f"job {job_id}: recording its end ({health})"
+        """(service thread) Record the job's end, then send the acknowledgement."""
         try:
-            end = diskfull.retry(jobs.record_end, job_id, health, error, error_type, what=what, stop=self._stop)
-            if end is not None:
-                diskfull.retry(jobs.publish_end, end, what=what, stop=self._stop)
-                log.info("job %d ended %s%s", job_id, health, f" ({error_type}: {error})" if error else "")
-        except ServiceError as exc:
-            log.error("job %d: cannot record its end (%s): %s", job_id, health, exc.message)
+            record_end(job_id, health, error, error_type, self._stop)
         finally:
             self._ending.discard(job_id)
         if reply is not None:
@@ -716,14 +663,14 @@ class Broker:
             log.warning("worker %s silent for %.1f s: offline", hostname,
                         now - self.sessions[hostname].last_seen)
             del self.sessions[hostname]
-            self._service(inventory.worker_offline, hostname)
+            self.services.submit(inventory.worker_offline, hostname)
         for hostname in missing:
             if hostname not in self.sessions:
-                self._service(inventory.worker_offline, hostname)
+                self.services.submit(inventory.worker_offline, hostname)
         for session in self.sessions.values():
             if now - session.db_seen > SEEN_REFRESH:
                 session.db_seen = now
-                self._service(self._seen, session.hostname, session.key)
+                self.services.submit(self._seen, session.hostname, session.key)
         if not self.encrypt and now >= self._next_plain_warning:
             self._warn_plain(now)
         for job_id, pending in list(self.starts.items()):
