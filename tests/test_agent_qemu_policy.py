@@ -489,7 +489,8 @@ def test_a_real_agent_refuses_what_the_job_s_context_adds_when_validation_let_it
         world: World, broker_lab: BrokerLab, tmp_path: Path) -> None:
     """Master, broker, agent daemon and pumice-run: START carries the device YAML with and without
     the job's context, so the agent tells the job's options from the lab's. A job whose stored
-    definition was changed after its validation (a hole in the master, say) is refused when it runs;
+    definition and context were changed after its validation (a hole in the master, say) is refused
+    when it runs;
     QEMU never starts."""
     with connection():
         inventory.update_worker(SYSTEM, "w1", health="Maintenance")
@@ -507,7 +508,9 @@ def test_a_real_agent_refuses_what_the_job_s_context_adds_when_validation_let_it
         with connection():
             [job_id] = jobs.submit_job(benign, broker_lab.lab.user("alice"))
             hostile = next(case for case in HOSTILE if case.name == "context-extra_options")
-            Job.update(definition=job_text(world, hostile, url)).where(Job.id == job_id).execute()
+            changed = job_text(world, hostile, url)
+            # the stored job as a hole would leave it: its definition and the context START renders with
+            Job.update(definition=changed, context=yaml.safe_load(changed)["context"]).where(Job.id == job_id).execute()
         Scheduler().loop_once()
         db_wait(lambda: Job.get_by_id(job_id).state == JobState.FINISHED, 60, f"job {job_id} to finish")
         with connection():
