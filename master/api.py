@@ -1,6 +1,8 @@
 """The REST API (LAVA v0.2 paths where LAVA has them): a thin Bottle layer over the service layer.
 
-``make_app()`` returns the WSGI app. Every route runs inside one wrapper that opens the database
+Routes are a module-level table (:data:`ROUTES`, filled by the :func:`route` decorator, as
+:mod:`master.xmlrpc`'s ``@method``): each handler is a plain function of this module; ``make_app()``
+returns the WSGI app. Every route runs inside one wrapper that opens the database
 connection, authenticates ``Authorization: Token <t>`` (an invalid token is a 401 even where
 anonymous access is allowed), enforces the body size limit and turns service errors into JSON:
 ``{"error": "...", "faults": [{"path": ..., "line": ..., "message": ...}]}``. A full data directory or
@@ -20,9 +22,9 @@ from typing import Any
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
 
 from agent.errors import Fault
-from master import certificates, diskfull, jobs, lab
+from master import bundles, certificates, diskfull, inventory, jobs
 from master.db import connection
-from master.errors import Invalid, ServiceError, TooLarge
+from master.errors import InternalError, Invalid, ServiceError, TooLarge
 from master.instance import current
 from master.users import authenticate
 from results import bounded
@@ -191,17 +193,11 @@ def authenticate_request(header: str | None) -> Any:
     return who
 
 
-def forget_tokens() -> None:
-    """Drop every cached verification (tests, and after a change to users in this process)."""
-    with _verified_lock:
-        _verified.clear()
-
-
 # ---- the wrapper every route runs in ----
 
-def _json_error(status: int, message: str, faults: list | None = None) -> HTTPResponse:
-    body = json.dumps({"error": message, "faults": faults or []})
-    return HTTPResponse(body, status=status, headers={"Content-Type": "application/json"})
+def _json_response(error: ServiceError) -> HTTPResponse:
+    """A refusal as the API's one error format (:meth:`master.errors.ServiceError.to_dict`)."""
+    return HTTPResponse(json.dumps(error.to_dict()), status=error.status, headers={"Content-Type": "application/json"})
 
 
 def api_call(callback: Callable) -> Callable:
@@ -218,313 +214,357 @@ def api_call(callback: Callable) -> Callable:
                 request.environ["pumice.user"] = authenticate_request(request.get_header("Authorization"))
                 return callback(*args, **kwargs)
         except ServiceError as exc:
-            return HTTPResponse(json.dumps(exc.to_dict()), status=exc.status,
-                                headers={"Content-Type": "application/json"})
+            return _json_response(exc)
         except (HTTPResponse, HTTPError):
             raise
         except Exception as exc:
             if diskfull.is_full(exc):  # 507, and the condition logged once a minute
-                error = diskfull.refusal(exc, f"{request.method} {request.path}")
-                return HTTPResponse(json.dumps(error.to_dict()), status=error.status,
-                                    headers={"Content-Type": "application/json"})
+                return _json_response(diskfull.refusal(exc, f"{request.method} {request.path}"))
             log.exception("%s %s failed", request.method, request.path)
-            return _json_error(500, "internal error in the master; the admins can find the details "
-                                    "in its log")
+            return _json_response(InternalError("internal error in the master; the admins can find the "
+                                                "details in its log"))
 
     return wrapper
 
 
+def _error_page(res: HTTPError) -> str:
+    """Bottle's own errors (no such path, a method not allowed) in the API's error format."""
+    res.set_header("Content-Type", "application/json")
+    message = {404: f"no such API endpoint: {request.method} {request.path}",
+               405: f"method {request.method} not allowed on {request.path}"}.get(
+        res.status_code, str(res.body or res.status_line))
+    return json.dumps(ServiceError(message).to_dict())
+
+
+# ---- the route table ----
+
+#: every REST route: (path under :data:`PREFIX`, methods, handler); the handlers are the
+#: module-level functions below, each callable on its own inside a request
+ROUTES: list[tuple[str, tuple[str, ...], Callable]] = []
+
+
+def route(path: str, *methods: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the handler of ``path`` (default method GET)."""
+
+    def decorate(handler: Callable) -> Callable:
+        ROUTES.append((path, methods or ("GET",), handler))
+        return handler
+
+    return decorate
+
+
 def make_app() -> Bottle:
-    """The WSGI application of the REST API."""
+    """The WSGI application of the REST API (and of LAVA's XML-RPC at /RPC2)."""
     app = Bottle(autojson=True)
-
-    def error_page(res: HTTPError) -> str:
-        res.set_header("Content-Type", "application/json")
-        message = {404: f"no such API endpoint: {request.method} {request.path}",
-                   405: f"method {request.method} not allowed on {request.path}"}.get(
-            res.status_code, str(res.body or res.status_line))
-        return json.dumps({"error": message, "faults": []})
-
-    app.default_error_handler = error_page  # type: ignore[method-assign]
-
-    def route(path: str, method: str | list[str] = "GET") -> Callable:
-        def decorate(callback: Callable) -> Callable:
-            app.route(PREFIX + path, method=method, callback=api_call(callback))
-            return callback
-        return decorate
-
-    # ---- system ----
-
-    @route("/system/version/")
-    def version() -> dict:
-        return {"version": _version()}
-
-    @route("/system/whoami/")
-    def whoami() -> dict:
-        who = user()
-        return {"user": who.username if who else None, "admin": bool(who and who.is_admin)}
-
-    # ---- jobs ----
-
-    @route("/jobs/")
-    def list_jobs() -> dict:
-        limit = _int_param("limit", 50) or 0
-        offset = _int_param("offset", 0) or 0
-        filters = {key: request.query.get(key) for key in jobs.JOB_FILTERS if request.query.get(key)}
-        count, records = jobs.list_jobs(user(), limit=limit, offset=offset,
-                                        ordering=request.query.get("ordering") or "-id", **filters)
-        return _page(count, records, limit, offset)
-
-    @route("/jobs/", "POST")
-    def submit() -> dict:
-        ids = jobs.submit_job(text_field("definition"), user())
-        response.status = 201
-        return {"message": "job(s) successfully submitted", "job_ids": ids}
-
-    @route("/jobs/validate/", "POST")
-    def validate() -> dict:
-        faults = jobs.validate_definition(text_field("definition"))
-        return {"valid": not faults, "faults": [{"path": f.path, "line": f.line, "message": f.message}
-                                                for f in faults]}
-
-    @route("/jobs/<job_id>/")
-    def show_job(job_id: str) -> dict:
-        return jobs.show_job(job_id, user())
-
-    @route("/jobs/<job_id>/definition/")
-    def definition(job_id: str) -> str:
-        return _text(jobs.job_definition(job_id, user()), YAML_TYPE)
-
-    @route("/jobs/<job_id>/cancel/", "POST")
-    def cancel(job_id: str) -> dict:
-        return jobs.cancel_job(job_id, user())
-
-    @route("/jobs/<job_id>/resubmit/", "POST")
-    def resubmit(job_id: str) -> dict:
-        ids = jobs.resubmit_job(job_id, user())
-        response.status = 201
-        return {"message": "job(s) successfully submitted", "job_ids": ids}
-
-    @route("/jobs/<job_id>/logs/")
-    def logs(job_id: str) -> str:
-        lines = jobs.job_logs(job_id, user(), _int_param("start", 0) or 0, _int_param("end", None))
-        return _text("".join(line + "\n" for line in lines), YAML_TYPE)
-
-    def results_as(job_id: str, fmt: str) -> str:
-        from results.export import to_csv, to_junit, to_tap13
-
-        if fmt == "yaml":
-            return _text(jobs.job_bundle(job_id, user()), YAML_TYPE)
-        rows = jobs.job_results(job_id, user())
-        job = str(int(job_id))
-        if fmt == "junit":
-            return _text(to_junit(job, rows), "application/xml; charset=utf-8")
-        if fmt == "tap13":
-            return _text(to_tap13(job, rows))
-        if fmt == "csv":
-            return _text(to_csv(job, rows), "text/csv; charset=utf-8")
-        raise Invalid(f"unknown results format {fmt!r}; allowed: yaml, junit, tap13, csv")
-
-    @route("/jobs/<job_id>/results/")
-    def results(job_id: str) -> str:
-        return results_as(job_id, request.query.get("format") or "yaml")
-
-    for fmt in ("yaml", "junit", "tap13", "csv"):
-        route(f"/jobs/<job_id>/{fmt}/")(functools.partial(results_as, fmt=fmt))
-
-    @route("/jobs/<job_id>/suites/")
-    def suites(job_id: str) -> dict:
-        items = jobs.job_suites(job_id, user())
-        return _page(len(items), items, len(items), 0)
-
-    @route("/jobs/<job_id>/tests/")
-    def tests(job_id: str) -> dict:
-        items = [r.to_dict() for r in jobs.job_results(job_id, user())]
-        return _page(len(items), items, len(items), 0)
-
-    # ---- bundles ----
-
-    @route("/bundles/", "POST")
-    def upload_bundle() -> dict:
-        reply = jobs.upload_bundle(text_field("bundle"), user())
-        response.status = 201 if reply["created"] else 200
-        return reply
-
-    # ---- devices ----
-
-    @route("/devices/")
-    def list_devices() -> dict:
-        items = lab.list_devices(**{k: request.query.get(k) for k in ("device_type", "worker", "state",
-                                                                      "health", "tag")})
-        return _page(len(items), items, len(items), 0)
-
-    @route("/devices/", "POST")
-    def add_device() -> dict:
-        data = body_fields(hostname=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES, description=TEXT, health=TEXT,
-                           dictionary=TEXT)
-        hostname, device_type = data.get("hostname"), data.get("device_type")
-        if not hostname or not device_type:
-            raise Invalid("a device needs a hostname and a device_type")
-        record = lab.add_device(user(), hostname, device_type, worker=data.get("worker"),
-                                tags=_list(data.get("tags")), description=data.get("description") or "",
-                                health=data.get("health") or "Unknown", dictionary=data.get("dictionary"))
-        response.status = 201
-        return record
-
-    @route("/devices/<hostname>/")
-    def show_device(hostname: str) -> dict:
-        return lab.show_device(hostname)
-
-    @route("/devices/<hostname>/", ["PUT", "PATCH"])
-    def update_device(hostname: str) -> dict:
-        data = body_fields(health=TEXT, description=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES)
-        changes: dict[str, Any] = {k: data[k] for k in ("health", "description", "device_type") if k in data}
-        if "worker" in data:
-            changes["worker"] = data["worker"]
-        if "tags" in data:
-            changes["tags"] = _list(data["tags"])
-        return lab.update_device(user(), hostname, **changes)
-
-    @route("/devices/<hostname>/dictionary/")
-    def get_dictionary(hostname: str) -> dict:
-        if _bool(request.query.get("render", "")):
-            return {"device": hostname, "dictionary": lab.review_dictionary(hostname)}
-        return {"device": hostname, "dictionary": lab.get_dictionary(hostname)}
-
-    @route("/devices/<hostname>/dictionary/", ["POST", "PUT"])
-    def set_dictionary(hostname: str) -> dict:
-        lab.set_dictionary(user(), hostname, text_field("dictionary"))
-        return {"device": hostname, "dictionary": lab.get_dictionary(hostname)}
-
-    # ---- device types ----
-
-    @route("/devicetypes/")
-    def list_device_types() -> dict:
-        items = lab.list_device_types()
-        return _page(len(items), items, len(items), 0)
-
-    @route("/devicetypes/", "POST")
-    def add_device_type() -> dict:
-        data = body_fields(name=TEXT, description=TEXT, template=TEXT, health_check=TEXT, health_frequency=NUMBER,
-                           health_denominator=TEXT, display=FLAG)
-        if not data.get("name"):
-            raise Invalid("a device type needs a name")
-        record = lab.add_device_type(
-            user(), data["name"], description=data.get("description") or "", template=data.get("template"),
-            health_check=data.get("health_check"), health_frequency=data.get("health_frequency") or 24,
-            health_denominator=data.get("health_denominator") or "hours",
-            display=_bool(data.get("display", True)))
-        response.status = 201
-        return record
-
-    @route("/devicetypes/<name>/")
-    def show_device_type(name: str) -> dict:
-        return lab.device_type_record(lab.get_device_type(name))
-
-    @route("/devicetypes/<name>/", ["PUT", "PATCH"])
-    def update_device_type(name: str) -> dict:
-        data = body_fields(description=TEXT, health_frequency=NUMBER, health_denominator=TEXT, display=FLAG)
-        return lab.update_device_type(
-            user(), name, description=data.get("description"),
-            health_frequency=data.get("health_frequency") or None,
-            health_denominator=data.get("health_denominator"),
-            display=_bool(data["display"]) if "display" in data else None)
-
-    @route("/devicetypes/<name>/template/")
-    def get_template(name: str) -> dict:
-        return {"name": name, "template": lab.device_type_template(name)}
-
-    @route("/devicetypes/<name>/template/", ["POST", "PUT"])
-    def set_template(name: str) -> dict:
-        lab.set_device_type_template(user(), name, text_field("template"))
-        return {"name": name, "template": lab.device_type_template(name)}
-
-    @route("/devicetypes/<name>/health_check/")
-    def get_health_check(name: str) -> dict:
-        return {"name": name, "health_check": lab.health_check_definition(name)}
-
-    @route("/devicetypes/<name>/health_check/", ["POST", "PUT"])
-    def set_health_check(name: str) -> dict:
-        lab.set_health_check(user(), name, text_field("health_check"))
-        return {"name": name, "health_check": lab.health_check_definition(name)}
-
-    # ---- workers ----
-
-    @route("/workers/")
-    def list_workers() -> dict:
-        items = lab.list_workers()
-        return _page(len(items), items, len(items), 0)
-
-    @route("/workers/", "POST")
-    def add_worker() -> dict:
-        data = body_fields(hostname=TEXT, description=TEXT, disabled=FLAG, job_limit=NUMBER)
-        if not data.get("hostname"):
-            raise Invalid("a worker needs a hostname")
-        record = lab.add_worker(user(), data["hostname"], description=data.get("description") or "",
-                                disabled=_bool(data.get("disabled", False)),
-                                job_limit=data.get("job_limit") or 0)
-        response.status = 201
-        return record
-
-    @route("/workers/<hostname>/")
-    def show_worker(hostname: str) -> dict:
-        return lab.show_worker(hostname)
-
-    @route("/workers/<hostname>/", ["PUT", "PATCH"])
-    def update_worker(hostname: str) -> dict:
-        data = body_fields(description=TEXT, health=TEXT, job_limit=NUMBER)
-        return lab.update_worker(user(), hostname, description=data.get("description"),
-                                 health=data.get("health"),
-                                 job_limit=data.get("job_limit") if data.get("job_limit") != "" else None)
-
-    for what in ("env", "config"):
-        def get_text(hostname: str, what: str = what) -> dict:
-            lab.get_worker(hostname)
-            return {"hostname": hostname, what: lab.worker_text(hostname, what)}
-
-        def set_text(hostname: str, what: str = what) -> dict:
-            lab.set_worker_text(user(), hostname, what, text_field(what))
-            return {"hostname": hostname, what: lab.worker_text(hostname, what)}
-
-        route(f"/workers/<hostname>/{what}/")(get_text)
-        route(f"/workers/<hostname>/{what}/", ["PUT", "POST"])(set_text)
-
-    # ---- CURVE keys and enrolment (master.certificates) ----
-
-    @route("/system/certificate/")
-    def master_certificate() -> dict:
-        return certificates.master_certificate()
-
-    @route("/workers/<hostname>/certificate/")
-    def worker_certificate(hostname: str) -> dict:
-        return certificates.worker_certificate(user(), hostname)
-
-    @route("/workers/<hostname>/certificate/", ["POST", "PUT"])
-    def set_worker_certificate(hostname: str) -> dict:
-        return certificates.set_worker_key(user(), hostname, text_field("certificate"))
-
-    @route("/workers/<hostname>/certificate/", "DELETE")
-    def revoke_worker_certificate(hostname: str) -> dict:
-        return certificates.revoke_worker_key(user(), hostname)
-
-    @route("/workers/<hostname>/join-token/", "POST")
-    def issue_join_token(hostname: str) -> dict:
-        reply = certificates.issue_join_token(user(), hostname, body_fields().get("lifetime"))
-        response.status = 201
-        return reply
-
-    @route("/workers/<hostname>/join/", "POST")
-    def join(hostname: str) -> dict:
-        data = body_json()
-        reply = certificates.join(hostname, data.get("token"), data.get("public_key"))
-        response.status = 201
-        return reply
-
+    app.default_error_handler = _error_page  # type: ignore[method-assign]
+    for path, methods, handler in ROUTES:
+        app.route(PREFIX + path, method=list(methods), callback=api_call(handler))
     # LAVA's XML-RPC API (lavacli) at /RPC2: the same service layer behind a second front door
     from master.xmlrpc import install as install_xmlrpc
 
     install_xmlrpc(app)
     return app
+
+
+def _created(reply: Any) -> Any:
+    response.status = 201
+    return reply
+
+
+def _submitted(ids: list[int]) -> dict:
+    return _created({"message": "job(s) successfully submitted", "job_ids": ids})
+
+
+def _listing(items: list) -> dict:
+    """A whole listing as one DRF-style page."""
+    return _page(len(items), items, len(items), 0)
+
+
+# ---- system ----
+
+@route("/system/version/")
+def version() -> dict:
+    return {"version": _version()}
+
+
+@route("/system/whoami/")
+def whoami() -> dict:
+    who = user()
+    return {"user": who.username if who else None, "admin": bool(who and who.is_admin)}
+
+
+# ---- jobs ----
+
+@route("/jobs/")
+def list_jobs() -> dict:
+    limit = _int_param("limit", 50) or 0
+    offset = _int_param("offset", 0) or 0
+    filters = {key: request.query.get(key) for key in jobs.JOB_FILTERS if request.query.get(key)}
+    count, records = jobs.list_jobs(user(), limit=limit, offset=offset,
+                                    ordering=request.query.get("ordering") or "-id", **filters)
+    return _page(count, records, limit, offset)
+
+
+@route("/jobs/", "POST")
+def submit() -> dict:
+    return _submitted(jobs.submit_job(text_field("definition"), user()))
+
+
+@route("/jobs/validate/", "POST")
+def validate() -> dict:
+    faults = jobs.validate_definition(text_field("definition"))
+    return {"valid": not faults, "faults": [fault.to_dict() for fault in faults]}
+
+
+@route("/jobs/<job_id>/")
+def show_job(job_id: str) -> dict:
+    return jobs.show_job(job_id, user())
+
+
+@route("/jobs/<job_id>/definition/")
+def definition(job_id: str) -> str:
+    return _text(jobs.job_definition(job_id, user()), YAML_TYPE)
+
+
+@route("/jobs/<job_id>/cancel/", "POST")
+def cancel(job_id: str) -> dict:
+    return jobs.cancel_job(job_id, user())
+
+
+@route("/jobs/<job_id>/resubmit/", "POST")
+def resubmit(job_id: str) -> dict:
+    return _submitted(jobs.resubmit_job(job_id, user()))
+
+
+@route("/jobs/<job_id>/logs/")
+def logs(job_id: str) -> str:
+    lines = jobs.job_logs(job_id, user(), _int_param("start", 0) or 0, _int_param("end", None))
+    return _text("".join(line + "\n" for line in lines), YAML_TYPE)
+
+
+RESULT_FORMATS = ("yaml", "junit", "tap13", "csv")
+
+
+def results_as(job_id: str, fmt: str) -> str:
+    """The job's results as a bundle (yaml), JUnit XML, TAP13 or CSV."""
+    from results.export import to_csv, to_junit, to_tap13
+
+    if fmt == "yaml":
+        return _text(jobs.job_bundle(job_id, user()), YAML_TYPE)
+    rows = jobs.job_results(job_id, user())
+    job = str(int(job_id))
+    if fmt == "junit":
+        return _text(to_junit(job, rows), "application/xml; charset=utf-8")
+    if fmt == "tap13":
+        return _text(to_tap13(job, rows))
+    if fmt == "csv":
+        return _text(to_csv(job, rows), "text/csv; charset=utf-8")
+    raise Invalid(f"unknown results format {fmt!r}; allowed: {', '.join(RESULT_FORMATS)}")
+
+
+@route("/jobs/<job_id>/results/")
+def results(job_id: str) -> str:
+    return results_as(job_id, request.query.get("format") or "yaml")
+
+
+for _format in RESULT_FORMATS:
+    route(f"/jobs/<job_id>/{_format}/")(functools.partial(results_as, fmt=_format))
+
+
+@route("/jobs/<job_id>/suites/")
+def suites(job_id: str) -> dict:
+    return _listing(jobs.job_suites(job_id, user()))
+
+
+@route("/jobs/<job_id>/tests/")
+def tests(job_id: str) -> dict:
+    return _listing([r.to_dict() for r in jobs.job_results(job_id, user())])
+
+
+# ---- bundles ----
+
+@route("/bundles/", "POST")
+def upload_bundle() -> dict:
+    reply = bundles.upload_bundle(text_field("bundle"), user())
+    response.status = 201 if reply["created"] else 200
+    return reply
+
+
+# ---- devices ----
+
+@route("/devices/")
+def list_devices() -> dict:
+    return _listing(inventory.list_devices(**{k: request.query.get(k)
+                                               for k in ("device_type", "worker", "state", "health", "tag")}))
+
+
+@route("/devices/", "POST")
+def add_device() -> dict:
+    data = body_fields(hostname=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES, description=TEXT, health=TEXT,
+                       dictionary=TEXT)
+    hostname, device_type = data.pop("hostname", None), data.pop("device_type", None)
+    if not hostname or not device_type:
+        raise Invalid("a device needs a hostname and a device_type")
+    if "tags" in data:
+        data["tags"] = _list(data["tags"])
+    return _created(inventory.add_device(user(), hostname, device_type, **data))
+
+
+@route("/devices/<hostname>/")
+def show_device(hostname: str) -> dict:
+    return inventory.show_device(hostname)
+
+
+@route("/devices/<hostname>/", "PUT", "PATCH")
+def update_device(hostname: str) -> dict:
+    data = body_fields(health=TEXT, description=TEXT, device_type=TEXT, worker=TEXT, tags=NAMES)
+    if "tags" in data:
+        data["tags"] = _list(data["tags"])
+    return inventory.update_device(user(), hostname, **data)
+
+
+@route("/devices/<hostname>/dictionary/")
+def get_dictionary(hostname: str) -> dict:
+    if _bool(request.query.get("render", "")):
+        return {"device": hostname, "dictionary": inventory.device_yaml(hostname)}
+    return {"device": hostname, "dictionary": inventory.get_dictionary(hostname)}
+
+
+@route("/devices/<hostname>/dictionary/", "POST", "PUT")
+def set_dictionary(hostname: str) -> dict:
+    inventory.set_dictionary(user(), hostname, text_field("dictionary"))
+    return {"device": hostname, "dictionary": inventory.get_dictionary(hostname)}
+
+
+# ---- device types ----
+
+@route("/devicetypes/")
+def list_device_types() -> dict:
+    return _listing(inventory.list_device_types())
+
+
+@route("/devicetypes/", "POST")
+def add_device_type() -> dict:
+    data = body_fields(name=TEXT, description=TEXT, template=TEXT, health_check=TEXT, health_frequency=NUMBER,
+                       health_denominator=TEXT, display=FLAG)
+    name = data.pop("name", None)
+    if not name:
+        raise Invalid("a device type needs a name")
+    if "display" in data:
+        data["display"] = _bool(data["display"])
+    return _created(inventory.add_device_type(user(), name, **data))
+
+
+@route("/devicetypes/<name>/")
+def show_device_type(name: str) -> dict:
+    return inventory.device_type_record(inventory.get_device_type(name))
+
+
+@route("/devicetypes/<name>/", "PUT", "PATCH")
+def update_device_type(name: str) -> dict:
+    data = body_fields(description=TEXT, health_frequency=NUMBER, health_denominator=TEXT, display=FLAG)
+    if "display" in data:
+        data["display"] = _bool(data["display"])
+    return inventory.update_device_type(user(), name, **data)
+
+
+@route("/devicetypes/<name>/template/")
+def get_template(name: str) -> dict:
+    return {"name": name, "template": inventory.device_type_template(name)}
+
+
+@route("/devicetypes/<name>/template/", "POST", "PUT")
+def set_template(name: str) -> dict:
+    inventory.set_device_type_template(user(), name, text_field("template"))
+    return {"name": name, "template": inventory.device_type_template(name)}
+
+
+@route("/devicetypes/<name>/health_check/")
+def get_health_check(name: str) -> dict:
+    return {"name": name, "health_check": inventory.health_check_definition(name)}
+
+
+@route("/devicetypes/<name>/health_check/", "POST", "PUT")
+def set_health_check(name: str) -> dict:
+    inventory.set_health_check(user(), name, text_field("health_check"))
+    return {"name": name, "health_check": inventory.health_check_definition(name)}
+
+
+# ---- workers ----
+
+@route("/workers/")
+def list_workers() -> dict:
+    return _listing(inventory.list_workers())
+
+
+@route("/workers/", "POST")
+def add_worker() -> dict:
+    data = body_fields(hostname=TEXT, description=TEXT, disabled=FLAG, job_limit=NUMBER)
+    hostname = data.pop("hostname", None)
+    if not hostname:
+        raise Invalid("a worker needs a hostname")
+    if "disabled" in data:
+        data["disabled"] = _bool(data["disabled"])
+    return _created(inventory.add_worker(user(), hostname, **data))
+
+
+@route("/workers/<hostname>/")
+def show_worker(hostname: str) -> dict:
+    return inventory.show_worker(hostname)
+
+
+@route("/workers/<hostname>/", "PUT", "PATCH")
+def update_worker(hostname: str) -> dict:
+    return inventory.update_worker(user(), hostname, **body_fields(description=TEXT, health=TEXT, job_limit=NUMBER))
+
+
+def get_worker_text(hostname: str, what: str) -> dict:
+    """The worker's env or dispatcher configuration (``what``)."""
+    inventory.get_worker(hostname)
+    return {"hostname": hostname, what: inventory.worker_text(hostname, what)}
+
+
+def set_worker_text(hostname: str, what: str) -> dict:
+    inventory.set_worker_text(user(), hostname, what, text_field(what))
+    return {"hostname": hostname, what: inventory.worker_text(hostname, what)}
+
+
+for _what in ("env", "config"):
+    route(f"/workers/<hostname>/{_what}/")(functools.partial(get_worker_text, what=_what))
+    route(f"/workers/<hostname>/{_what}/", "PUT", "POST")(functools.partial(set_worker_text, what=_what))
+
+
+# ---- CURVE keys and enrolment (master.certificates) ----
+
+@route("/system/certificate/")
+def master_certificate() -> dict:
+    return certificates.master_certificate()
+
+
+@route("/workers/<hostname>/certificate/")
+def worker_certificate(hostname: str) -> dict:
+    return certificates.worker_certificate(user(), hostname)
+
+
+@route("/workers/<hostname>/certificate/", "POST", "PUT")
+def set_worker_certificate(hostname: str) -> dict:
+    return certificates.set_worker_key(user(), hostname, text_field("certificate"))
+
+
+@route("/workers/<hostname>/certificate/", "DELETE")
+def revoke_worker_certificate(hostname: str) -> dict:
+    return certificates.revoke_worker_key(user(), hostname)
+
+
+@route("/workers/<hostname>/join-token/", "POST")
+def issue_join_token(hostname: str) -> dict:
+    return _created(certificates.issue_join_token(user(), hostname, body_fields().get("lifetime")))
+
+
+@route("/workers/<hostname>/join/", "POST")
+def join(hostname: str) -> dict:
+    data = body_json()
+    return _created(certificates.join(hostname, data.get("token"), data.get("public_key")))
 
 
 def _list(value: Any) -> list[str]:

@@ -3,7 +3,7 @@
 A ROUTER socket (``--broker tcp://*:5556``; optionally a second one for logs, ``--broker-logs
 tcp://*:5555``) speaks the messages of :mod:`agent.messages` with every worker. The broker runs in
 a thread of ``pumice-master serve`` and works through the service layer (:mod:`master.jobs`,
-:mod:`master.lab`); it only keeps in memory what it can rebuild from the database and the
+:mod:`master.inventory`); it only keeps in memory what it can rebuild from the database and the
 artifact store after a restart.
 
 - Authentication (CURVE, the default): the ZAP handler admits a connection only with a key
@@ -20,48 +20,34 @@ artifact store after a restart.
   device's health goes to Unknown).
 - ``job_scheduled`` events send START (resent until START_OK, then ``job_started``);
   ``job_canceling`` events send CANCEL (resent until END).
-- LOG batches are appended to the job's log file in the artifact store (``output.yaml`` with its
-  line index) by line number: a batch the store already has is acknowledged and dropped, a gap is
-  answered with ``rewind``. The ``results`` records in new lines go to the database at once. A
-  batch is acknowledged only once its lines are durable (one fsync per log per burst of
-  messages: a group commit) and its results committed. After a crash the file is the truth:
-  results found in it but not in the database are inserted when the job's stream is reopened, so
-  nothing is lost or doubled.
-- A full disk (or database): a batch that cannot be written is cut back out of the log and not
-  acknowledged; the job's later batches are answered with the lines the master holds, without a
-  rewind, until the agent, backing off, sends the refused one again. Results the database refuses
-  wait in memory, and the batches they came with stay unacknowledged. State changes (a job's
-  start and end, a worker's presence) wait on the service thread until they are written. See
-  :mod:`master.diskfull`.
+- LOG batches go to the job's log in the artifact store and their results to the database, each
+  acknowledged once durable (a group commit per burst of messages): :mod:`master.joblogs`. State
+  changes (a job's start and end, a worker's presence) wait on the service thread until they are
+  written (a full disk or database: :mod:`master.diskfull`).
 - END: ``job_finished`` (once the store holds every line and the database every result),
   description.yaml stored, END_OK (only once the end is recorded).
 
 Keys: the master's key pair (``--master-cert``, created on first use) and the workers' public
-keys live in :mod:`master.certificates`; the broker holds only the sockets.
+keys live in :mod:`master.certificates`; the ZAP handler that checks them is :mod:`master.zap`.
 
-Hooks for ``pumice-master serve`` (master/cli.py calls them): :func:`add_arguments`,
-:func:`start_from_args`.
+START is assembled by :mod:`master.start`; the results in log lines are read by
+:func:`results.record.results_in_lines`. ``pumice-master serve`` (master/cli.py) builds and binds
+the broker from its options; :class:`~master.server.MasterServer` starts and stops it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 import zmq
-from zmq.utils import z85
 
 from agent import __version__
 from agent.messages import (
@@ -80,7 +66,6 @@ from agent.messages import (
     Ping,
     Pong,
     Refused,
-    Start,
     StartOk,
     Status,
     StatusReply,
@@ -89,19 +74,17 @@ from agent.messages import (
     decode,
     encode,
 )
-from agent.timeout import parse_duration
-from agent.transport import LIVENESS, CertificateError
-from master import certificates, diskfull, events, jobs, lab
-from master.db import connection, db
-from master.errors import Invalid, NotFound, ServiceError
+from agent.transport import LIVENESS
+from master import certificates, diskfull, events, inventory
+from master.db import connection
+from master.errors import NotFound, ServiceError
 from master.instance import current
-from master.models import Device, Job, TestCase, Worker, utcnow
+from master.joblogs import JobLogs, Unavailable
+from master.models import Job, Worker, utcnow
+from master.servicethread import ServiceThread, record_end, record_start
+from master.start import job_timeout, start_message
 from master.states import JobHealth, JobState, WorkerState
-from master.validation import own_context
-from results import bounded
-from results.log import LogRecord
-from results.logfile import LogFile
-from results.record import Result
+from master.zap import ZapHandler, curve_server, master_keys
 
 log = logging.getLogger("pumice.broker")
 
@@ -111,45 +94,14 @@ DEFAULT_HEARTBEAT = 5.0
 AWAY_CHECK = 5.0
 #: seconds between two updates of a worker's last_seen in the database
 SEEN_REFRESH = 10.0
-#: job logs kept open at once (4 file descriptors each)
-MAX_STREAMS = 256
-#: threads that fsync the logs of a burst of LOG batches together
-SYNC_THREADS = 16
 #: the health an agent may report
 HEALTHS = (JobHealth.COMPLETE, JobHealth.INCOMPLETE, JobHealth.CANCELED)
 
 _ALL = zmq.POLLIN
-ZAP_DOMAIN = "pumice"
-#: where libzmq asks its ZAP handler (RFC 27) about each new connection
-ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-#: seconds between two log lines about the same refused CURVE key
-ZAP_LOG_EVERY = 60.0
 #: seconds between two WARNING lines of a broker that runs without authentication
 PLAIN_WARNING_EVERY = 600.0
 PLAIN_WARNING = ("the broker runs WITHOUT worker authentication (--insecure-plain): anyone who can reach "
                  "%s can connect with a worker's name and receive its jobs (definitions, env, secrets)")
-
-
-# ---- results records -> results ----
-
-def results_in_lines(job_id: int | str, lines: Iterable[str]) -> list[Result]:
-    """The results of the ``results`` records among ``output.yaml`` lines, in order. Invalid ones
-    are logged and skipped (deterministically: the same lines always give the same results)."""
-    found: list[Result] = []
-    for line in lines:
-        if '"results"' not in line and "results" not in line:
-            continue
-        try:
-            record = LogRecord.from_line(line)
-        except ValueError:
-            continue
-        if record.lvl != "results":
-            continue
-        try:
-            found.append(Result.from_record(record.msg, job_id))
-        except (ValueError, TypeError) as exc:
-            log.warning("job %s: results record skipped (%s): %s", job_id, exc, line[:200])
-    return found
 
 
 # ---- the broker ----
@@ -165,24 +117,6 @@ class Session:
     db_seen: float
     #: the CURVE public key (Z85) the session was admitted with (None in plain mode)
     key: str | None = None
-
-
-@dataclass
-class Stream:
-    """The master's side of one job's log: its store file and what the database holds."""
-
-    job_id: int
-    worker: str
-    logfile: LogFile
-    lines: int
-    results: int
-    #: results of durable lines that the database does not hold yet (it was full): stored before
-    #: the job's next acknowledgement
-    unstored: list[Result] = field(default_factory=list)
-
-
-class _Unavailable(Exception):
-    """A job's stream cannot be opened now (a full disk or database; reported): try again later."""
 
 
 @dataclass
@@ -224,13 +158,13 @@ class Broker:
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.sessions: dict[str, Session] = {}
-        self.streams: dict[int, Stream] = {}
         self.starts: dict[int, Pending] = {}
         self.cancels: dict[int, Pending] = {}
         self.stats = BrokerStats()
+        #: the jobs' log streams (store files, results, acknowledgements)
+        self.logs = JobLogs(self.stats)
         #: workers the database says are online, waiting for their HELLO after our (re)start
         self._expected: dict[str, float] = {}
-        self._timeouts: dict[int, float] = {}
         self._inbox: deque[tuple[str, list[int]]] = deque()
         self._wake_r, self._wake_w = os.pipe()
         self._wake_fds: tuple[int, ...] = (self._wake_r, self._wake_w)
@@ -239,32 +173,18 @@ class Broker:
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: the ZAP handler's socket (CURVE): libzmq asks it about every new connection
-        self._zap: zmq.Socket | None = None
+        #: the ZAP handler (CURVE): libzmq asks it about every new connection
+        self._zap: ZapHandler | None = None
         self._next_plain_warning = 0.0
-        #: when each refused key was last logged
-        self._zap_logged: dict[str, float] = {}
         self.sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
         self._next_timers = 0.0
         self._next_away = 0.0
         self.bound: list[str] = []
-        # service-layer calls that may take long (a job's end writes its bundle, lab.yaml...) run
-        # in order on a thread of their own, so that log streams never wait for them
-        self._services: queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None] = queue.SimpleQueue()
-        self._service_thread: threading.Thread | None = None
+        #: the service-layer calls (a job's start and end, a worker's presence), in order, off the loop
+        self.services = ServiceThread(self._stop)
         #: replies produced by the service thread, sent by the loop (sockets are the loop's only)
         self._outbox: deque[tuple[zmq.Socket, str, Message]] = deque()
-        #: LOG batches handled in this burst: their logs are made durable and their results
-        #: committed together (a group commit), then they are acknowledged
-        self._staged_results: dict[int, list[Result]] = {}
-        self._staged_acks: list[tuple[zmq.Socket, str, LogOk]] = []
-        self._unsynced: set[int] = set()
-        #: jobs whose log could not be written (a full disk): their batches past the stored lines
-        #: are not rewound (the agent resends from its last acknowledged line, backing off)
-        self._blocked: set[int] = set()
-        self._retry_results_at = 0.0
-        self._syncer: ThreadPoolExecutor | None = None
         #: jobs whose end the service thread is recording
         self._ending: set[int] = set()
 
@@ -278,10 +198,7 @@ class Broker:
         sock.router_mandatory = 1
         sock.sndhwm = sock.rcvhwm = 100000
         if public is not None:
-            sock.curve_server = True
-            sock.curve_publickey = public
-            sock.curve_secretkey = secret
-            sock.zap_domain = ZAP_DOMAIN.encode()
+            curve_server(sock, public, secret)
         sock.bind(endpoint)
         self.bound.append(sock.last_endpoint.decode())
         self._poller.register(sock, _ALL)
@@ -291,20 +208,10 @@ class Broker:
         """Bind the socket(s), after the ZAP handler when authenticating; returns self."""
         public = secret = None
         if self.encrypt:
-            if not zmq.has("curve"):
-                raise CertificateError("this libzmq has no CURVE support (it needs libsodium): install one "
-                                       "that has, or run --insecure-plain")
-            with connection():
-                public, secret = certificates.load_master_keys(self.master_cert)
-                old = self.old_keys or current().data_dir / "certificates" / "workers"
-                if old.is_dir():
-                    for hostname in certificates.import_key_directory(old):
-                        log.warning("worker %s: its key file in %s is now in the database", hostname, old)
+            public, secret = master_keys(self.master_cert, self.old_keys)
             # bound before the ROUTER: a CURVE socket without a ZAP handler would admit any key
-            self._zap = self.context.socket(zmq.REP)
-            self._zap.linger = 0
-            self._zap.bind(ZAP_ENDPOINT)
-            self._poller.register(self._zap, zmq.POLLIN)
+            self._zap = ZapHandler(self.context, self.stats)
+            self._poller.register(self._zap.socket, zmq.POLLIN)
         self.socket = self._router(self.endpoint, public, secret)
         self.sockets.append(self.socket)
         if self.log_endpoint:
@@ -346,9 +253,7 @@ class Broker:
         self.recover()
         events.subscribe(self.on_event)
         self._stop.clear()
-        self._service_thread = threading.Thread(target=self._run_services, name="pumice-broker-services",
-                                                daemon=True)
-        self._service_thread.start()
+        self.services.start()
         self._thread = threading.Thread(target=self.run, name="pumice-broker", daemon=True)
         self._thread.start()
         _running = self
@@ -371,21 +276,13 @@ class Broker:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        if self._service_thread is not None:
-            self._services.put(None)
-            self._service_thread.join(30)
-            self._service_thread = None
-        if self._syncer is not None:
-            self._syncer.shutdown()
-            self._syncer = None
-        for stream in self.streams.values():
-            stream.logfile.close()
-        self.streams.clear()
+        self.services.stop()
+        self.logs.close_all()
         for sock in self.sockets:
             sock.close(linger=0)
         self.sockets.clear()
         if self._zap is not None:  # after the ROUTERs: none of them is left without its handler
-            self._zap.close(linger=0)
+            self._zap.close()
             self._zap = None
         if self._own_context and not self.context.closed:
             self.context.term()
@@ -396,32 +293,6 @@ class Broker:
                 os.close(fd)
         if _running is self:
             _running = None
-
-    # -- the service thread --
-
-    def _service(self, func: Callable[..., Any], *args: Any) -> None:
-        """Run ``func(*args)`` on the service thread, after the calls queued before it (inline
-        when no service thread runs: a broker driven by ``loop_once()``)."""
-        if self._service_thread is None:
-            self._call(func, args)
-        else:
-            self._services.put((func, args))
-
-    def _call(self, func: Callable[..., Any], args: tuple) -> None:
-        name = str(getattr(func, "__name__", func)).lstrip("_")
-        try:
-            with connection():
-                # a state change met by a full disk waits for space (and the ones after it, in order)
-                diskfull.retry(func, *args, what=f"broker: {name}", stop=self._stop)
-        except Exception as exc:
-            if diskfull.is_storage_error(exc):
-                diskfull.report(exc, f"broker: {name} (given up: the broker stops)")
-            else:
-                log.exception("broker: %s%r failed", name, args)
-
-    def _run_services(self) -> None:
-        while (item := self._services.get()) is not None:
-            self._call(*item)
 
     def _reply(self, sock: zmq.Socket, hostname: str, msg: Message) -> None:
         """Send ``msg`` from any thread (through the loop)."""
@@ -492,49 +363,7 @@ class Broker:
                 log.warning("worker %s: the CURVE key of its session was %s: session dropped", hostname,
                             "revoked" if key is None else "replaced by a new one")
                 del self.sessions[hostname]
-                self._service(lab.worker_offline, hostname)
-
-    # -- ZAP: who may connect --
-
-    def _on_zap(self) -> None:
-        """Answer libzmq's authentication requests (ZAP, RFC 27): a CURVE key registered for a
-        worker is admitted, with the key as the connection's User-Id; anything else is refused."""
-        assert self._zap is not None
-        while True:
-            try:
-                frames = self._zap.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            request_id = frames[1] if len(frames) > 1 else b""
-            status, text, user = b"400", b"refused", b""
-            try:
-                status, text, user = self._zap_answer(frames)
-            finally:  # a REP socket must answer every request
-                self._zap.send_multipart([b"1.0", request_id, status, text, user, b""])
-
-    def _zap_answer(self, frames: list[bytes]) -> tuple[bytes, bytes, bytes]:
-        address = frames[3].decode("utf-8", "replace") if len(frames) > 3 else "?"
-        if len(frames) < 7 or frames[0] != b"1.0" or frames[2] != ZAP_DOMAIN.encode() or frames[5] != b"CURVE":
-            log.error("refused a connection from %s: not a CURVE handshake of this broker", address)
-            return b"400", b"CURVE only", b""
-        key = z85.encode(frames[6]).decode("ascii")
-        with connection():
-            owner = certificates.owner_of_key(key)
-        if owner is None:
-            self.stats.refused += 1
-            # an agent retries every few seconds: its refusal is logged once a minute, not each time
-            now = time.monotonic()
-            if len(self._zap_logged) > 1000:
-                self._zap_logged.clear()
-            quiet = now - self._zap_logged.get(key, -ZAP_LOG_EVERY) < ZAP_LOG_EVERY
-            if not quiet:
-                self._zap_logged[key] = now
-            log.log(logging.DEBUG if quiet else logging.ERROR,
-                    "refused a connection from %s: unknown CURVE key %s (registered for no worker: enrol the "
-                    "worker with 'pumice-agent --join', or its key was revoked)", address, key)
-            return b"400", b"unknown key", b""
-        log.debug("CURVE key of %s admitted from %s", owner, address)
-        return b"200", b"OK", key.encode("ascii")
+                self.services.submit(inventory.worker_offline, hostname)
 
     # -- sending --
 
@@ -552,7 +381,7 @@ class Broker:
             return
         if pending.message is None:
             try:
-                pending.message = self.start_message(job_id)
+                pending.message = start_message(job_id)
             except ServiceError as exc:
                 self.starts.pop(job_id, None)
                 log.error("job %d cannot start: %s", job_id, exc.message)
@@ -573,33 +402,6 @@ class Broker:
             pending.sent = time.monotonic()
             log.info("job %d: CANCEL sent to %s", job_id, pending.worker)
 
-    def start_message(self, job_id: int) -> Start | None:
-        """START for a Scheduled job: the definition, the device YAML rendered with the job's
-        context, the worker's env and dispatcher config (None if the job is not Scheduled)."""
-        job = Job.get_or_none(Job.id == job_id)
-        if job is None or job.state != JobState.SCHEDULED or job.actual_device_id is None:
-            return None
-        device = Device.get_by_id(job.actual_device_id)
-        worker = Worker.get_by_id(job.worker_id)
-        data = _load_yaml(job.definition, f"job {job_id}")
-        context = data.get("context") if isinstance(data.get("context"), dict) else None
-        device_yaml = lab.review_dictionary(device.hostname, context)
-        # the same without the job's context: what of it the job's context did not write (agent.qemu_policy)
-        device_own = lab.review_dictionary(device.hostname, own_context(lab.get_dictionary(device.hostname), context))
-        config = _load_yaml(worker.config, f"worker {worker.hostname} config")
-        return Start(job_id=job.id, definition=job.definition, device=device_yaml, device_own=device_own,
-                     device_name=device.hostname, env=worker_env(worker.env), dispatcher=config,
-                     timeout=self._job_timeout(job))
-
-    def _job_timeout(self, job: Job) -> float:
-        if job.id not in self._timeouts:
-            try:
-                timeouts = _load_yaml(job.definition, f"job {job.id}").get("timeouts") or {}
-                self._timeouts[job.id] = parse_duration(timeouts["job"], "timeouts.job")
-            except Exception:  # a job that validated has one; be safe with anything else
-                self._timeouts[job.id] = 24 * 3600.0
-        return self._timeouts[job.id]
-
     # -- the loop --
 
     def loop_once(self, timeout: float = 0.5) -> int:
@@ -609,8 +411,8 @@ class Broker:
         wait = max(0.0, min(timeout, self._next_timers - now))
         ready = dict(self._poller.poll(int(wait * 1000)))
         handled = 0
-        if self._zap is not None and self._zap in ready:
-            self._on_zap()
+        if self._zap is not None and self._zap.socket in ready:
+            self._zap.answer()
         for sock in self.sockets:
             if sock in ready:
                 handled += self._receive(sock)
@@ -650,86 +452,10 @@ class Broker:
         return count
 
     def _flush(self) -> None:
-        """The group commit of the LOG batches handled since the last call: fsync each log that
-        grew, commit the results of its new lines (with any the database refused before), then
-        acknowledge. A log that cannot be made durable is cut back to its last durable line and
-        its results dropped; results the database refuses wait in their stream. Either way those
-        jobs' batches are not acknowledged (only answered, with 0 lines): the agents send them
-        again."""
-        results, acks, unsynced = self._staged_results, self._staged_acks, self._unsynced
-        now = time.monotonic()
-        waiting = [s for s in self.streams.values() if s.unstored] if now >= self._retry_results_at else []
-        if not results and not acks and not unsynced and not waiting:
-            return
-        self._staged_results, self._staged_acks, self._unsynced = {}, [], set()
-        # a stream closed meanwhile was made durable then, or cut back
-        failed = {job_id for job_id in unsynced if job_id not in self.streams}
-        synced = [self.streams[job_id] for job_id in unsynced if job_id in self.streams]
-        for stream, error in zip(synced, self._sync(synced), strict=True):
-            if error is not None:
-                self._write_failed(stream, error, "making its log durable")
-                failed.add(stream.job_id)
-        for job_id, found in results.items():
-            if job_id not in failed and job_id in self.streams:
-                self.streams[job_id].unstored.extend(found)
-        pending = {s.job_id: s for s in self.streams.values() if s.unstored}
-        if pending:
-            try:
-                with db.atomic():
-                    for job_id, stream in pending.items():
-                        jobs.append_results(job_id, stream.unstored)
-            except Exception as exc:
-                if diskfull.is_storage_error(exc):
-                    diskfull.report(exc, f"storing the results of job(s) {', '.join(map(str, pending))}")
-                else:
-                    log.exception("storing the results of jobs %s failed; they are taken again from the log",
-                                  ", ".join(map(str, pending)))
-                    for job_id in pending:  # reopened from the store, which has every line
-                        self._close_stream(job_id)
-                self._retry_results_at = now + 1.0
-                failed.update(pending)
-            else:
-                for stream in pending.values():
-                    stream.results += len(stream.unstored)
-                    self.stats.results += len(stream.unstored)
-                    stream.unstored = []
-        if unsynced and not failed:
-            diskfull.recovered()
-        heard: set[tuple[str, int]] = set()
-        for sock, hostname, ack in acks:
-            if ack.job_id not in failed:
-                self._send(hostname, ack, sock)
-            elif (hostname, ack.job_id) not in heard:  # answered, not acknowledged: a heartbeat
-                heard.add((hostname, ack.job_id))
-                self._send(hostname, LogOk(job_id=ack.job_id, lines=0), sock)
-
-    def _sync(self, streams: list[Stream]) -> list[OSError | None]:
-        """fsync the streams' logs (with their index): in parallel, so that the filesystem
-        commits them together (one by one, a hundred logs cost a hundred journal commits)."""
-
-        def sync(stream: Stream) -> OSError | None:
-            try:
-                stream.logfile.flush()
-            except OSError as exc:
-                return exc
-            return None
-
-        if len(streams) < 2:
-            return [sync(stream) for stream in streams]
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pumice-broker-fsync")
-        return list(self._syncer.map(sync, streams))
-
-    def _write_failed(self, stream: Stream, exc: OSError, what: str) -> None:
-        """A write to the job's log failed (the log was cut back): report it (once a minute) and
-        store none of the job's next batches until its agent sends the missing ones again."""
-        diskfull.report(exc, f"job {stream.job_id}: {what}")
-        self._blocked.add(stream.job_id)
-        lines = getattr(exc, "lines", None)
-        if lines is None:  # not even cut back: the store is the truth, read it again next time
-            self._close_stream(stream.job_id)
-        else:
-            stream.lines = lines
+        """Acknowledge the LOG batches of this burst once their lines are durable and their results
+        committed (:meth:`JobLogs.flush`)."""
+        for sock, hostname, reply in self.logs.flush():
+            self._send(hostname, reply, sock)
 
     def _refuse(self, sock: zmq.Socket, identity: bytes, code: str, reason: str) -> None:
         self.stats.refused += 1
@@ -787,7 +513,7 @@ class Broker:
         elif isinstance(msg, Bye):
             log.info("worker %s says goodbye", hostname)
             del self.sessions[hostname]
-            self._service(lab.worker_offline, hostname)
+            self.services.submit(inventory.worker_offline, hostname)
         else:
             log.warning("worker %s sent %s, which only the master sends", hostname, msg.TYPE)
 
@@ -821,7 +547,7 @@ class Broker:
             first = hostname not in self.sessions
             self.sessions[hostname] = Session(hostname, msg.version, now, now, key)
             self._expected.pop(hostname, None)
-            self._service(lab.worker_seen, hostname, msg.version)
+            self.services.submit(inventory.worker_seen, hostname, msg.version)
             welcome = Welcome(protocol=PROTOCOL_VERSION, version=__version__, heartbeat=self.heartbeat)
             self._send(hostname, welcome, sock)
             if first:
@@ -848,124 +574,24 @@ class Broker:
 
     def _on_start_ok(self, session: Session, msg: StartOk) -> None:
         pending = self.starts.pop(msg.job_id, None)
-        self._service(self._record_start, session.hostname, msg.job_id, pending.sent if pending else 0.0)
-
-    @staticmethod
-    def _record_start(hostname: str, job_id: int, sent: float) -> None:
-        """(service thread) The worker runs the job: Scheduled -> Running."""
-        job = Job.get_or_none(Job.id == job_id)
-        owner = Worker.get_by_id(job.worker_id).hostname if job and job.worker_id else None
-        if owner != hostname:
-            log.warning("worker %s acknowledged job %d, which is not its job", hostname, job_id)
-            return
-        if jobs.job_started(job_id):
-            log.info("job %d running on %s%s", job_id, hostname,
-                     f" ({(time.monotonic() - sent) * 1000:.1f} ms after START)" if sent else "")
-
-    def _stream(self, job_id: int, hostname: str) -> Stream | None:
-        """The job's log stream (opened, and its results made consistent, on first use); None if
-        the job is not this worker's."""
-        stream = self.streams.get(job_id)
-        if stream is not None:
-            return stream if stream.worker == hostname else None
-        logfile: LogFile | None = None
-        try:
-            with connection():
-                row = (Job.select(Job.id, Worker.hostname).join(Worker, on=(Job.worker == Worker.id))
-                       .where(Job.id == job_id).tuples().first())
-                if row is None or row[1] != hostname:
-                    log.warning("worker %s sent the log of job %d, which is %s", hostname, job_id,
-                                "unknown" if row is None else f"{row[1]}'s")
-                    return None
-                logfile = current().store.log(job_id)
-                lines = logfile.count()
-                in_db = TestCase.select().where(TestCase.job == job_id).count()
-                found = results_in_lines(job_id, logfile.read(0, lines)) if lines else []
-                if in_db < len(found):
-                    # the master stopped between a log append and its results insert: catch up
-                    jobs.append_results(job_id, found[in_db:])
-                    log.warning("job %d: %d result(s) of the stored log were not in the database: added",
-                                job_id, len(found) - in_db)
-                elif in_db > len(found):
-                    log.warning("job %d: the database holds %d results, its stored log %d", job_id, in_db,
-                                len(found))
-        except Exception as exc:
-            if logfile is not None:
-                logfile.close()
-            if not diskfull.is_storage_error(exc):
-                raise
-            diskfull.report(exc, f"job {job_id}: opening its log")
-            raise _Unavailable(job_id) from exc
-        stream = Stream(job_id, hostname, logfile, lines, max(in_db, len(found)))
-        if len(self.streams) >= MAX_STREAMS:
-            # file descriptors are finite: the oldest stream is closed (it reopens when needed)
-            self._close_stream(next(iter(self.streams)))
-        self.streams[job_id] = stream
-        return stream
-
-    def _close_stream(self, job_id: int) -> None:
-        stream = self.streams.pop(job_id, None)
-        if stream is not None:
-            # the results of its lines are taken from the store when it is reopened
-            self._staged_results.pop(job_id, None)
-            if job_id in self._unsynced:  # durable before it is acknowledged, on reopening
-                self._unsynced.discard(job_id)
-                with contextlib.suppress(OSError):  # cut back: reopening counts its lines
-                    stream.logfile.flush()
-            stream.logfile.close()
+        self.services.submit(record_start, session.hostname, msg.job_id, pending.sent if pending else 0.0)
 
     def _on_log(self, sock: zmq.Socket, session: Session, msg: Log) -> None:
-        # A batch that cannot be stored is answered all the same (any message is a heartbeat), with
-        # the lines the master holds and no rewind: the agent resends on its own, backing off.
-        try:
-            stream = self._stream(msg.job_id, session.hostname)
-        except _Unavailable:  # the agent sends the batch again later
-            self._send(session.hostname, LogOk(job_id=msg.job_id, lines=0), sock)
-            return
-        if stream is None:  # not its job: acknowledge so that it stops, keep nothing
-            self._send(session.hostname, LogOk(job_id=msg.job_id, lines=msg.seq + len(msg.lines)), sock)
-            return
-        have = stream.lines
-        if msg.seq <= have:
-            new = msg.lines[have - msg.seq:]
-            self.stats.duplicate_lines += len(msg.lines) - len(new)
-        elif msg.job_id in self._blocked:
-            new = []  # after lines the disk refused: the agent sends those first
-        else:  # a gap: have the missing lines resent
-            self._send(session.hostname, LogOk(job_id=msg.job_id, lines=have, rewind=True), sock)
-            return
-        if new:
-            try:
-                stream.lines = stream.logfile.append_lines(new)
-            except ValueError as exc:
-                log.error("job %d: log batch from %s refused: %s", msg.job_id, session.hostname, exc)
-                return
-            except OSError as exc:  # cut back to the stored lines: the agent sends them again
-                self._write_failed(stream, exc, "storing its log")
-                if msg.job_id not in self.streams:  # not even cut back: counted again on the next batch
-                    self._send(session.hostname, LogOk(job_id=msg.job_id, lines=0), sock)
-                    return
-            else:
-                self._blocked.discard(msg.job_id)
-                self._unsynced.add(msg.job_id)
-                self.stats.log_lines += len(new)
-                found = results_in_lines(msg.job_id, new)
-                if found:
-                    self._staged_results.setdefault(msg.job_id, []).extend(found)
-        # acknowledged once the burst's lines are durable and their results committed (_flush)
-        self._staged_acks.append((sock, session.hostname, LogOk(job_id=msg.job_id, lines=stream.lines)))
+        reply = self.logs.append(sock, session.hostname, msg)
+        if reply is not None:
+            self._send(session.hostname, reply, sock)
 
     def _on_end(self, sock: zmq.Socket, session: Session, msg: End) -> None:
         try:
-            stream = self._stream(msg.job_id, session.hostname)
-        except _Unavailable:
+            stream = self.logs.stream(msg.job_id, session.hostname)
+        except Unavailable:
             return  # not acknowledged: the agent sends END again
         if stream is None:
             self._send(session.hostname, EndOk(job_id=msg.job_id), sock)
             return
         if stream.lines < msg.lines:
             # lines are missing: have them resent before the end is recorded
-            if msg.job_id not in self._blocked:
+            if not self.logs.blocked(msg.job_id):
                 self._send(session.hostname, LogOk(job_id=msg.job_id, lines=stream.lines, rewind=True), sock)
             return
         if stream.unstored:  # results the database refused so far (_flush tries again)
@@ -990,28 +616,19 @@ class Broker:
         """Forget the job here and record its end on the service thread (then send ``reply``)."""
         self.starts.pop(job_id, None)
         self.cancels.pop(job_id, None)
-        self._close_stream(job_id)
-        self._blocked.discard(job_id)
-        self._timeouts.pop(job_id, None)
+        self.logs.forget(job_id)
         if job_id in self._ending:  # its end is being recorded already
             if reply is not None:
-                self._service(self._reply, *reply)
+                self.services.submit(self._reply, *reply)
             return
         self._ending.add(job_id)
-        self._service(self._record_end, job_id, health, error, error_type, reply)
+        self.services.submit(self._record_end, job_id, health, error, error_type, reply)
 
     def _record_end(self, job_id: int, health: str, error: str | None, error_type: str | None,
                     reply: tuple[zmq.Socket, str, Message] | None) -> None:
-        """(service thread) ``job_finished``, then the acknowledgement. A full disk or database
-        is waited out (END is acknowledged only once the end is recorded and published)."""
-        what = f"job {job_id}: recording its end ({health})"
+        """(service thread) Record the job's end, then send the acknowledgement."""
         try:
-            end = diskfull.retry(jobs.record_end, job_id, health, error, error_type, what=what, stop=self._stop)
-            if end is not None:
-                diskfull.retry(jobs.publish_end, end, what=what, stop=self._stop)
-                log.info("job %d ended %s%s", job_id, health, f" ({error_type}: {error})" if error else "")
-        except ServiceError as exc:
-            log.error("job %d: cannot record its end (%s): %s", job_id, health, exc.message)
+            record_end(job_id, health, error, error_type, self._stop)
         finally:
             self._ending.discard(job_id)
         if reply is not None:
@@ -1046,14 +663,14 @@ class Broker:
             log.warning("worker %s silent for %.1f s: offline", hostname,
                         now - self.sessions[hostname].last_seen)
             del self.sessions[hostname]
-            self._service(lab.worker_offline, hostname)
+            self.services.submit(inventory.worker_offline, hostname)
         for hostname in missing:
             if hostname not in self.sessions:
-                self._service(lab.worker_offline, hostname)
+                self.services.submit(inventory.worker_offline, hostname)
         for session in self.sessions.values():
             if now - session.db_seen > SEEN_REFRESH:
                 session.db_seen = now
-                self._service(self._seen, session.hostname, session.key)
+                self.services.submit(self._seen, session.hostname, session.key)
         if not self.encrypt and now >= self._next_plain_warning:
             self._warn_plain(now)
         for job_id, pending in list(self.starts.items()):
@@ -1071,7 +688,7 @@ class Broker:
         """(service thread) Keep the worker's last_seen fresh in the database, and see a key
         revoked or replaced by another process (the CLI)."""
         try:
-            lab.worker_seen(hostname)
+            inventory.worker_seen(hostname)
         except NotFound:  # deleted meanwhile: it is refused at its next HELLO
             log.warning("worker %s was deleted while connected", hostname)
         if self.encrypt and certificates.worker_key(hostname) != key:
@@ -1089,7 +706,7 @@ class Broker:
         for job in rows:
             if job.worker_name in self.sessions:
                 continue
-            timeout = self._job_timeout(job)
+            timeout = job_timeout(job)
             since = job.seen or job.start_time or job.submit_time
             away = (now - since).total_seconds()
             if away > timeout:
@@ -1105,72 +722,3 @@ _running: Broker | None = None
 def running() -> Broker | None:
     """The broker running in this process (None if there is none)."""
     return _running
-
-
-def _load_yaml(text: str | None, what: str) -> dict:
-    if not text:
-        return {}
-    try:
-        data = bounded.load_data(text, current().limits)
-    except yaml.YAMLError as exc:
-        raise Invalid(f"{what} is not valid YAML: {exc}") from None
-    return data if isinstance(data, dict) else {}
-
-
-def worker_env(text: str | None) -> dict[str, Any]:
-    """A worker's env (LAVA's env.yaml: ``purge``, ``removes``, ``overrides``) as START carries it;
-    a plain mapping is taken as overrides."""
-    data = _load_yaml(text, "worker env")
-    if not data:
-        return {}
-    if set(data) <= {"purge", "removes", "overrides"}:
-        return {"purge": bool(data.get("purge")), "removes": [str(n) for n in data.get("removes") or ()],
-                "overrides": {str(k): v for k, v in (data.get("overrides") or {}).items()}}
-    return {"purge": False, "removes": [], "overrides": {str(k): v for k, v in data.items()}}
-
-
-# ---- hooks for pumice-master serve ----
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The broker's options of ``pumice-master serve``."""
-    group = parser.add_argument_group("broker (the ZeroMQ endpoint of pumice-agent workers)")
-    group.add_argument("--broker", metavar="ENDPOINT",
-                       help=f"run the broker on this ZeroMQ endpoint, e.g. {DEFAULT_ENDPOINT}")
-    group.add_argument("--broker-logs", metavar="ENDPOINT",
-                       help="a second endpoint for job logs (agents' --logger), e.g. tcp://*:5555")
-    group.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
-                       help="seconds between heartbeats; a worker is offline after 3 silent ones "
-                            "(default %(default)s)")
-    group.add_argument("--insecure-plain", action="store_true",
-                       help="do NOT authenticate the workers (no CURVE): anyone who reaches the broker can "
-                            "take a worker's jobs; for a closed test network only, logged as a warning")
-    # CURVE is the default now: the old switch is accepted and changes nothing
-    group.add_argument("--encrypt", action="store_true", help=argparse.SUPPRESS)
-    # the key directory of an older release: its keys are taken into the database at start
-    group.add_argument("--workers-certs", metavar="DIR", help=argparse.SUPPRESS)
-    group.add_argument("--master-cert", metavar="FILE",
-                       help="the master's key pair (default DATA/certificates/master.key_secret, "
-                            "created if missing)")
-
-
-def start_from_args(args: argparse.Namespace) -> Broker | None:
-    """Start the broker thread when ``--broker`` was given (after the instance is open)."""
-    endpoint = getattr(args, "broker", None)
-    if not endpoint:
-        return None
-    if args.insecure_plain and args.encrypt:
-        raise SystemExit("pumice-master: --insecure-plain and --encrypt contradict each other")
-    try:
-        broker = Broker(endpoint, log_endpoint=args.broker_logs, heartbeat=args.heartbeat,
-                        encrypt=not args.insecure_plain,
-                        master_cert=Path(args.master_cert) if args.master_cert else None,
-                        old_keys=Path(args.workers_certs) if args.workers_certs else None)
-        broker.bind()
-    except zmq.ZMQError as exc:
-        raise SystemExit(f"pumice-master: cannot bind the broker on {endpoint}: {exc}") from None
-    except CertificateError as exc:
-        raise SystemExit(f"pumice-master: {exc}") from None
-    print(f"pumice broker on {', '.join(broker.bound)} "
-          f"({'CURVE' if broker.encrypt else 'WITHOUT worker authentication: --insecure-plain'})", flush=True)
-    return broker.start()

@@ -50,7 +50,7 @@ from master import events
 from master.db import db
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
-from master.lab import get_worker, require_admin
+from master.inventory import get_worker, require_admin
 from master.models import JoinToken, MasterKey, User, Worker, iso, utcnow
 
 log = logging.getLogger("pumice.certificates")

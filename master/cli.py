@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+import zmq
 
-from master import certificates, lab
+from agent.transport import CertificateError
+from master import certificates, inventory
+from master.broker import DEFAULT_ENDPOINT, DEFAULT_HEARTBEAT, Broker
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
+from master.states import DEFAULT_HEALTH_DENOMINATOR, DEFAULT_HEALTH_FREQUENCY, DeviceHealth
 from master.users import SYSTEM
 from results.bounded import Limits
 
@@ -69,18 +73,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, _, port = args.http.rpartition(":")
     if not host or not port.isdigit():
         raise SystemExit(f"pumice-master: bad --http {args.http!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
-    from master.broker import start_from_args
-
+    broker = _bound_broker(args)
     server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval,
-                          validators=args.validators)
+                          validators=args.validators, broker=broker)
     print(f"pumice master on {server.url} (data {args.data})", flush=True)
-    broker = start_from_args(args)
-    try:
-        server.serve_forever()
-    finally:
-        if broker is not None:
-            broker.stop()
+    server.serve_forever()
     return 0
+
+
+# ---- the broker's options of pumice-master serve ----
+
+def _broker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker's options of ``pumice-master serve``."""
+    group = parser.add_argument_group("broker (the ZeroMQ endpoint of pumice-agent workers)")
+    group.add_argument("--broker", metavar="ENDPOINT",
+                       help=f"run the broker on this ZeroMQ endpoint, e.g. {DEFAULT_ENDPOINT}")
+    group.add_argument("--broker-logs", metavar="ENDPOINT",
+                       help="a second endpoint for job logs (agents' --logger), e.g. tcp://*:5555")
+    group.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT,
+                       help="seconds between heartbeats; a worker is offline after 3 silent ones "
+                            "(default %(default)s)")
+    group.add_argument("--insecure-plain", action="store_true",
+                       help="do NOT authenticate the workers (no CURVE): anyone who reaches the broker can "
+                            "take a worker's jobs; for a closed test network only, logged as a warning")
+    # CURVE is the default now: the old switch is accepted and changes nothing
+    group.add_argument("--encrypt", action="store_true", help=argparse.SUPPRESS)
+    # the key directory of an older release: its keys are taken into the database at start
+    group.add_argument("--workers-certs", metavar="DIR", help=argparse.SUPPRESS)
+    group.add_argument("--master-cert", metavar="FILE",
+                       help="the master's key pair (default DATA/certificates/master.key_secret, "
+                            "created if missing)")
+
+
+def _bound_broker(args: argparse.Namespace) -> Broker | None:
+    """The broker of ``--broker``, bound (after the instance is open); the server starts it."""
+    endpoint = getattr(args, "broker", None)
+    if not endpoint:
+        return None
+    if args.insecure_plain and args.encrypt:
+        raise SystemExit("pumice-master: --insecure-plain and --encrypt contradict each other")
+    try:
+        broker = Broker(endpoint, log_endpoint=args.broker_logs, heartbeat=args.heartbeat,
+                        encrypt=not args.insecure_plain,
+                        master_cert=Path(args.master_cert) if args.master_cert else None,
+                        old_keys=Path(args.workers_certs) if args.workers_certs else None)
+        broker.bind()
+    except zmq.ZMQError as exc:
+        raise SystemExit(f"pumice-master: cannot bind the broker on {endpoint}: {exc}") from None
+    except CertificateError as exc:
+        raise SystemExit(f"pumice-master: {exc}") from None
+    print(f"pumice broker on {', '.join(broker.bound)} "
+          f"({'CURVE' if broker.encrypt else 'WITHOUT worker authentication: --insecure-plain'})", flush=True)
+    return broker
 
 
 def cmd_db_migrate(args: argparse.Namespace) -> int:
@@ -103,7 +147,7 @@ def _print_join_token(issued: dict[str, Any]) -> None:
 
 
 def cmd_workers_add(args: argparse.Namespace) -> int:
-    record = lab.add_worker(SYSTEM, args.hostname, description=args.description or "", disabled=args.disable,
+    record = inventory.add_worker(SYSTEM, args.hostname, description=args.description, disabled=args.disable,
                             job_limit=args.job_limit)
     print(f"worker {record['hostname']} added ({record['health']})")
     if not args.no_token:
@@ -129,21 +173,21 @@ def cmd_workers_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_workers_update(args: argparse.Namespace) -> int:
-    record = lab.update_worker(SYSTEM, args.hostname, description=args.description, health=args.health,
+    record = inventory.update_worker(SYSTEM, args.hostname, description=args.description, health=args.health,
                                job_limit=args.job_limit)
     print(f"worker {record['hostname']}: {record['health']}, job limit {record['job_limit'] or 'none'}")
     return 0
 
 
 def cmd_workers_list(args: argparse.Namespace) -> int:
-    _show(lab.list_workers(), ("hostname", "state", "health", "last_seen", "version", "job_limit",
+    _show(inventory.list_workers(), ("hostname", "state", "health", "last_seen", "version", "job_limit",
                                "description"), args.yaml)
     return 0
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
-    record = lab.add_device(SYSTEM, args.hostname, args.device_type, worker=args.worker,
-                            tags=_tags(args.tags) or [], description=args.description or "",
+    record = inventory.add_device(SYSTEM, args.hostname, args.device_type, worker=args.worker,
+                            tags=_tags(args.tags), description=args.description,
                             health=args.health, dictionary=_read(args.dictionary) if args.dictionary else None)
     print(f"device {record['hostname']} added ({record['device_type']}, {record['health']})")
     return 0
@@ -156,21 +200,21 @@ def cmd_devices_update(args: argparse.Namespace) -> int:
         changes["worker"] = None
     elif args.worker:
         changes["worker"] = args.worker
-    record = lab.update_device(SYSTEM, args.hostname, **changes)
+    record = inventory.update_device(SYSTEM, args.hostname, **changes)
     print(f"device {record['hostname']}: {record['health']} on {record['worker'] or 'no worker'}, "
           f"tags: {', '.join(record['tags']) or 'none'}")
     return 0
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
-    rows = lab.list_devices(device_type=args.device_type, worker=args.worker, health=args.health)
+    rows = inventory.list_devices(device_type=args.device_type, worker=args.worker, health=args.health)
     _show(rows, ("hostname", "device_type", "worker", "state", "health", "tags", "current_job"), args.yaml)
     return 0
 
 
 def cmd_device_types_add(args: argparse.Namespace) -> int:
-    record = lab.add_device_type(
-        SYSTEM, args.name, description=args.description or "",
+    record = inventory.add_device_type(
+        SYSTEM, args.name, description=args.description,
         template=_read(args.template) if args.template else None,
         health_check=_read(args.health_check) if args.health_check else None,
         health_frequency=args.health_frequency, health_denominator=args.health_denominator)
@@ -180,19 +224,19 @@ def cmd_device_types_add(args: argparse.Namespace) -> int:
 
 
 def cmd_device_types_list(args: argparse.Namespace) -> int:
-    _show(lab.list_device_types(), ("name", "devices", "health_check", "health_frequency",
+    _show(inventory.list_device_types(), ("name", "devices", "health_check", "health_frequency",
                                     "health_denominator", "template", "description"), args.yaml)
     return 0
 
 
 def cmd_device_dictionary(args: argparse.Namespace) -> int:
     if args.import_file:
-        lab.set_dictionary(SYSTEM, args.hostname, _read(args.import_file))
+        inventory.set_dictionary(SYSTEM, args.hostname, _read(args.import_file))
         print(f"device dictionary of {args.hostname} updated")
     elif args.export:
-        sys.stdout.write(lab.get_dictionary(args.hostname))
+        sys.stdout.write(inventory.get_dictionary(args.hostname))
     else:
-        sys.stdout.write(lab.review_dictionary(args.hostname))
+        sys.stdout.write(inventory.device_yaml(args.hostname))
     return 0
 
 
@@ -240,9 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(Limits.names()) + " (README: Limits)")
     p.add_argument("--scheduler-interval", type=float, default=20.0,
                    help="seconds between safety-net scheduling passes (events trigger passes at once)")
-    from master import broker
-
-    broker.add_arguments(p)
+    _broker_arguments(p)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     leaf(db, "migrate", cmd_db_migrate, "apply pending schema migrations")
@@ -281,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", dest="device_type", required=True, help="its device type")
     p.add_argument("--worker", help="the worker it is attached to")
     p.add_argument("--tags", help="comma-separated tags")
-    p.add_argument("--health", default="Unknown", help="initial health (default %(default)s)")
+    p.add_argument("--health", help=f"initial health (default {DeviceHealth.UNKNOWN})")
     p.add_argument("--description")
     p.add_argument("--dictionary", metavar="FILE", help="its device dictionary")
     p = leaf(devices, "update", cmd_devices_update, "change a device")
@@ -306,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", metavar="FILE",
                    help="store this template (default: the packaged or site file NAME.jinja2)")
     p.add_argument("--health-check", metavar="FILE", help="the health-check job definition")
-    p.add_argument("--health-frequency", type=int, default=24)
-    p.add_argument("--health-denominator", default="hours", choices=("hours", "jobs"))
+    p.add_argument("--health-frequency", type=int, help=f"default {DEFAULT_HEALTH_FREQUENCY}")
+    p.add_argument("--health-denominator", choices=("hours", "jobs"), help=f"default {DEFAULT_HEALTH_DENOMINATOR}")
     p = leaf(types, "list", cmd_device_types_list, "list device types")
     p.add_argument("--yaml", action="store_true")
 

@@ -24,7 +24,7 @@ class ServiceError(Exception):
         """The JSON body: ``{"error": message, "faults": [{"path", "line", "message"}]}``."""
         return {
             "error": self.message,
-            "faults": [{"path": f.path, "line": f.line, "message": f.message} for f in self.faults],
+            "faults": [fault.to_dict() for fault in self.faults],
         }
 
 
@@ -69,3 +69,9 @@ class StorageFull(ServiceError):
     (see :mod:`master.diskfull`); it may be sent again once space is freed."""
 
     status = 507
+
+
+class InternalError(ServiceError):
+    """A failure of the master itself (a bug): its details are in the master's log, not the reply."""
+
+    status = 500

@@ -15,13 +15,13 @@ sets everything up (tests and the CLI use it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from master.db import open_database
-from master.store import ArtifactStore
 from results.bounded import DEFAULT_LIMITS, Limits
+from results.store import ArtifactStore
 
 DEFAULT_DATA = "/var/lib/pumice"
 #: the largest request body / job definition accepted (a LAVA job with inline tests is a few kB)
@@ -45,7 +45,6 @@ class Instance:
     #: the bounds of what users send (``serve --max-body`` sets ``max_bytes``, ``--limit`` the others)
     limits: Limits = DEFAULT_LIMITS
     site_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def max_body(self) -> int:

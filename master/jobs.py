@@ -1,6 +1,6 @@
 """Jobs (service layer): submit, cancel, resubmit, list, show, logs, results; and what the agent reports.
 
-Plain functions over the models, called by every front door (REST now, LAVA XML-RPC later) and by
+Plain functions over the models, called by every front door (REST, LAVA XML-RPC, the CLI) and by
 the ZeroMQ broker (``job_started``, ``append_logs``, ``append_results``, ``job_finished``). Legal
 transitions and their consequences come from :mod:`master.states`. Every state change rewrites the
 job's ``meta.yaml`` in the artifact store; events wake the scheduler and the broker after commit.
@@ -30,14 +30,15 @@ from master.states import (
     JobHealth,
     JobState,
     cancel_target,
+    check_choice,
     check_job_transition,
     finish_outcome,
     parse_count,
 )
-from master.store import META_FIELDS
 from master.validation import JobRequest, check_definition
 from results.log import LogRecord
 from results.record import Result
+from results.store import META_FIELDS
 
 log = logging.getLogger("pumice.jobs")
 
@@ -160,7 +161,7 @@ def _tag_ids(names: Iterable[str]) -> list[int]:
 #: the columns a new job row gets, all given explicitly (no defaults computed by the ORM)
 _INSERT_FIELDS = (Job.name, Job.definition, Job.submitter, Job.requested_device_type, Job.requested_device,
                   Job.priority, Job.visibility, Job.state, Job.health, Job.submit_time, Job.health_check,
-                  Job.source, Job.local_urls)
+                  Job.source, Job.local_urls, Job.context, Job.timeout)
 
 
 @functools.lru_cache(maxsize=8)
@@ -189,7 +190,8 @@ def create_job(request: JobRequest, submitter: User, *, health_check: bool = Fal
                       requested_device_type=request.device_type.id, requested_device=device.id if device else None,
                       priority=request.priority, visibility=request.visibility, state=JobState.SUBMITTED,
                       health=JobHealth.UNKNOWN, submit_time=utcnow(), health_check=health_check, source=None,
-                      local_urls=request.local_urls or None)
+                      local_urls=request.local_urls or None, context=request.context or None,
+                      timeout=request.timeout)
     tag_ids = _tag_ids(request.tags)
     if tag_ids:
         JobTag.insert_many([(job.id, tag_id) for tag_id in tag_ids], fields=[JobTag.job, JobTag.tag]).execute()
@@ -328,9 +330,9 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
         if value is None or value == "":
             continue
         if key == "state":
-            query = query.where(Job.state == _choice("state", value, JobState.ALL))
+            query = query.where(Job.state == check_choice("job state", value, JobState.ALL))
         elif key == "health":
-            query = query.where(Job.health == _choice("health", value, JobHealth.ALL))
+            query = query.where(Job.health == check_choice("job health", value, JobHealth.ALL))
         elif key == "device_type":
             query = query.where(Job.requested_device_type.in_(
                 DeviceType.select(DeviceType.id).where(DeviceType.name == value)))
@@ -355,13 +357,6 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
     count = query.count()
     ids = [row for (row,) in query.order_by(*order).limit(limit).offset(offset).tuples()]
     return count, job_records(ids)
-
-
-def _choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
-    for choice in allowed:
-        if choice.lower() == str(value).lower():
-            return choice
-    raise Invalid(f"unknown job {what} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def show_job(job_id: int | str, user: User | None) -> dict[str, Any]:
@@ -435,43 +430,6 @@ def job_started(job_id: int) -> bool:
         write_meta([job_id])
         events.publish("job_started", job_ids=[job_id])
     return bool(changed)
-
-
-def start_data(job_id: int) -> dict[str, Any]:
-    """What the broker sends in START: the job id, its definition, the device YAML (the device's
-    dictionary rendered with the job's ``context:``), the device and worker names, the worker's env."""
-    from agent.schema import load_yaml
-    from master.validation import bare_dictionary, render_device
-
-    job = Job.get_or_none(Job.id == job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
-    if job.actual_device_id is None:
-        raise Conflict(f"job {job_id} is {job.state}: it has no device")
-    device = Device.get_by_id(job.actual_device_id)
-    data = load_yaml(job.definition, limits=current().limits).data
-    context = (data.get("context") if isinstance(data, dict) else None) or {}
-    worker = Worker.get_or_none(Worker.id == job.worker_id) if job.worker_id else None
-    return {
-        "job_id": job.id,
-        "definition": job.definition,
-        "device": device.hostname,
-        "device_yaml": render_device(device.dictionary or bare_dictionary(device.device_type.name), context),
-        "worker": worker.hostname if worker else None,
-        "env": worker.env if worker else None,
-    }
-
-
-def active_jobs(worker: str | None = None) -> list[dict[str, Any]]:
-    """Jobs holding a device (Scheduled, Running, Canceling), optionally on one worker: what the
-    broker asks the agents about after a restart."""
-    query = (Job.select(Job.id, Job.state, Device.hostname.alias("device"), Worker.hostname.alias("worker"))
-             .join(Device, JOIN.LEFT_OUTER, on=(Job.actual_device == Device.id))
-             .switch(Job).join(Worker, JOIN.LEFT_OUTER, on=(Job.worker == Worker.id))
-             .where(Job.state.in_(JobState.ACTIVE)))
-    if worker is not None:
-        query = query.where(Worker.hostname == worker)
-    return list(query.order_by(Job.id).dicts())
 
 
 def append_logs(job_id: int, lines: Iterable[LogRecord | str]) -> int:
@@ -597,7 +555,7 @@ def publish_end(end: JobEnd) -> None:
         if end.device_health:
             log.warning("device %s health %s -> %s after job %d (%s)", end.device, end.device_health_before,
                         end.device_health, end.job_id, "health check" if end.health_check else end.error_type)
-        from master.lab import write_lab
+        from master.inventory import write_lab
 
         write_lab()
     log.info("job %d finished: %s", end.job_id, end.job_health)
@@ -624,78 +582,3 @@ def job_bundle(job_id: int | str, user: User | None) -> str:
 
 def _write_bundle(job_id: int) -> None:
     current().store.write_file(job_id, "results.yaml", _bundle_text(job_id))
-
-
-# ---- bundles from other instances ----
-
-_BUNDLE_HEALTH = {"complete": JobHealth.COMPLETE, "incomplete": JobHealth.INCOMPLETE,
-                  "canceled": JobHealth.CANCELED}
-
-
-def _upload_reply(job_id: int, created: bool) -> dict[str, Any]:
-    (source,) = Job.select(Job.source).where(Job.id == job_id).tuples().get()
-    return {"job": job_id, "created": created, "url": current().job_url(job_id), "source": source}
-
-
-def upload_bundle(text: str, user: User | None) -> dict[str, Any]:
-    """Import a results bundle downloaded from another instance (a job page's ``results.yaml``) as a
-    finished job of this instance, with a new job id here, its results in the database and its
-    ``source`` kept; then publish its pages.
-
-    Returns ``{job, created, url, source}``: ``created`` is False when this bundle (by its uuid) was
-    imported before, and ``job`` is then the job it became. Raises Invalid (message and line) for
-    a text that is not a bundle, Unauthorized without a token.
-    """
-    from sitegen.bundles import BundleImportError, find_import, import_bundle, read_bundle
-
-    if user is None:
-        raise Unauthorized("uploading a bundle needs a token: 'Authorization: Token <token>'")
-
-    def invalid(exc: BundleImportError) -> Invalid:
-        line = getattr(exc.__cause__, "line", 0) or None
-        return Invalid(f"invalid results bundle: {exc}", [Fault("", str(exc), line)])
-
-    try:
-        bundle, info = read_bundle(text)
-    except BundleImportError as exc:
-        raise invalid(exc) from None
-    instance = current()
-    existing = find_import(instance.store, info.uuid)
-    if existing is not None:
-        return _upload_reply(existing, False)
-    source = {"instance": info.instance, "url": info.url, "job": info.job, "uuid": info.uuid}
-    now = utcnow()
-    with db.atomic() as transaction:
-        job = Job.create(name=info.name[:200], definition="", submitter=user, state=JobState.FINISHED,
-                         health=_BUNDLE_HEALTH.get(info.health, JobHealth.UNKNOWN), submit_time=now,
-                         end_time=now, source=source)
-        append_results(job.id, bundle.results)
-        # last: its files (and the uuid marker) are written only once the rows are in place, and
-        # a failure here rolls the rows back
-        try:
-            imported = import_bundle(instance.store, text, job_id=job.id, submitter=user.username)
-        except BundleImportError as exc:
-            raise invalid(exc) from None
-        if not imported.created:  # a concurrent upload of the same bundle got there first
-            transaction.rollback()
-            return _upload_reply(imported.job_id, False)
-    write_meta([job.id])  # the master's record (with source) replaces the importer's meta.yaml
-    log.info("bundle %s from %s imported by %s as job %d", info.uuid, info.url or info.instance,
-             user.username, job.id)
-    publish_pages(job.id)
-    return _upload_reply(job.id, True)
-
-
-def publish_pages(job_id: int) -> None:
-    """Publish the job's pages on this instance's site now (sitegen, incremental). A failure is
-    logged, not raised: the job is recorded, and ``pumice-site build`` catches up."""
-    instance = current()
-    if instance.site_dir is None:
-        return
-    try:
-        from sitegen import publish_job
-
-        publish_job(instance.store.root, instance.site_dir, job_id, instance=instance.name,
-                    base_url=instance.url)
-    except Exception:
-        log.exception("publishing job %d failed; 'pumice-site build' will catch up", job_id)

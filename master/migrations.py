@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import yaml
 from peewee import Database, Field, PostgresqlDatabase
 from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_columns
 
+from agent.timeout import parse_duration
 from master.db import db
 from master.models import JOB_QUEUE_INDEX, MODELS, Device, Job, JoinToken, MasterKey, SchemaVersion
+from master.states import DEFAULT_JOB_TIMEOUT, JobState
 
 log = logging.getLogger("pumice.migrations")
 
@@ -61,6 +64,28 @@ def _worker_enrolment(database: Database) -> None:
     database.create_tables([JoinToken, MasterKey])
 
 
+def _start_fields(definition: str) -> tuple[dict | None, float]:
+    """The context and job timeout of a definition stored before release 6 kept them (a job that
+    validated has both; anything else gets LAVA's default job timeout)."""
+    try:
+        data = yaml.safe_load(definition) or {}
+        context = data.get("context") if isinstance(data.get("context"), dict) else None
+        return context, parse_duration(data["timeouts"]["job"], "timeouts.job")
+    except Exception:
+        return None, DEFAULT_JOB_TIMEOUT
+
+
+def _job_start_fields(database: Database) -> None:
+    _add_job_column(database, Job.context)
+    _add_job_column(database, Job.timeout)
+    # the jobs still to run get them from their definition, once
+    rows = (Job.select(Job.id, Job.definition)
+            .where(Job.state.not_in([JobState.FINISHED]) & Job.timeout.is_null()).tuples())
+    for job_id, definition in list(rows):
+        context, timeout = _start_fields(definition)
+        Job.update(context=context, timeout=timeout).where(Job.id == job_id).execute()
+
+
 #: (version, name, step); versions are consecutive from 1
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
@@ -68,6 +93,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (3, "jobs_queue: the queue index in scheduling order; devices updated in place", _scheduling_order),
     (4, "jobs.local_urls: what a job reads from its worker itself (the file policy)", _job_local_urls),
     (5, "join_tokens, master_keys: worker enrolment with one-time join tokens", _worker_enrolment),
+    (6, "jobs.context, jobs.timeout: what START needs, kept at submission", _job_start_fields),
 ]
 
 LATEST = MIGRATIONS[-1][0]

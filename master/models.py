@@ -2,7 +2,7 @@
 
 All bound to :data:`master.db.db` (a DatabaseProxy), so the same models serve SQLite and PostgreSQL.
 States and healths are stored as the words of :mod:`master.states` (readable in SQL and in dumps).
-Logs never go to the database: they live in the artifact store (:mod:`master.store`).
+Logs never go to the database: they live in the artifact store (:mod:`results.store`).
 """
 
 from __future__ import annotations
@@ -198,6 +198,10 @@ class Job(BaseModel):
     #: repositories, the worker's own addresses; see agent.policy); None for most jobs. The scheduler
     #: gives the job only to workers whose file policy allows all of it.
     local_urls = JSONField(null=True)
+    #: the job's ``context:`` (what its device YAML is rendered with) and its job timeout in seconds,
+    #: kept at submission so that START is assembled without parsing the definition again
+    context = JSONField(null=True)
+    timeout = FloatField(null=True)
 
     class Meta:
         table_name = "jobs"

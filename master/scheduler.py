@@ -464,8 +464,8 @@ class Scheduler:
 
     @staticmethod
     def _write_files(job_ids: list[int]) -> None:
+        from master.inventory import write_lab
         from master.jobs import write_meta
-        from master.lab import write_lab
 
         write_meta(job_ids)
         write_lab()

@@ -2,15 +2,15 @@
 the validator processes that check submitted pipelines (:class:`master.validation.ValidatorPool`).
 
 ``MasterServer(...).start()`` runs everything in background threads (tests, tools);
-``serve_forever()`` is ``pumice-master serve``. The ZeroMQ broker plugs in next to these through
-:mod:`master.events` and the service layer.
+``serve_forever()`` is ``pumice-master serve``. The ZeroMQ broker (:mod:`master.broker`), when
+given, is started and stopped with the scheduler; it works through :mod:`master.events` and the
+service layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import signal
 import threading
 from typing import Any
@@ -19,60 +19,14 @@ import waitress
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
 
-from master import diskfull, events
 from master.api import make_app
+from master.broker import Broker
 from master.instance import current
+from master.publish import SitePublisher
 from master.scheduler import Scheduler
 from master.validation import ValidatorPool, default_validators
 
 log = logging.getLogger("pumice.server")
-
-
-class SitePublisher:
-    """Publishes a job's pages when it starts and when it finishes (sitegen, incremental), off the
-    request path."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[int | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def on_event(self, event: str, data: dict[str, Any]) -> None:
-        # a running job too: its log page tails output.yaml live
-        if event in ("job_started", "job_finished"):
-            for job_id in data.get("job_ids", ()):
-                self._queue.put(job_id)
-
-    def _run(self) -> None:
-        try:
-            from sitegen import publish_job
-        except ImportError:
-            log.warning("sitegen.publish_job is not available: finished jobs are not published")
-            return
-        while (job_id := self._queue.get()) is not None:
-            instance = current()
-            try:
-                # a full disk is waited out: the pages are published once there is space
-                diskfull.retry(publish_job, instance.store.root, instance.site_dir, job_id, stop=self._stop,
-                               what=f"publishing job {job_id}'s pages", instance=instance.name,
-                               base_url=instance.url)
-            except Exception as exc:
-                if diskfull.is_storage_error(exc):
-                    diskfull.report(exc, f"publishing job {job_id}'s pages (given up: the master stops)")
-                else:
-                    log.exception("publishing job %s failed; 'pumice-site build' will catch up", job_id)
-
-    def start(self) -> None:
-        events.subscribe(self.on_event)
-        self._thread = threading.Thread(target=self._run, name="pumice-site", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        events.unsubscribe(self.on_event)
-        self._stop.set()
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(10)
 
 
 class _Channel(HTTPChannel):
@@ -98,7 +52,9 @@ class MasterServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
                  scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True,
-                 validators: int | None = None) -> None:
+                 validators: int | None = None, broker: Broker | None = None) -> None:
+        #: the ZeroMQ side (bound by the caller, which reports a bad endpoint or key first)
+        self.broker = broker
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
         self.publisher = SitePublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
@@ -125,6 +81,8 @@ class MasterServer:
             self.scheduler.start()
         if self.publisher:
             self.publisher.start()
+        if self.broker is not None:
+            self.broker.start()
 
     def start(self) -> MasterServer:
         """Serve in background threads; returns at once."""
@@ -161,6 +119,8 @@ class MasterServer:
             self._server.task_dispatcher.shutdown()
 
     def _stop_helpers(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
         if self.scheduler:
             self.scheduler.stop()
         if self.publisher:

@@ -15,6 +15,7 @@ Health Good/Unknown/Looping/Bad/Maintenance/Retired is set by admins and by heal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from agent.errors import Fault
 from master.errors import Conflict, Invalid
@@ -77,6 +78,13 @@ class WorkerHealth:
 #: job priorities by name, as in LAVA job files (``priority: medium``); numbers 0-100 are allowed too
 PRIORITIES = {"low": 0, "medium": 50, "high": 100}
 
+#: a device type's health checks: every 24 hours unless its admin says otherwise (as in LAVA)
+DEFAULT_HEALTH_FREQUENCY = 24
+DEFAULT_HEALTH_DENOMINATOR = "hours"
+
+#: seconds: the job timeout of a job that has none recorded (stored before release 6, or imported)
+DEFAULT_JOB_TIMEOUT = 24 * 3600.0
+
 #: error types (agent.errors ``error_type``) that are the lab's fault, not the job's: the device is suspect
 INFRASTRUCTURE_ERRORS = ("Infrastructure", "Configuration", "Bug")
 
@@ -88,11 +96,6 @@ _JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
     JobState.CANCELING: (JobState.FINISHED,),
     JobState.FINISHED: (),
 }
-
-
-def job_transitions(state: str) -> tuple[str, ...]:
-    """The states a job in ``state`` may move to."""
-    return _JOB_TRANSITIONS[state]
 
 
 def sources_of(target: str) -> tuple[str, ...]:
@@ -174,6 +177,12 @@ def parse_priority(value: object) -> int:
 MAX_COUNT = 2**31 - 1
 
 
+def given(value: Any, default: Any) -> Any:
+    """``value``, or ``default`` when it was left out: None, or an empty form field. Every front
+    door passes what it received; the defaults live once, in the service layer."""
+    return default if value is None or value == "" else value
+
+
 def parse_count(name: str, value: object, low: int = 0, high: int = MAX_COUNT) -> int:
     """``value`` (an integer, or its decimal text from a form or a command line) as an int from
     ``low`` to ``high``, else Invalid with a fault whose path is ``name``."""
@@ -197,8 +206,9 @@ def parse_count(name: str, value: object, low: int = 0, high: int = MAX_COUNT) -
 
 
 def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
-    """``value`` matched case-insensitively against ``allowed``, or a ValueError listing them."""
+    """``value`` matched case-insensitively against ``allowed`` (the one spelling of a choice for
+    every front door), or Invalid listing them."""
     for choice in allowed:
-        if value.lower() == choice.lower():
+        if str(value).lower() == choice.lower():
             return choice
-    raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    raise Invalid(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")

@@ -40,12 +40,13 @@ from agent.job import parse_job, validate_job
 from agent.policy import REFUSED, Access, FilePolicy, local_accesses
 from agent.qemu_policy import PLACEHOLDER_ROOT
 from agent.schema import format_path, load_yaml
+from agent.timeout import parse_duration
 from master import events
 from master.db import db
 from master.errors import Invalid, TooLarge
 from master.instance import current
 from master.models import Device, DeviceTag, DeviceType, Tag, Worker
-from master.states import DeviceHealth, parse_priority
+from master.states import DEFAULT_JOB_TIMEOUT, DeviceHealth, parse_priority
 from results.bounded import DEFAULT_LIMITS, Limits
 
 log = logging.getLogger("pumice.validation")
@@ -64,6 +65,8 @@ class JobRequest:
     context: dict[str, Any] = field(default_factory=dict)
     #: what the job reads from its worker itself, ``[[kind, location], ...]`` (see agent.policy)
     local_urls: list[list[str]] = field(default_factory=list)
+    #: ``timeouts.job`` in seconds (the agent's deadline; how long the broker waits for a worker away)
+    timeout: float = DEFAULT_JOB_TIMEOUT
 
 
 # ---- the lab as submissions see it (cached briefly) ----
@@ -357,6 +360,7 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         definition=text, name=str(data.get("job_name", "")), device_type=dtype, tags=tags,
         priority=priority, visibility=visibility if isinstance(visibility, str) else "group",
         context=context, local_urls=[[access.kind, access.location] for access in local],
+        timeout=parse_duration(data["timeouts"]["job"], "timeouts.job"),
     )
 
 

@@ -2,7 +2,7 @@
 
 The second front door of the service layer (the REST API in :mod:`master.api` is the first): every
 method here is a thin adapter that calls the same functions of :mod:`master.jobs` and
-:mod:`master.lab` and reshapes their records into what LAVA 2023.01 returns (names, capitalised
+:mod:`master.inventory` and reshapes their records into what LAVA 2023.01 returns (names, capitalised
 states, XML-RPC date-times, ``nil`` where LAVA has ``None``, files as ``Binary``).
 
 Authentication is LAVA's: HTTP basic ``user:token`` (a token from ``pumice-master tokens create``,
@@ -37,7 +37,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 import yaml
 from bottle import Bottle, HTTPResponse, request
 
-from master import certificates, diskfull, jobs, lab
+from master import certificates, diskfull, inventory, jobs
 from master.db import connection
 from master.errors import Invalid, NotFound, ServiceError, StorageFull, Unauthorized
 from master.instance import current
@@ -350,18 +350,18 @@ def devices_list(user: User | None, show_all: bool = False, offline_info: bool =
     with show_all), with their type, state, health and current job."""
     return [{"hostname": d["hostname"], "type": d["device_type"], "health": d["health"], "state": d["state"],
              "current_job": d["current_job"], "pipeline": True}
-            for d in lab.list_devices() if show_all or d["health"] != DeviceHealth.RETIRED]
+            for d in inventory.list_devices() if show_all or d["health"] != DeviceHealth.RETIRED]
 
 
 @method("scheduler.devices.show")
 def devices_show(user: User | None, hostname: str) -> dict[str, Any]:
     """scheduler.devices.show(hostname): a device's type, state, health, worker, tags, current job."""
-    record = lab.show_device(hostname)
+    record = inventory.show_device(hostname)
     return {
         "hostname": record["hostname"], "device_type": record["device_type"], "health": record["health"],
-        "state": record["state"], "health_job": bool(lab.health_check_definition(record["device_type"])),
+        "state": record["state"], "health_job": bool(inventory.health_check_definition(record["device_type"])),
         "description": record["description"], "pipeline": True,
-        "has_device_dict": lab.get_device(hostname).dictionary is not None, "worker": record["worker"],
+        "has_device_dict": inventory.get_device(hostname).dictionary is not None, "worker": record["worker"],
         "current_job": record["current_job"], "tags": record["tags"], "permissions": [],
     }
 
@@ -373,8 +373,7 @@ def devices_add(user: User | None, hostname: str, type_name: str, worker_hostnam
     """scheduler.devices.add(hostname, type_name, worker_hostname, user_name=None, group_name=None,
     public=True, health=None, description=None): [admin] add a device (user, group and public are
     LAVA's deprecated fields, ignored)."""
-    lab.add_device(user, hostname, type_name, worker=worker_hostname, description=description or "",
-                   health=health or DeviceHealth.UNKNOWN)
+    inventory.add_device(user, hostname, type_name, worker=worker_hostname, description=description, health=health)
 
 
 @method("scheduler.devices.update")
@@ -388,7 +387,7 @@ def devices_update(user: User | None, hostname: str, worker_hostname: str | None
     changes: dict[str, Any] = {"health": health, "description": description, "device_type": device_type}
     if worker_hostname is not None:
         changes["worker"] = worker_hostname
-    lab.update_device(user, hostname, **changes)
+    inventory.update_device(user, hostname, **changes)
     if reason:
         log.info("device %s updated by %s: %s", hostname, user.username if user else "?", reason)
 
@@ -399,7 +398,7 @@ def devices_get_dictionary(user: User | None, hostname: str, render: bool = Fals
     """scheduler.devices.get_dictionary(hostname, render=False, context=None): the device
     dictionary, or with render the device YAML it renders to (context: job context as YAML)."""
     if not render:
-        return _text(lab.get_dictionary(hostname))
+        return _text(inventory.get_dictionary(hostname))
     job_context = None
     if context:
         try:
@@ -408,23 +407,23 @@ def devices_get_dictionary(user: User | None, hostname: str, render: bool = Fals
             raise Invalid(f"context is not valid YAML: {exc}") from None
         if not isinstance(job_context, dict):
             raise Invalid(f"context must be a YAML mapping, not {type(job_context).__name__}")
-    return _text(lab.review_dictionary(hostname, job_context))
+    return _text(inventory.device_yaml(hostname, job_context))
 
 
 @method("scheduler.devices.set_dictionary")
 def devices_set_dictionary(user: User | None, hostname: str, dictionary: str) -> bool:
     """scheduler.devices.set_dictionary(hostname, dictionary): [admin] replace the device
     dictionary; it must extend a template and render. Returns True."""
-    lab.set_dictionary(user, hostname, dictionary)
+    inventory.set_dictionary(user, hostname, dictionary)
     return True
 
 
 def _device_tags(user: User | None, hostname: str, add: str | None = None, remove: str | None = None) -> None:
-    tags = set(lab.show_device(hostname)["tags"])
+    tags = set(inventory.show_device(hostname)["tags"])
     if remove is not None and remove not in tags:
         raise NotFound(f"device {hostname} has no tag {remove!r}")
     tags = (tags | {add} if add else tags) - {remove}
-    lab.update_device(user, hostname, tags=sorted(tags))
+    inventory.update_device(user, hostname, tags=sorted(tags))
 
 
 @method("scheduler.devices.tags.add")
@@ -442,7 +441,7 @@ def devices_tags_delete(user: User | None, hostname: str, name: str) -> None:
 @method("scheduler.devices.tags.list")
 def devices_tags_list(user: User | None, hostname: str) -> list[str]:
     """scheduler.devices.tags.list(hostname): the device's tags."""
-    return lab.show_device(hostname)["tags"]
+    return inventory.show_device(hostname)["tags"]
 
 
 # ---- tags ----
@@ -450,25 +449,25 @@ def devices_tags_list(user: User | None, hostname: str) -> list[str]:
 @method("scheduler.tags.list")
 def tags_list(user: User | None) -> list[dict[str, Any]]:
     """scheduler.tags.list(): every tag with its description."""
-    return lab.list_tags()
+    return inventory.list_tags()
 
 
 @method("scheduler.tags.show")
 def tags_show(user: User | None, name: str) -> dict[str, Any]:
     """scheduler.tags.show(name): a tag, its description and its devices."""
-    return lab.show_tag(name)
+    return inventory.show_tag(name)
 
 
 @method("scheduler.tags.add")
 def tags_add(user: User | None, name: str, description: str | None = None) -> None:
     """scheduler.tags.add(name, description=None): [admin] create a tag."""
-    lab.add_tag(user, name, description or "")
+    inventory.add_tag(user, name, description or "")
 
 
 @method("scheduler.tags.delete")
 def tags_delete(user: User | None, name: str) -> None:
     """scheduler.tags.delete(name): [admin] delete a tag (devices and jobs lose it)."""
-    lab.delete_tag(user, name)
+    inventory.delete_tag(user, name)
 
 
 # ---- device types ----
@@ -479,29 +478,29 @@ def device_types_list(user: User | None, show_all: bool = False) -> list[dict[st
     with their number of devices (not retired)."""
     return [{"name": dt["name"], "devices": dt["devices"] - dt["devices_retired"], "installed": True,
              "template": dt["template"] == "database"}
-            for dt in lab.list_device_types() if show_all or dt["display"]]
+            for dt in inventory.list_device_types() if show_all or dt["display"]]
 
 
 @method("scheduler.device_types.show")
 def device_types_show(user: User | None, name: str) -> dict[str, Any]:
     """scheduler.device_types.show(name): a device type's description, health-check settings and
     devices."""
-    dt = lab.device_type_record(lab.get_device_type(name))
+    dt = inventory.device_type_record(inventory.get_device_type(name))
     return {"name": dt["name"], "description": dt["description"], "display": dt["display"],
             "health_disabled": not dt["health_check"], "health_frequency": dt["health_frequency"],
             "health_denominator": dt["health_denominator"], "aliases": [],
-            "devices": [d["hostname"] for d in lab.list_devices(device_type=name)],
+            "devices": [d["hostname"] for d in inventory.list_devices(device_type=name)],
             "default_template": dt["template"] != "database"}
 
 
 @method("scheduler.device_types.add")
 def device_types_add(user: User | None, name: str, description: str | None = None, display: bool = True,
-                     owners_only: bool = False, health_frequency: int = 24,
-                     health_denominator: str = "hours") -> None:
+                     owners_only: bool = False, health_frequency: int | None = None,
+                     health_denominator: str | None = None) -> None:
     """scheduler.device_types.add(name, description=None, display=True, owners_only=False,
     health_frequency=24, health_denominator="hours"): [admin] add a device type; its template is the
     file NAME.jinja2 until one is set (owners_only is ignored)."""
-    lab.add_device_type(user, name, description=description or "", display=bool(display),
+    inventory.add_device_type(user, name, description=description, display=bool(display),
                         health_frequency=health_frequency, health_denominator=health_denominator)
 
 
@@ -513,37 +512,37 @@ def device_types_update(user: User | None, name: str, description: str | None = 
     """scheduler.device_types.update(name, description=None, display=None, owners_only=None,
     health_frequency=None, health_denominator=None, health_disabled=None): [admin] change the given
     fields (health checks are disabled by removing the type's health check)."""
-    lab.update_device_type(user, name, description=description, display=display,
+    inventory.update_device_type(user, name, description=description, display=display,
                            health_frequency=health_frequency, health_denominator=health_denominator)
     if health_disabled:
-        lab.set_health_check(user, name, None)
+        inventory.set_health_check(user, name, None)
 
 
 @method("scheduler.device_types.devices")
 def device_types_devices(user: User | None, name: str, health: str | None = None) -> list[dict[str, Any]]:
     """scheduler.device_types.devices(name, health=None): the devices of a type."""
-    lab.get_device_type(name)
+    inventory.get_device_type(name)
     return [{"hostname": d["hostname"], "state": d["state"], "health": d["health"]}
-            for d in lab.list_devices(device_type=name, health=health)]
+            for d in inventory.list_devices(device_type=name, health=health)]
 
 
 @method("scheduler.device_types.get_template")
 def device_types_get_template(user: User | None, name: str) -> Binary:
     """scheduler.device_types.get_template(name): the device-type template (Jinja2)."""
-    return _text(lab.device_type_template(name))
+    return _text(inventory.device_type_template(name))
 
 
 @method("scheduler.device_types.set_template")
 def device_types_set_template(user: User | None, name: str, template: str) -> None:
     """scheduler.device_types.set_template(name, template): [admin] store a template for the type
     (checked by rendering it); an empty template goes back to the file NAME.jinja2."""
-    lab.set_device_type_template(user, name, template)
+    inventory.set_device_type_template(user, name, template)
 
 
 @method("scheduler.device_types.get_health_check")
 def device_types_get_health_check(user: User | None, name: str) -> Binary:
     """scheduler.device_types.get_health_check(name): the type's health-check job definition."""
-    definition = lab.health_check_definition(name)
+    definition = inventory.health_check_definition(name)
     if definition is None:
         raise NotFound(f"device type {name!r} has no health check")
     return _text(definition)
@@ -553,7 +552,7 @@ def device_types_get_health_check(user: User | None, name: str) -> Binary:
 def device_types_set_health_check(user: User | None, name: str, definition: str) -> None:
     """scheduler.device_types.set_health_check(name, definition): [admin] set (empty: remove) the
     type's health-check job definition."""
-    lab.set_health_check(user, name, definition or None)
+    inventory.set_health_check(user, name, definition or None)
 
 
 # ---- workers ----
@@ -561,7 +560,7 @@ def device_types_set_health_check(user: User | None, name: str, definition: str)
 @method("scheduler.workers.list")
 def workers_list(user: User | None, show_all: bool = False) -> list[str]:
     """scheduler.workers.list(show_all=False): the workers' hostnames (Retired ones with show_all)."""
-    return [w["hostname"] for w in lab.list_workers() if show_all or w["health"] != WorkerHealth.RETIRED]
+    return [w["hostname"] for w in inventory.list_workers() if show_all or w["health"] != WorkerHealth.RETIRED]
 
 
 @method("scheduler.workers.show")
@@ -569,19 +568,19 @@ def workers_show(user: User | None, hostname: str) -> dict[str, Any]:
     """scheduler.workers.show(hostname): a worker's state, health, devices, last ping, job limit and
     version. A worker never seen has the epoch as its last ping: LAVA always sends a date there, and
     lavacli reads it as one."""
-    record = lab.show_worker(hostname)
+    record = inventory.show_worker(hostname)
     return {"hostname": record["hostname"], "description": record["description"], "state": record["state"],
             "health": record["health"], "devices": record["devices"], "last_ping": _time(record["last_seen"]) or NEVER,
             "job_limit": record["job_limit"], "version": record["version"],
-            "default_config": not lab.worker_text(hostname, "config"),
-            "default_env": not lab.worker_text(hostname, "env"), "default_env_dut": True}
+            "default_config": not inventory.worker_text(hostname, "config"),
+            "default_env": not inventory.worker_text(hostname, "env"), "default_env_dut": True}
 
 
 @method("scheduler.workers.add")
 def workers_add(user: User | None, hostname: str, description: str | None = None, disabled: bool = False) -> None:
     """scheduler.workers.add(hostname, description=None, disabled=False): [admin] add a worker
     (disabled: Retired)."""
-    lab.add_worker(user, hostname, description=description or "", disabled=bool(disabled))
+    inventory.add_worker(user, hostname, description=description, disabled=bool(disabled))
 
 
 @method("scheduler.workers.update")
@@ -589,16 +588,16 @@ def workers_update(user: User | None, hostname: str, description: str | None = N
                    job_limit: int | None = None) -> None:
     """scheduler.workers.update(hostname, description=None, health=None, job_limit=None): [admin]
     change the given fields; health is ACTIVE, MAINTENANCE or RETIRED."""
-    lab.update_worker(user, hostname, description=description, health=health, job_limit=job_limit)
+    inventory.update_worker(user, hostname, description=description, health=health, job_limit=job_limit)
 
 
 def _worker_text_methods(what: str) -> None:
     def get(user: User | None, hostname: str) -> Binary:
-        lab.get_worker(hostname)
-        return _text(lab.worker_text(hostname, what))
+        inventory.get_worker(hostname)
+        return _text(inventory.worker_text(hostname, what))
 
     def put(user: User | None, hostname: str, text: str) -> bool:
-        lab.set_worker_text(user, hostname, what, text)
+        inventory.set_worker_text(user, hostname, what, text)
         return True
 
     meaning = {"env": "environment of the jobs on the worker (LAVA's env.yaml)",

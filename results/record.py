@@ -25,10 +25,14 @@ Conventions of the reserved ``lava`` suite (built by ``action_result()`` and ``j
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from results.log import LogRecord
 
 RESULTS = ("pass", "fail", "skip", "unknown")
 
@@ -253,3 +257,24 @@ def job_result(job: str, result: str, error_type: str | None = None, error_msg: 
     if error_msg:
         extra["error_msg"] = error_msg
     return Result(job=job, level=JOB_LEVEL, suite=LAVA_SUITE, case=JOB_CASE, result=result, extra=extra)
+
+
+def results_in_lines(job_id: int | str, lines: Iterable[str]) -> list[Result]:
+    """The results of the ``results`` records among ``output.yaml`` lines, in order. Invalid ones
+    are logged and skipped (deterministically: the same lines always give the same results)."""
+    found: list[Result] = []
+    for line in lines:
+        if "results" not in line:
+            continue
+        try:
+            record = LogRecord.from_line(line)
+        except ValueError:
+            continue
+        if record.lvl != "results":
+            continue
+        try:
+            found.append(Result.from_record(record.msg, job_id))
+        except (ValueError, TypeError) as exc:
+            logging.getLogger("pumice.results").warning("job %s: results record skipped (%s): %s", job_id, exc,
+                                                       line[:200])
+    return found

@@ -34,9 +34,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from master.store import ArtifactStore
 from results.export import to_csv, to_junit, to_tap13
 from results.record import RESULTS
+from results.store import ArtifactStore
 from sitegen.bundles import job_url, site_base_url, site_bundle
 from sitegen.logpage import LOG_PAGE_LINES, RenderedLog, log_page_name, page_of_line, render_log
 from sitegen.model import (

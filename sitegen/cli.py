@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
 
+    from results.imports import BundleImportError, import_bundle
     from sitegen.build import build_site, publish_job
-    from sitegen.bundles import BundleImportError, import_bundle
     from sitegen.model import SiteError
 
     try:

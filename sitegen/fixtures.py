@@ -22,11 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from master.store import ArtifactStore
 from results.bundle import BundleHeader, dump_bundle
 from results.log import LogRecord
 from results.logfile import LogFile
 from results.record import Result, action_result, job_result
+from results.store import ArtifactStore
 
 EPOCH = _dt.datetime(2023, 1, 10, 10, 0, 0)
 NASTY_TEXT = '<script>alert("pwned")</script> & "quotes" \'single\' \x00\x07\x1b[31mred\x1b[0m \x7f\x85 \ufffe'

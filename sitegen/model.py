@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
-from master.store import ArtifactStore
 from results.bounded import load_data
 from results.bundle import Bundle, load_bundle
 from results.fastyaml import SafeLoader as _Loader
 from results.record import RESULTS, Result
+from results.store import ArtifactStore
 from sitegen.text import parse_time
 
 log = logging.getLogger("pumice.sitegen")

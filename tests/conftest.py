@@ -8,6 +8,9 @@ and the LAVA corpus.
 - ``allowing()``: a worker's dispatcher configuration whose file policy allows exactly what a test
   reads from this machine (its image directories, its loopback servers).
 - ``tmpfs``: mounts small tmpfs filesystems (root) that a test fills, unmounted afterwards.
+- ``database_url`` (SQLite, and PostgreSQL when ``PUMICE_TEST_PG`` is set) and ``lab``: a master
+  instance with a small lab (helpers in ``support/``).
+- ``arm64_board`` (one per module) and ``board`` (one test): the emulated arm64 board (``boards/``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from boards import Arm64Board, start_board
+from support.master import BACKENDS, Lab, build_lab, database
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG = logging.getLogger("pumice.tests")
@@ -381,3 +386,44 @@ def qemu() -> Iterator[Callable[..., Any]]:
             child.close()
             # Shown by pytest when the test failed: what the board said.
             print(f"--- console of {child.args[0].decode()} (last 4000 chars) ---\n{console.getvalue()[-4000:]}")
+
+
+# --- a master instance on each database backend (helpers: support.master) -------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None for SQLite (the data directory's file), or a PostgreSQL URL with a fresh schema."""
+    with database(request.param) as url:
+        yield url
+
+
+@pytest.fixture
+def lab(tmp_path: Path, database_url: str | None) -> Lab:
+    """A master instance in a temporary data directory with a small lab (:func:`support.master.build_lab`)."""
+    return build_lab(tmp_path / "data", database_url)
+
+
+# --- the emulated arm64 board (helpers: boards) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def arm64_board(dut_images, tmp_path_factory) -> Iterator[Arm64Board]:
+    """The emulated arm64 board with its cable and ser2net, for one test module."""
+    # a short path: unix socket names are limited to 107 bytes
+    directory = Path(tmp_path_factory.mktemp("board", numbered=True))
+    board = start_board(dut_images.arm64.uboot, directory)
+    try:
+        yield board
+    finally:
+        board.stop()
+
+
+@pytest.fixture
+def board(arm64_board: Arm64Board) -> Iterator[Arm64Board]:
+    """The module's board for one test; its faults are undone and it is off afterwards."""
+    try:
+        yield arm64_board
+    finally:
+        arm64_board.heal()
+        arm64_board.power_off()

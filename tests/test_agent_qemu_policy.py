@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
-from test_broker_support import BrokerLab, db_wait, make_broker_lab
+from support.broker import BrokerLab, db_wait, make_broker_lab
+from support.master import Lab
 from test_master_policy import master  # noqa: F401  (the running master fixture)
-from test_master_support import Lab
 from test_worker_daemon import Running
 
 from agent.actions.boot.qemu import boots_qemu, command_verdict
@@ -46,8 +46,7 @@ from agent.qemu_policy import (
 )
 from agent.timeout import Deadline
 from agent.worker import AgentConfig, Worker
-from master import jobs
-from master import lab as lab_service
+from master import inventory, jobs
 from master.client import ApiError, Client
 from master.db import connection
 from master.instance import current
@@ -56,8 +55,6 @@ from master.scheduler import Scheduler
 from master.server import MasterServer
 from master.states import JobHealth, JobState
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 DATA = Path(__file__).parent / "data"
 SECRET = "root:$6$pumice-qemu-policy-SECRET$:19000:0:99999:7:::"
@@ -397,7 +394,7 @@ def qemu_master(master: tuple[Lab, MasterServer, dict[str, Client]],  # noqa: F8
     take arch, memory and options from the job's context."""
     with connection():
         for hostname in ("qemu01", "qemu02"):
-            lab_service.set_dictionary(SYSTEM, hostname, DICTIONARY)
+            inventory.set_dictionary(SYSTEM, hostname, DICTIONARY)
     return master
 
 
@@ -492,25 +489,28 @@ def test_a_real_agent_refuses_what_the_job_s_context_adds_when_validation_let_it
         world: World, broker_lab: BrokerLab, tmp_path: Path) -> None:
     """Master, broker, agent daemon and pumice-run: START carries the device YAML with and without
     the job's context, so the agent tells the job's options from the lab's. A job whose stored
-    definition was changed after its validation (a hole in the master, say) is refused when it runs;
+    definition and context were changed after its validation (a hole in the master, say) is refused
+    when it runs;
     QEMU never starts."""
     with connection():
-        lab_service.update_worker(SYSTEM, "w1", health="Maintenance")
-        lab_service.add_worker(SYSTEM, "qp")
-        lab_service.set_worker_text(SYSTEM, "qp", "config",
+        inventory.update_worker(SYSTEM, "w1", health="Maintenance")
+        inventory.add_worker(SYSTEM, "qp")
+        inventory.set_worker_text(SYSTEM, "qp", "config",
                                     yaml.safe_dump({**allowing([world.images]), "tmp_dir": str(tmp_path)}))
-        lab_service.add_device(SYSTEM, "qp-1", "qemu", worker="qp", health="Good", dictionary=DICTIONARY)
+        inventory.add_device(SYSTEM, "qp-1", "qemu", worker="qp", health="Good", dictionary=DICTIONARY)
     master_cert, worker_cert = broker_lab.key_files("qp", tmp_path / "keys")
     agent = Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname="qp", spool=tmp_path / "spool",
                                        heartbeat=0.5, master_cert=master_cert, worker_cert=worker_cert)))
     try:
-        db_wait(lambda: lab_service.get_worker("qp").state == "Online", 20, "the agent online")
+        db_wait(lambda: inventory.get_worker("qp").state == "Online", 20, "the agent online")
         url = f"file://{world.images}/kernel.bin"
         benign = job_text(world, Case("benign", context={"extra_options": ["-smp 2"]}), url)
         with connection():
             [job_id] = jobs.submit_job(benign, broker_lab.lab.user("alice"))
             hostile = next(case for case in HOSTILE if case.name == "context-extra_options")
-            Job.update(definition=job_text(world, hostile, url)).where(Job.id == job_id).execute()
+            changed = job_text(world, hostile, url)
+            # the stored job as a hole would leave it: its definition and the context START renders with
+            Job.update(definition=changed, context=yaml.safe_load(changed)["context"]).where(Job.id == job_id).execute()
         Scheduler().loop_once()
         db_wait(lambda: Job.get_by_id(job_id).state == JobState.FINISHED, 60, f"job {job_id} to finish")
         with connection():

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
-from test_broker_support import BrokerLab, db_wait, make_broker_lab, timed_job, wait_for
-from test_master_support import LOCAL_IMAGES, job_text
+from support.broker import BrokerLab, db_wait, make_broker_lab, timed_job, wait_for
+from support.master import LOCAL_IMAGES, job_text
 
 from agent import messages as m
-from master import jobs
-from master import lab as lab_service
+from master import inventory, jobs
 from master.broker import Broker
 from master.db import connection
 from master.instance import current
@@ -25,8 +24,6 @@ from master.scheduler import Scheduler
 from master.states import DeviceHealth, JobHealth, JobState, WorkerState
 from master.users import SYSTEM
 from results.log import LogRecord
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 
 @pytest.fixture
@@ -72,7 +69,7 @@ def stored_lines(job_id: int) -> list[str]:
 
 def test_hello_welcome_and_worker_online(broker_lab: BrokerLab) -> None:
     with connection():
-        lab_service.worker_offline("w1")
+        inventory.worker_offline("w1")
     agent = broker_lab.agent()
     welcome = agent.hello()
     assert welcome == m.Welcome(protocol=m.PROTOCOL_VERSION, version="0.1.0", heartbeat=0.5)
@@ -159,9 +156,9 @@ def test_silent_worker_goes_offline_and_bye_at_once(broker_lab: BrokerLab) -> No
 
 def test_start_carries_device_env_and_config(broker_lab: BrokerLab) -> None:
     with connection():
-        lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
+        inventory.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
         config = allowing(addresses=[LOCAL_IMAGES], dispatcher_ip="192.0.2.1")
-        lab_service.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(config))
+        inventory.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(config))
     agent = broker_lab.agent()
     job_id, start = started(broker_lab, agent)
     assert start.env == {"purge": False, "removes": [], "overrides": {"http_proxy": "http://proxy:3128"}}
@@ -269,7 +266,7 @@ def test_another_workers_job_is_not_touched(broker_lab: BrokerLab, caplog: pytes
     agent = broker_lab.agent()
     job_id, _ = started(broker_lab, agent)
     with connection():
-        lab_service.add_worker(SYSTEM, "w2")
+        inventory.add_worker(SYSTEM, "w2")
     other = broker_lab.agent("w2")
     other.hello()
     other.send(m.Log(job_id=job_id, seq=0, lines=["- {}"]))

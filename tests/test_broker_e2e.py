@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_broker_support import ProcessLab, running_process_lab, wait_for
+from support.broker import ProcessLab, running_process_lab, wait_for
 
-from master.broker import results_in_lines
 from results.logfile import LogFile
+from results.record import results_in_lines
 
 DATA = Path(__file__).parent / "data"
 pytestmark = pytest.mark.qemu

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from agent import messages as m
-from master.broker import results_in_lines, worker_env
 from master.certificates import parse_public_key
 from master.errors import Invalid
+from master.start import worker_env
 from results.log import LogRecord
+from results.record import results_in_lines
 
 SAMPLES = [
     m.Hello(hostname="w1", protocol=m.PROTOCOL_VERSION, version="0.1.0", jobs=[3, 4]),

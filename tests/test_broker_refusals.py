@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import ProcessLab, wait_for
+from support.broker import ProcessLab, wait_for
 
 from agent.worker import main as agent_main
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import yaml
 from boards import RAMDISK_JOB, free_port
-from boards.fixtures import *  # noqa: F403
 from boards.pdu import PduServer
 from conftest import ROOT, allowing
 

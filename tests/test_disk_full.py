@@ -20,12 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import FakeAgent, ProcessLab, db_wait, fake_runner, make_broker_lab, wait_for
-from test_master_support import job_text
+from support.broker import FakeAgent, ProcessLab, db_wait, fake_runner, make_broker_lab, wait_for
+from support.master import job_text
 
 from agent import messages as m
 from master import jobs
-from master.broker import results_in_lines
 from master.db import connection
 from master.instance import current
 from master.models import Job
@@ -33,11 +32,11 @@ from master.models import TestCase as CaseRow
 from master.scheduler import Scheduler
 from master.states import JobHealth, JobState
 from results.logfile import LogFile
+from results.record import results_in_lines
 
 #: the fake runner fetches nothing: an address the file policy lets through
 FAKE_IMAGES = "images.example"
 
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 #: the stand-in runner's job: this many log lines (a result every ten), this pause after each
 LINES, DELAY = 20_000, 0.0004

@@ -28,8 +28,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hostile_support import BUDGET_KB, BUDGET_SECONDS, MasterProcess, alias_bomb
-from test_master_support import CORPUS, job_text
+from support.hostile import BUDGET_KB, BUDGET_SECONDS, MasterProcess, alias_bomb
+from support.master import CORPUS, job_text
 
 from agent.job import validate_job
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_hostile_support import (
+from support.hostile import (
     BUDGET_KB,
     BUDGET_SECONDS,
     Answer,
@@ -22,30 +22,21 @@ from test_hostile_support import (
     bomb_job,
     job_with,
 )
-from test_master_support import BACKENDS, LOCAL_IMAGES, PG_URL, _pg_admin, job_text
+from support.master import BACKENDS, LOCAL_IMAGES, database, job_text
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def master(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MasterProcess]:
-    database, schema = None, None
-    if request.param == "postgres":
-        from urllib.parse import quote
-
-        schema = f"pumice_hostile_{uuid.uuid4().hex[:10]}"
-        _pg_admin(f"CREATE SCHEMA {schema}")
-        sep = "&" if "?" in PG_URL else "?"
-        database = f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
-    proc = MasterProcess(tmp_path_factory.mktemp(f"hostile-{request.param}"), database)
-    try:
-        proc.start()
-        # what every later request finds ready: the lab cached, templates compiled, the pool warm
-        for n in range(3):
-            assert proc.submit(job_text(f"warm-up {n}"), measure=False).status == 201
-        yield proc
-    finally:
-        proc.stop()
-        if schema:
-            _pg_admin(f"DROP SCHEMA {schema} CASCADE")
+    with database(request.param) as url:
+        proc = MasterProcess(tmp_path_factory.mktemp(f"hostile-{request.param}"), url)
+        try:
+            proc.start()
+            # what every later request finds ready: the lab cached, templates compiled, the pool warm
+            for n in range(3):
+                assert proc.submit(job_text(f"warm-up {n}"), measure=False).status == 201
+            yield proc
+        finally:
+            proc.stop()
 
 
 def refused(answer: Answer, status: int = 400) -> dict:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from test_master_support import corpus_file, job_text, stop_server
+from support.master import corpus_file, job_text, stop_server
 
 from agent.job import validate_job
 from master import jobs, validation
@@ -21,8 +21,6 @@ from master.models import Device
 from master.server import MasterServer
 from results.log import LogRecord
 from results.record import JOB_LEVEL, Result
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 
 @pytest.fixture
@@ -73,6 +71,35 @@ def test_version_whoami_and_tokens(clients, server) -> None:
     assert reply.status == 401
     assert "expected 'Authorization: Token <token>'" in json.loads(reply.read())["error"]
     conn.close()
+
+
+def test_routes_are_a_table_of_module_level_handlers() -> None:
+    from master import api
+
+    seen = [(path, method) for path, methods, _ in api.ROUTES for method in methods]
+    assert len(seen) == len(set(seen)), "a path and method routed twice"
+    assert {("/jobs/", "POST"), ("/workers/<hostname>/certificate/", "DELETE"), ("/jobs/<job_id>/csv/", "GET"),
+            ("/workers/<hostname>/env/", "PUT")} <= set(seen)
+    for _, _, handler in api.ROUTES:  # each handler importable on its own (a partial names its function)
+        function = getattr(handler, "func", handler)
+        assert getattr(api, function.__name__) is function
+
+
+def test_defaults_live_in_the_service_layer(clients) -> None:
+    admin = clients["admin"]
+    # a form leaves fields empty: the service layer's defaults apply, as for a missing field
+    status, _, body = admin.request("POST", "/devicetypes/", content_type="application/x-www-form-urlencoded",
+                                    body="name=qemu&description=&health_frequency=&health_denominator=")
+    made = json.loads(body)
+    assert status == 409 and "exists already" in made["error"]  # the checks came after the defaults
+    status, _, body = admin.request("POST", "/workers/", content_type="application/x-www-form-urlencoded",
+                                    body="hostname=w7&description=&job_limit=")
+    made = json.loads(body)
+    assert status == 201 and (made["job_limit"], made["description"]) == (0, "")
+    status, _, body = admin.request("POST", "/devices/", json_body={"hostname": "qemu-b-01", "device_type": "qemu",
+                                                                     "health": None, "description": None})
+    made = json.loads(body)
+    assert status == 201 and (made["health"], made["description"]) == ("Unknown", "")
 
 
 def test_unknown_endpoint_is_json(clients) -> None:

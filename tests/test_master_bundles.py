@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_master_support import build_lab, job_text, stop_server
+from support.master import build_lab, job_text, stop_server
 
-from master import jobs
+from master import jobs, publish
 from master.client import ApiError, Client
 from master.db import close_database, connection, db
 from master.migrations import LATEST, current_version, migrate
@@ -29,8 +29,6 @@ from master.scheduler import Scheduler
 from master.users import authenticate
 from results.log import LogRecord
 from results.record import JOB_LEVEL, Result
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +94,7 @@ def run_job(name: str, results: list[Result], health: str = "Complete") -> int:
     jobs.append_logs(job_id, [LogRecord("2024-01-01T10:00:00.000000", "target", "hello from the board")])
     jobs.append_results(job_id, [Result(**{**r.to_dict(), "job": str(job_id)}) for r in results])
     jobs.job_finished(job_id, health)
-    jobs.publish_pages(job_id)
+    publish.publish_pages(job_id)
     return job_id
 
 

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_master_support import QEMU_DICTIONARY, job_text
+from support.master import QEMU_DICTIONARY, job_text
 
 from master.migrations import LATEST
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_master_support import build_lab, job_text, stop_server
+from support.master import build_lab, job_text, stop_server
 
 from master import client as pumice
 from master import jobs

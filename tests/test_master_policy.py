@@ -18,16 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import allowing
+from support.broker import BrokerLab, db_wait, make_broker_lab
+from support.master import Lab, stop_server
 from test_agent_policy import GIT_TEST
 from test_agent_policy import deploy_job as job
-from test_broker_support import BrokerLab, db_wait, make_broker_lab
-from test_master_support import Lab, stop_server
 from test_worker_daemon import Running
 
 from agent.policy import ADDRESSES_KEY, DIRS_KEY, REFUSED, Access, FilePolicy
 from agent.worker import AgentConfig, Worker
-from master import jobs
-from master import lab as lab_service
+from master import inventory, jobs
 from master.client import ApiError, Client
 from master.db import connection
 from master.errors import Invalid
@@ -37,8 +36,6 @@ from master.scheduler import IdleDevice, QueuedJob, Scheduler, WorkerSlot, assig
 from master.server import MasterServer
 from master.states import JobHealth, JobState
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 SECRET = "root:$6$pumice-master-policy-SECRET$:19000:0:99999:7:::"
 IMAGE = b"pumice policy image\n" * 64
@@ -181,11 +178,11 @@ def two_workers(broker_lab: BrokerLab, tmp_path: Path) -> Iterator[tuple[BrokerL
     (images / "escape").symlink_to(secrets / "shadow")
     dictionary = (Path(__file__).parent / "data" / "qemu-amd64.jinja2").read_text()
     with connection():
-        lab_service.update_worker(SYSTEM, "w1", health="Maintenance")
+        inventory.update_worker(SYSTEM, "w1", health="Maintenance")
         for number, (name, config) in enumerate((("deny", {}), ("allow", allowing([images]))), start=1):
-            lab_service.add_worker(SYSTEM, name)
-            lab_service.set_worker_text(SYSTEM, name, "config", yaml.safe_dump({**config, "tmp_dir": str(tmp_path)}))
-            lab_service.add_device(SYSTEM, f"dev-{number}", "qemu", worker=name, health="Good",
+            inventory.add_worker(SYSTEM, name)
+            inventory.set_worker_text(SYSTEM, name, "config", yaml.safe_dump({**config, "tmp_dir": str(tmp_path)}))
+            inventory.add_device(SYSTEM, f"dev-{number}", "qemu", worker=name, health="Good",
                                    dictionary=dictionary)
     agents = {}
     for name in ("deny", "allow"):
@@ -194,7 +191,7 @@ def two_workers(broker_lab: BrokerLab, tmp_path: Path) -> Iterator[tuple[BrokerL
                                                   spool=tmp_path / f"spool-{name}", heartbeat=0.5,
                                                   master_cert=master_cert, worker_cert=worker_cert)))
     try:
-        db_wait(lambda: all(lab_service.get_worker(n).state == "Online" for n in agents), 20, "both agents online")
+        db_wait(lambda: all(inventory.get_worker(n).state == "Online" for n in agents), 20, "both agents online")
         yield broker_lab, agents, images
     finally:
         for running in agents.values():
@@ -249,17 +246,17 @@ def test_a_job_runs_only_on_a_worker_whose_policy_allows_it(two_workers) -> None
 def test_a_job_waits_for_an_allowing_worker_and_is_refused_when_none_allows_it(two_workers) -> None:
     broker_lab, agents, images = two_workers
     with connection():
-        lab_service.update_worker(SYSTEM, "allow", health="Maintenance")
+        inventory.update_worker(SYSTEM, "allow", health="Maintenance")
     job_id = submit(broker_lab, job(f"file://{images}/kernel.bin"))
     assert Scheduler().loop_once() == []  # dev-1 is idle, but its worker's policy refuses the job
     with connection():
         assert Job.get_by_id(job_id).state == JobState.SUBMITTED
-        lab_service.update_worker(SYSTEM, "allow", health="Active")
+        inventory.update_worker(SYSTEM, "allow", health="Active")
     finished, _ = ran(job_id)
     assert finished.health == JobHealth.COMPLETE
     with connection():
         assert finished.actual_device.hostname == "dev-2"
-        lab_service.set_worker_text(SYSTEM, "allow", "config", "")
+        inventory.set_worker_text(SYSTEM, "allow", "config", "")
         with pytest.raises(Invalid) as info:
             jobs.submit_job(job(f"file://{images}/kernel.bin"), broker_lab.lab.user("alice"))
     [fault] = info.value.faults

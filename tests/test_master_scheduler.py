@@ -8,10 +8,9 @@ import time
 from collections import Counter
 
 import pytest
-from test_master_support import build_lab, job_text
+from support.master import build_lab, job_text
 
-from master import events, jobs
-from master import lab as lab_service
+from master import events, inventory, jobs
 from master.db import close_database, connection, db, is_postgres
 from master.errors import Invalid
 from master.migrations import DEVICES_FILLFACTOR, LATEST, MIGRATIONS, current_version, migrate
@@ -30,10 +29,9 @@ from master.scheduler import (
     load_queued_jobs,
     load_workers,
 )
+from master.start import start_message
 from master.states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerState
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 T0 = dt.datetime(2024, 1, 1, 12, 0, 0)
 ONLINE = {"w1": WorkerSlot("w1", True, True), "w2": WorkerSlot("w2", True, True)}
@@ -222,23 +220,24 @@ def test_loop_once_claims_and_frees(lab) -> None:
     assert scheduler.loop_once() == [(ids[2], device)]
 
 
-def test_what_the_broker_needs(lab) -> None:
+def test_start_is_assembled_from_what_submission_stored(lab) -> None:
     alice = lab.user("alice")
-    lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
+    inventory.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  http_proxy: http://proxy:3128\n")
     job_id = jobs.submit_job(job_text(), alice)[0]
-    assert jobs.active_jobs() == []
+    assert start_message(job_id) is None  # not Scheduled yet
+    row = Job.get_by_id(job_id)
+    assert (row.context, row.timeout) == ({"arch": "amd64"}, 300.0)
     [(_, device)] = Scheduler().loop_once()
-    data = jobs.start_data(job_id)
-    assert (data["job_id"], data["device"], data["worker"]) == (job_id, device, "w1")
-    assert data["definition"] == job_text()
-    assert "qemu-system-x86_64" in data["device_yaml"]  # rendered with the job's context (arch: amd64)
-    assert "http_proxy" in data["env"]
-    assert jobs.active_jobs("w1") == [{"id": job_id, "state": "Scheduled", "device": device, "worker": "w1"}]
-    assert jobs.active_jobs("elsewhere") == []
+    start = start_message(job_id)
+    assert (start.job_id, start.device_name) == (job_id, device)
+    assert start.definition == job_text()
+    assert start.timeout == 300.0
+    assert "qemu-system-x86_64" in start.device  # rendered with the job's context (arch: amd64)
+    assert start.env["overrides"] == {"http_proxy": "http://proxy:3128"}
 
 
 def test_infrastructure_error_then_health_check(lab) -> None:
-    lab_service.set_health_check(SYSTEM, "qemu", job_text("qemu health check"))
+    inventory.set_health_check(SYSTEM, "qemu", job_text("qemu health check"))
     # both devices are Good but never checked: their checks are due first
     scheduler = Scheduler()
     checks = scheduler.loop_once()
@@ -350,30 +349,30 @@ def test_two_schedulers_race_without_double_assignment(tmp_path, database_url, b
 
 def test_job_limit_and_offline_worker(lab) -> None:
     alice = lab.user("alice")
-    lab_service.update_worker(SYSTEM, "w1", job_limit=1)
+    inventory.update_worker(SYSTEM, "w1", job_limit=1)
     for _ in range(3):
         jobs.submit_job(job_text(), alice)
     scheduler = Scheduler()
     assert len(scheduler.loop_once()) == 1
-    lab_service.update_worker(SYSTEM, "w1", job_limit=0)
-    lab_service.worker_offline("w1")
+    inventory.update_worker(SYSTEM, "w1", job_limit=0)
+    inventory.worker_offline("w1")
     assert scheduler.loop_once() == []
-    lab_service.worker_seen("w1", "0.1.0")
+    inventory.worker_seen("w1", "0.1.0")
     assert len(scheduler.loop_once()) == 1
 
 
 def test_retired_and_maintenance_devices_get_no_jobs(lab) -> None:
     alice = lab.user("alice")
-    lab_service.update_device(SYSTEM, "qemu01", health="Retired")
-    lab_service.update_device(SYSTEM, "qemu02", health="Retired")
+    inventory.update_device(SYSTEM, "qemu01", health="Retired")
+    inventory.update_device(SYSTEM, "qemu02", health="Retired")
     with pytest.raises(Invalid, match="invalid job definition") as refused:
         jobs.submit_job(job_text(), alice)
     assert "device type 'qemu' is unavailable" in refused.value.faults[0].message
     # a device in Maintenance still accepts submissions, but runs nothing
-    lab_service.update_device(SYSTEM, "qemu01", health="Maintenance")
+    inventory.update_device(SYSTEM, "qemu01", health="Maintenance")
     job_id = jobs.submit_job(job_text(), alice)[0]
     assert Scheduler().loop_once() == []
-    lab_service.update_device(SYSTEM, "qemu02", health="Good")
+    inventory.update_device(SYSTEM, "qemu02", health="Good")
     assert Scheduler().loop_once() == [(job_id, "qemu02")]
 
 
@@ -435,6 +434,26 @@ def test_a_pass_over_a_large_lab_claims_what_assign_chose(lab) -> None:
     assert {device: job for job, device in scheduled.items()} == reserved
     assert all(workers[job] == owners[device] for job, device in scheduled.items())
     assert sum(1 for device in reserved if owners[device] == worker_ids[0]) == 40  # its job limit
+
+
+def test_migration_keeps_what_start_needs_for_the_jobs_still_to_run(tmp_path, database_url) -> None:
+    """A database of the previous release (no jobs.context, jobs.timeout) is upgraded: the queued
+    jobs get them from their definitions, once; START never parses a definition again."""
+    lab = build_lab(tmp_path / "data", database_url)
+    alice = lab.user("alice")
+    with connection():
+        queued = jobs.submit_job(job_text(), alice)[0]
+        done = jobs.submit_job(job_text(), alice)[0]
+        Job.update(state=JobState.FINISHED).where(Job.id == done).execute()
+        Job.update(context=None, timeout=None).execute()
+        database = db.obj
+        for column in ("context", "timeout"):
+            database.execute_sql(f'ALTER TABLE "jobs" DROP COLUMN "{column}"')
+        SchemaVersion.delete().where(SchemaVersion.version >= 6).execute()
+        assert migrate() == [(6, MIGRATIONS[5][1])]
+        rows = {row.id: (row.context, row.timeout) for row in Job.select()}
+        assert rows == {queued: ({"arch": "amd64"}, 300.0), done: (None, None)}
+    assert migrate() == []
 
 
 def test_migration_to_the_queue_index(tmp_path, database_url) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from memory import TreeMeter
-from test_hostile_support import alias_bomb, bomb_job
+from support.hostile import alias_bomb, bomb_job
 
 from agent.errors import JobDefinitionError, JobError
 from agent.job import parse_job

@@ -27,11 +27,11 @@ from pathlib import Path
 import pytest
 from test_site_nginx import serve_site
 
+from results.imports import import_bundle
 from results.log import LogRecord
 from results.logfile import LogFile
 from results.record import Result
 from sitegen import build_site, publish_job
-from sitegen.bundles import import_bundle
 from sitegen.fixtures import HOSTILE_URLS, hostile_bundle, make_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -538,11 +538,10 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
     ``javascript:``; the master publishes it; a reader opens the job on the site (nginx, shipped
     configuration) and clicks. Beside it, a job of the lab whose metadata, test reference and test
     definition repository are hostile, and a worker whose description is."""
+    from support.master import build_lab, job_text
     from test_master_bundles import serving
-    from test_master_support import build_lab, job_text
 
-    from master import jobs
-    from master import lab as lab_service
+    from master import inventory, jobs, publish
     from master.client import Client
     from master.db import close_database, connection
     from master.scheduler import Scheduler
@@ -556,9 +555,9 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
         safe = f"{site}/index.html"  # a safe reference that leads somewhere: clicking it must go there
         lab = build_lab(data, None, name="lab-b", url=f"{site}/")
         with connection():
-            lab_service.update_worker(SYSTEM, "w1", description=HOSTILE_URLS["javascript"])
-            lab_service.update_device(SYSTEM, "qemu01", description=HOSTILE_URLS["tabbed"])
-            lab_service.update_device(SYSTEM, "qemu02", description=HOSTILE_URLS["tabbed"])
+            inventory.update_worker(SYSTEM, "w1", description=HOSTILE_URLS["javascript"])
+            inventory.update_device(SYSTEM, "qemu01", description=HOSTILE_URLS["tabbed"])
+            inventory.update_device(SYSTEM, "qemu02", description=HOSTILE_URLS["tabbed"])
             metadata = "".join(f"  {name}: {json.dumps(url)}\n" for name, url in HOSTILE_URLS.items())
             [job_id] = jobs.submit_job(
                 job_text("hostile metadata") + f"metadata:\n{metadata}  build: {json.dumps(safe)}\n",
@@ -576,7 +575,7 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
                                       for r in board])
             jobs.append_results(job_id, board)
             jobs.job_finished(job_id, "Complete")
-            jobs.publish_pages(job_id)
+            publish.publish_pages(job_id)
         close_database()
         with serving(data, None, "lab-b", f"{site}/") as master:
             alice = Client(master, token=lab.tokens["alice"])  # not an admin

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from golden import check_golden
 
-from master.store import ArtifactStore
 from results.bundle import load_bundle
 from results.log import LogRecord
 from results.logfile import LogFile
+from results.store import ArtifactStore
 from sitegen import build_site, publish_job
 from sitegen.fixtures import JobSpec, make_job, make_store
 from sitegen.logpage import render_log

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from results.bundle import load_bundle
+from results.imports import BundleImportError, find_import, import_bundle, read_bundle
 from sitegen import build_site, publish_job
-from sitegen.bundles import BundleImportError, bundle_uuid, find_import, import_bundle, read_bundle
+from sitegen.bundles import bundle_uuid
 from sitegen.fixtures import make_store
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from markupsafe import Markup
 
+from results.imports import import_bundle
 from sitegen import build_site, publish_job
-from sitegen.bundles import import_bundle
 from sitegen.fixtures import HOSTILE_URLS, SAFE_URL, hostile_bundle, make_store
 from sitegen.render import TEMPLATE_DIR, make_environment
 from sitegen.text import safe_url

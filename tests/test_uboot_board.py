@@ -10,7 +10,6 @@ import pexpect
 import pytest
 import serial
 from boards import wait_until
-from boards.fixtures import *  # noqa: F403 (pytest fixtures)
 
 pytestmark = pytest.mark.qemu
 

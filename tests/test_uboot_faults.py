@@ -8,7 +8,6 @@ import signal
 
 import pytest
 from boards import processes, ramdisk_job, run_job, start_job
-from boards.fixtures import *  # noqa: F403 (pytest fixtures)
 
 pytestmark = pytest.mark.qemu
 

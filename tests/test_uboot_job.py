@@ -8,7 +8,6 @@ import tarfile
 
 import pytest
 from boards import processes, ramdisk_job, run_job
-from boards.fixtures import *  # noqa: F403 (pytest fixtures)
 
 from agent.actions.deploy.tftp import UIMAGE_MAGIC, uimage_header
 

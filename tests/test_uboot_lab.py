@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import yaml
 from boards import ramdisk_job
-from boards.fixtures import *  # noqa: F403 (pytest fixtures)
 
 pytestmark = pytest.mark.qemu
 
@@ -70,17 +69,17 @@ def wait_until(check, timeout: float, what: str) -> None:
 
 
 def set_dictionary(text: str) -> None:
-    from master import lab as lab_service
+    from master import inventory
     from master.db import connection
     from master.users import SYSTEM
 
     with connection():
-        lab_service.set_dictionary(SYSTEM, DEVICE, text)
+        inventory.set_dictionary(SYSTEM, DEVICE, text)
 
 
 @pytest.fixture(scope="module")
 def lab(arm64_board, tmp_path_factory) -> Iterator[Lab]:
-    from master import lab as lab_service
+    from master import inventory
     from master.broker import Broker
     from master.certificates import issue_join_token
     from master.db import close_database, connection
@@ -91,12 +90,12 @@ def lab(arm64_board, tmp_path_factory) -> Iterator[Lab]:
     root = tmp_path_factory.mktemp("lab")
     open_instance(root / "master", name="uboot-lab", url=f"file://{root / 'master' / 'site'}")
     with connection():
-        lab_service.add_device_type(SYSTEM, "qemu-arm64-uboot", description="QEMU arm64 with U-Boot")
-        lab_service.add_worker(SYSTEM, WORKER, description="the agent of the U-Boot tests")
-        lab_service.add_device(SYSTEM, DEVICE, "qemu-arm64-uboot", worker=WORKER,
+        inventory.add_device_type(SYSTEM, "qemu-arm64-uboot", description="QEMU arm64 with U-Boot")
+        inventory.add_worker(SYSTEM, WORKER, description="the agent of the U-Boot tests")
+        inventory.add_device(SYSTEM, DEVICE, "qemu-arm64-uboot", worker=WORKER,
                                dictionary=arm64_board.dictionary("telnet"))
         # the worker's dispatcher configuration: its TFTP root is the one the board's QEMU serves
-        lab_service.set_worker_text(SYSTEM, WORKER, "config", yaml.safe_dump(arm64_board.dispatcher()))
+        inventory.set_worker_text(SYSTEM, WORKER, "config", yaml.safe_dump(arm64_board.dispatcher()))
         token = create_token("admin", admin=True)
     broker = Broker("tcp://127.0.0.1:*", heartbeat=0.5).bind().start()
     server = MasterServer(port=0, scheduler_interval=2.0, publish_site=False).start()

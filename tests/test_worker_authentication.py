@@ -21,21 +21,18 @@ from pathlib import Path
 
 import pytest
 import zmq
-from test_broker_support import BrokerLab, FakeAgent, ProcessLab, make_broker_lab, running_process_lab, wait_for
-from test_master_support import job_text
+from support.broker import BrokerLab, FakeAgent, ProcessLab, make_broker_lab, running_process_lab, wait_for
+from support.master import job_text
 
 from agent import messages as m
 from agent.enrolment import fingerprint, token_digest
 from agent.transport import CurveKeys
-from master import certificates, jobs
-from master import lab as lab_service
+from master import certificates, inventory, jobs
 from master.db import connection
 from master.errors import Conflict, Forbidden, Invalid, Unauthorized
 from master.models import JoinToken, Worker
 from master.scheduler import Scheduler
 from master.users import SYSTEM
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized database_url fixture
 
 #: what a worker's connection must never receive before it is admitted
 JOB_MESSAGES = (m.Start, m.Cancel, m.Status, m.Welcome)
@@ -79,7 +76,7 @@ def test_a_connection_claiming_a_worker_without_its_key_receives_nothing(
     stranger.close()
     # the key of another registered worker: refused, and told so, but nothing of w1's
     with connection():
-        lab_service.add_worker(SYSTEM, "w2")
+        inventory.add_worker(SYSTEM, "w2")
     thief = broker_lab.agent("w1", curve=broker_lab.curve("w2"))
     got = received(thief)
     assert got and all(isinstance(msg, m.Refused) and msg.code == "key" for msg in got), got
@@ -145,7 +142,7 @@ def test_rotation_keeps_the_old_key_until_a_new_one_is_enrolled(broker_lab: Brok
 def test_join_tokens_are_single_use_expire_and_enrol_one_worker(broker_lab: BrokerLab) -> None:
     admin = broker_lab.lab.user("admin")
     with connection():
-        lab_service.add_worker(SYSTEM, "w2")
+        inventory.add_worker(SYSTEM, "w2")
         issued = certificates.issue_join_token(admin, "w2", "30m")
         token = issued["token"]
         master = certificates.master_public_key()
@@ -440,12 +437,12 @@ def test_plain_mode_needs_the_flag_and_is_logged_loudly(tmp_path: Path) -> None:
 def test_an_older_lab_is_upgraded_with_its_worker_keys(tmp_path: Path, database_url: str | None) -> None:
     """A database of the previous release (no join_tokens, no master_keys) is migrated, and the
     key files of its old key directory are taken into the database when the broker starts."""
-    from test_master_support import build_lab
+    from support.master import build_lab
 
     from agent.transport import write_certificate
     from master.broker import Broker
     from master.db import db
-    from master.migrations import MIGRATIONS, current_version, migrate
+    from master.migrations import LATEST, MIGRATIONS, current_version, migrate
     from master.models import SchemaVersion
 
     lab = build_lab(tmp_path / "data", database_url)
@@ -453,7 +450,7 @@ def test_an_older_lab_is_upgraded_with_its_worker_keys(tmp_path: Path, database_
         db.obj.execute_sql("DROP TABLE join_tokens")
         db.obj.execute_sql("DROP TABLE master_keys")
         SchemaVersion.delete().where(SchemaVersion.version >= 5).execute()
-        assert migrate() == [(5, MIGRATIONS[4][1])] and current_version() == 5
+        assert migrate()[0] == (5, MIGRATIONS[4][1]) and current_version() == LATEST
         assert certificates.master_public_key() is None
     public, _ = zmq.curve_keypair()
     old = lab.instance.data_dir / "certificates" / "workers"

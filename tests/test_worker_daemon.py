@@ -12,15 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_broker_support import BrokerLab, db_wait, fake_runner, make_broker_lab, wait_for
-from test_master_support import job_text
+from support.broker import BrokerLab, db_wait, fake_runner, make_broker_lab, wait_for
+from support.master import job_text
 
 from agent import worker as agent_worker
 from agent.transport import CertificateError
 from agent.worker import AgentConfig, Worker, build_config, job_environment
-from master import jobs
-from master import lab as lab_service
-from master.broker import Broker, results_in_lines
+from master import inventory, jobs
+from master.broker import Broker
 from master.db import connection
 from master.instance import current
 from master.models import Device, Job
@@ -29,6 +28,7 @@ from master.scheduler import Scheduler
 from master.states import DeviceHealth, JobHealth, JobState
 from master.users import SYSTEM
 from results.logfile import LogFile
+from results.record import results_in_lines
 
 
 @pytest.fixture
@@ -119,8 +119,8 @@ def assert_same_log_and_results(job_id: int, spool: Path) -> list[str]:
 
 def test_job_runs_and_streams_everything(broker_lab: BrokerLab, agent, tmp_path: Path) -> None:
     with connection():
-        lab_service.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  PUMICE_TEST_ENV: from-the-master\n")
-        lab_service.set_worker_text(SYSTEM, "w1", "config", "dispatcher_ip: 192.0.2.7\n")
+        inventory.set_worker_text(SYSTEM, "w1", "env", "overrides:\n  PUMICE_TEST_ENV: from-the-master\n")
+        inventory.set_worker_text(SYSTEM, "w1", "config", "dispatcher_ip: 192.0.2.7\n")
     running = agent()
     job_id = submit(broker_lab, "lines=2500 delay=0")
     job = finished(job_id)

@@ -12,7 +12,7 @@ import xmlrpc.client
 import pytest
 import yaml
 import zmq
-from test_master_support import job_text
+from support.master import job_text
 
 from master import jobs
 from master.client import Client
@@ -22,8 +22,6 @@ from master.server import MasterServer
 from master.xmlrpc import METHODS
 from results.log import LogRecord
 from results.record import JOB_LEVEL, Result
-
-pytest_plugins = ["test_master_support"]  # the backend-parametrized lab fixtures
 
 
 @pytest.fixture

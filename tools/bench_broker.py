@@ -225,24 +225,23 @@ def latency_and_rss(work: Path) -> None:
 def prepare_throughput_lab(data: Path) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """AGENTS workers, each with a device, a Scheduled job and a registered CURVE key (set up
     in-process: fast); returns the master's public key and the workers' key pairs."""
-    from master import certificates, jobs
-    from master import lab as lab_service
+    from master import certificates, inventory, jobs
     from master.db import close_database
     from master.instance import open_instance
     from master.scheduler import Scheduler
     from master.users import SYSTEM, get_or_create_user
 
     open_instance(data)
-    lab_service.add_device_type(SYSTEM, "qemu")
+    inventory.add_device_type(SYSTEM, "qemu")
     dictionary = (ROOT / "tests" / "data" / "qemu-amd64.jinja2").read_text()
     master_public, _ = certificates.load_master_keys()
     keys = [zmq.curve_keypair() for _ in range(AGENTS)]
     for n in range(AGENTS):
-        lab_service.add_worker(SYSTEM, f"sim-{n:03d}")
+        inventory.add_worker(SYSTEM, f"sim-{n:03d}")
         certificates.set_worker_key(SYSTEM, f"sim-{n:03d}", keys[n][0].decode())
-        lab_service.add_device(SYSTEM, f"dev-{n:03d}", "qemu", worker=f"sim-{n:03d}", health="Good",
+        inventory.add_device(SYSTEM, f"dev-{n:03d}", "qemu", worker=f"sim-{n:03d}", health="Good",
                                dictionary=dictionary)
-        lab_service.worker_seen(f"sim-{n:03d}", "0.1.0")
+        inventory.worker_seen(f"sim-{n:03d}", "0.1.0")
     user = get_or_create_user("bench")
     for _ in range(AGENTS):
         jobs.submit_job(MINI_JOB.format(url="http://images.example/kernel"), user)  # simulated: never fetched

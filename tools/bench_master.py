@@ -209,17 +209,17 @@ def bench_submissions(clients: int = 4, per_client: int = 150, threads: int = 8,
     """Validated submissions per second over HTTP from ``clients`` concurrent client processes, and
     the master's CPU time per submission in ms (what the rate is bound by on a busy machine), its
     validator processes included."""
-    from master import lab
+    from master import inventory
     from master.server import MasterServer
     from master.users import SYSTEM, create_token
 
     with tempfile.TemporaryDirectory() as data:
         open_instance(data)
-        lab.add_device_type(SYSTEM, "qemu")
-        lab.add_worker(SYSTEM, "w1")
+        inventory.add_device_type(SYSTEM, "qemu")
+        inventory.add_worker(SYSTEM, "w1")
         for i in range(4):
-            lab.add_device(SYSTEM, f"qemu{i:02d}", "qemu", worker="w1", health="Good", dictionary=QEMU_DICTIONARY)
-        lab.worker_seen("w1", "bench")
+            inventory.add_device(SYSTEM, f"qemu{i:02d}", "qemu", worker="w1", health="Good", dictionary=QEMU_DICTIONARY)
+        inventory.worker_seen("w1", "bench")
         token = create_token("bench")
         server = MasterServer("127.0.0.1", 0, threads=threads, publish_site=False, validators=validators).start()
         try:
@@ -255,8 +255,8 @@ def bench_alias_bomb(rounds: int = 20) -> dict[str, float]:
     largest) to refuse a 1 KB alias bomb, over ``rounds`` submissions to a real master process;
     and the bomb's size in bytes."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_hostile_support import MasterProcess, bomb_job
-    from test_master_support import job_text
+    from support.hostile import MasterProcess, bomb_job
+    from support.master import job_text
 
     text = bomb_job("context")
     seconds, growth = [], []

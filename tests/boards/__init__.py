@@ -3,8 +3,8 @@
 would write for it.
 
 ``start_board(uboot, directory)`` returns a running :class:`Arm64Board`; ``board.stop()`` ends
-every process it started (the cable, ser2net, a powered QEMU). The pytest fixtures are in
-``boards.fixtures`` (``from boards.fixtures import *`` in a test module).
+every process it started (the cable, ser2net, a powered QEMU). The pytest fixtures
+``arm64_board`` and ``board`` are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations

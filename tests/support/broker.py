@@ -2,7 +2,7 @@
 
 - ``FakeAgent``: a raw DEALER that speaks :mod:`agent.messages` by hand, to drive the broker
   message by message (and to misbehave: wrong versions, gaps, duplicates).
-- ``make_broker_lab``: the master's test lab (:func:`test_master_support.build_lab`) with a broker
+- ``make_broker_lab``: the master's test lab (:func:`support.master.build_lab`) with a broker
   running in a thread on a free loopback port, authenticating workers with CURVE as a master does
   by default: ``BrokerLab.curve(hostname)`` gives a registered worker a key of its own (an
   unregistered name gets a key nobody knows), and ``BrokerLab.agent()`` connects with it.
@@ -24,7 +24,6 @@ import pytest
 import yaml
 import zmq
 from conftest import allowing
-from test_master_support import build_lab, job_text
 
 from agent.messages import PROTOCOL_VERSION, Hello, Message, Ping, Pong, Welcome, decode, encode
 from agent.transport import CurveKeys, write_certificate
@@ -33,8 +32,9 @@ from master.broker import Broker
 from master.db import close_database, connection
 from master.models import Worker
 from master.users import SYSTEM
+from support.master import build_lab, job_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "the condition",

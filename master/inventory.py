@@ -1,4 +1,4 @@
-"""The lab (service layer): device types, devices, device dictionaries and workers.
+"""The lab's inventory (service layer): device types, devices, device dictionaries, workers and tags.
 
 Plain functions over the models, shared by the REST API, the CLI and the broker (``worker_seen``).
 Changing the lab requires an admin (the CLI acts as :data:`master.users.SYSTEM`); reading it does
@@ -24,11 +24,21 @@ from master.db import db
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
 from master.models import Device, DeviceTag, DeviceType, Tag, User, Worker, iso, utcnow
-from master.states import DeviceHealth, DeviceState, WorkerHealth, WorkerState, check_choice, parse_count
+from master.states import (
+    DEFAULT_HEALTH_DENOMINATOR,
+    DEFAULT_HEALTH_FREQUENCY,
+    DeviceHealth,
+    DeviceState,
+    WorkerHealth,
+    WorkerState,
+    check_choice,
+    given,
+    parse_count,
+)
 from master.validation import bare_dictionary, check_definition, render_device, stored_templates
 from results import bounded
 
-log = logging.getLogger("pumice.lab")
+log = logging.getLogger("pumice.inventory")
 
 #: device type, device, worker and tag names: safe in URLs, file names and template names
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -48,13 +58,6 @@ def _check_name(kind: str, name: str, pattern: re.Pattern[str] = NAME_RE) -> str
         raise Invalid(f"bad {kind} name {name!r}: use letters, digits, '_', '.' and '-' "
                       f"(at most {100 if pattern is NAME_RE else 200} characters)")
     return name
-
-
-def _choice(what: str, value: str, allowed: tuple[str, ...]) -> str:
-    try:
-        return check_choice(what, value, allowed)
-    except ValueError as exc:
-        raise Invalid(str(exc)) from None
 
 
 def _yaml_mapping(what: str, text: str | None) -> str | None:
@@ -145,13 +148,13 @@ def _template_exists(name: str) -> bool:
         return False
 
 
-def add_device_type(user: User | None, name: str, *, description: str = "", template: str | None = None,
-                    health_check: str | None = None, health_frequency: int | str = 24,
-                    health_denominator: str = "hours", display: bool = True) -> dict[str, Any]:
+def add_device_type(user: User | None, name: str, *, description: str | None = None, template: str | None = None,
+                    health_check: str | None = None, health_frequency: int | str | None = None,
+                    health_denominator: str | None = None, display: bool = True) -> dict[str, Any]:
     """Add a device type. Its template is the packaged/site file ``NAME.jinja2`` unless ``template``
     is given (stored in the database)."""
     require_admin(user, "add device types")
-    health_frequency = parse_count("health_frequency", health_frequency, 1)
+    health_frequency = parse_count("health_frequency", given(health_frequency, DEFAULT_HEALTH_FREQUENCY), 1)
     _check_name("device type", name)
     if DeviceType.select().where(DeviceType.name == name).exists():
         raise Conflict(f"device type {name!r} exists already")
@@ -160,7 +163,8 @@ def add_device_type(user: User | None, name: str, *, description: str = "", temp
     elif not _template_exists(name):
         raise Invalid(f"no template {name}.jinja2 for device type {name!r}: install one in the site's "
                       "device-types directory or give the template text")
-    denominator = _choice("health denominator", health_denominator, ("hours", "jobs"))
+    denominator = check_choice("health denominator", given(health_denominator, DEFAULT_HEALTH_DENOMINATOR),
+                               ("hours", "jobs"))
     DeviceType.create(name=name, description=description or "", template=template,
                       health_frequency=health_frequency, health_denominator=denominator,
                       display=bool(display))
@@ -177,10 +181,10 @@ def update_device_type(user: User | None, name: str, *, description: str | None 
     dt = get_device_type(name)
     if description is not None:
         dt.description = description
-    if health_frequency is not None:
+    if given(health_frequency, None) is not None:
         dt.health_frequency = parse_count("health_frequency", health_frequency, 1)
-    if health_denominator is not None:
-        dt.health_denominator = _choice("health denominator", health_denominator, ("hours", "jobs"))
+    if given(health_denominator, None) is not None:
+        dt.health_denominator = check_choice("health denominator", health_denominator, ("hours", "jobs"))
     if display is not None:
         dt.display = bool(display)
     dt.save()
@@ -270,8 +274,8 @@ def show_worker(hostname: str) -> dict[str, Any]:
     return record
 
 
-def add_worker(user: User | None, hostname: str, *, description: str = "", disabled: bool = False,
-               job_limit: int | str = 0) -> dict[str, Any]:
+def add_worker(user: User | None, hostname: str, *, description: str | None = None, disabled: bool = False,
+               job_limit: int | str | None = None) -> dict[str, Any]:
     """Add a worker; ``disabled`` adds it Retired (as LAVA's ``workers add --disabled``)."""
     require_admin(user, "add workers")
     _check_name("worker", hostname, HOSTNAME_RE)
@@ -279,7 +283,7 @@ def add_worker(user: User | None, hostname: str, *, description: str = "", disab
         raise Conflict(f"worker {hostname!r} exists already")
     worker = Worker.create(hostname=hostname, description=description or "",
                            health=WorkerHealth.RETIRED if disabled else WorkerHealth.ACTIVE,
-                           job_limit=parse_count("job_limit", job_limit))
+                           job_limit=parse_count("job_limit", given(job_limit, 0)))
     _lab_changed()
     return worker_record(worker)
 
@@ -291,8 +295,8 @@ def update_worker(user: User | None, hostname: str, *, description: str | None =
     if description is not None:
         worker.description = description
     if health is not None:
-        worker.health = _choice("worker health", health, WorkerHealth.ALL)
-    if job_limit is not None:
+        worker.health = check_choice("worker health", health, WorkerHealth.ALL)
+    if given(job_limit, None) is not None:
         worker.job_limit = parse_count("job_limit", job_limit)
     worker.save()
     _lab_changed("worker_changed", workers=[hostname])
@@ -391,9 +395,9 @@ def list_devices(*, device_type: str | None = None, worker: str | None = None, s
     if worker:
         query = query.where(Device.worker.in_(Worker.select(Worker.id).where(Worker.hostname == worker)))
     if state:
-        query = query.where(Device.state == _choice("device state", state, DeviceState.ALL))
+        query = query.where(Device.state == check_choice("device state", state, DeviceState.ALL))
     if health:
-        query = query.where(Device.health == _choice("device health", health, DeviceHealth.ALL))
+        query = query.where(Device.health == check_choice("device health", health, DeviceHealth.ALL))
     if tag:
         query = query.where(Device.id.in_(DeviceTag.select(DeviceTag.device).join(Tag).where(Tag.name == tag)))
     return device_records(query.order_by(Device.hostname))
@@ -413,14 +417,14 @@ def _set_tags(device: Device, names: Iterable[str]) -> None:
 
 
 def add_device(user: User | None, hostname: str, device_type: str, *, worker: str | None = None,
-               tags: Iterable[str] = (), description: str = "", health: str = DeviceHealth.UNKNOWN,
+               tags: Iterable[str] | None = None, description: str | None = None, health: str | None = None,
                dictionary: str | None = None) -> dict[str, Any]:
     """Add a device (health Unknown by default: its health check runs before any job)."""
     require_admin(user, "add devices")
     _check_name("device", hostname, HOSTNAME_RE)
     dt = get_device_type(device_type)
     owner = get_worker(worker) if worker else None
-    health = _choice("device health", health, DeviceHealth.ALL)
+    health = check_choice("device health", given(health, DeviceHealth.UNKNOWN), DeviceHealth.ALL)
     if dictionary is not None:
         dictionary = _checked_dictionary(hostname, dictionary)
     with db.atomic():
@@ -428,7 +432,7 @@ def add_device(user: User | None, hostname: str, device_type: str, *, worker: st
             raise Conflict(f"device {hostname!r} exists already")
         device = Device.create(hostname=hostname, device_type=dt, worker=owner, description=description or "",
                                health=health, dictionary=dictionary)
-        _set_tags(device, tags)
+        _set_tags(device, tags or ())
     _lab_changed("device_changed", devices=[hostname])
     return show_device(hostname)
 
@@ -441,7 +445,7 @@ def update_device(user: User | None, hostname: str, *, health: str | None = None
     with db.atomic():
         device = get_device(hostname)
         if health is not None:
-            device.health = _choice("device health", health, DeviceHealth.ALL)
+            device.health = check_choice("device health", health, DeviceHealth.ALL)
         if worker is not _UNSET:
             device.worker = get_worker(worker) if worker else None
         if description is not None:
@@ -452,7 +456,7 @@ def update_device(user: User | None, hostname: str, *, health: str | None = None
             device.device_type = get_device_type(device_type)
         device.save()
         if tags is not None:
-            _set_tags(device, tags)
+            _set_tags(device, tags or ())
     _lab_changed("device_changed", devices=[hostname])
     return show_device(hostname)
 
@@ -489,7 +493,7 @@ def set_dictionary(user: User | None, hostname: str, text: str) -> None:
     events.publish("device_changed", devices=[hostname])
 
 
-def review_dictionary(hostname: str, context: dict | None = None) -> str:
+def device_yaml(hostname: str, context: dict | None = None) -> str:
     """The device YAML the agent gets for this device (the dictionary rendered with its template)."""
     try:
         return render_device(get_dictionary(hostname), context)

@@ -25,8 +25,9 @@ from pathlib import Path
 import yaml
 from conftest import allowing
 from memory import TreeMeter
-from test_broker_support import add_qemu_lab, free_port, master_cli, wait_for
-from test_master_support import LOCAL_IMAGES, job_text
+
+from support.broker import add_qemu_lab, free_port, master_cli, wait_for
+from support.master import LOCAL_IMAGES, job_text
 
 #: what refusing a hostile document may cost the master's process tree (kB), and how long (s)
 BUDGET_KB = 5 * 1024

@@ -1,13 +1,15 @@
-"""Shared fixtures and helpers of the master's tests (no tests here).
+"""Helpers of the master's tests: the database backends and a small lab.
 
-``backend`` runs a test on SQLite and, when ``PUMICE_TEST_PG`` is set, on PostgreSQL in a fresh
-schema of its own (created before the test, dropped after), so parallel or repeated runs never
-collide. ``lab`` opens an instance in a temporary data directory with a small lab: the qemu device
-type, worker w1 (online), devices qemu01/qemu02, and tokens for admin, alice and bob.
+:data:`BACKENDS` are SQLite and, when ``PUMICE_TEST_PG`` is set, PostgreSQL (the ``database_url``
+fixture of conftest.py gives each test a fresh schema of its own there, created before the test
+and dropped after, so parallel or repeated runs never collide). :func:`build_lab` opens an instance
+in a data directory with a small lab: the qemu device type, worker w1 (online), devices
+qemu01/qemu02, and tokens for admin, alice and bob (the ``lab`` fixture).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,9 +19,8 @@ from urllib.parse import quote
 
 import pytest
 import yaml
-from conftest import allowing
 
-from master import lab as lab_service
+from master import inventory
 from master.db import close_database
 from master.instance import Instance, open_instance
 from master.users import SYSTEM, authenticate, create_token
@@ -27,7 +28,7 @@ from master.users import SYSTEM, authenticate, create_token
 PG_URL = os.environ.get("PUMICE_TEST_PG", "")
 CORPUS = Path(
     os.environ.get("PUMICE_LAVA_CORPUS")
-    or Path(__file__).resolve().parent.parent.parent / "shared" / "lava-corpus"
+    or Path(__file__).resolve().parents[3] / "shared" / "lava-corpus"
 )
 
 BACKENDS = [
@@ -103,7 +104,7 @@ def corpus_file(relative: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _pg_admin(sql: str) -> None:
+def pg_admin(sql: str) -> None:
     import psycopg2
 
     conn = psycopg2.connect(PG_URL)
@@ -115,21 +116,24 @@ def _pg_admin(sql: str) -> None:
         conn.close()
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """None for SQLite (the data directory's file), or a PostgreSQL URL with a fresh schema."""
-    if request.param == "sqlite":
-        yield None
-        close_database()
+@contextlib.contextmanager
+def database(backend: str) -> Iterator[str | None]:
+    """None for SQLite (the data directory's file), or a PostgreSQL URL with a fresh schema of its
+    own, dropped afterwards; the master's database connection is closed afterwards either way."""
+    if backend == "sqlite":
+        try:
+            yield None
+        finally:
+            close_database()
         return
     schema = f"pumice_test_{uuid.uuid4().hex[:12]}"
-    _pg_admin(f"CREATE SCHEMA {schema}")
+    pg_admin(f"CREATE SCHEMA {schema}")
     sep = "&" if "?" in PG_URL else "?"
     try:
         yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
     finally:
         close_database()
-        _pg_admin(f"DROP SCHEMA {schema} CASCADE")
+        pg_admin(f"DROP SCHEMA {schema} CASCADE")
 
 
 @dataclass
@@ -144,27 +148,24 @@ class Lab:
 
 def build_lab(data_dir: Path, database_url: str | None, *, devices: int = 2, name: str = "test-lab",
               url: str = "http://lab.example") -> Lab:
+    from conftest import allowing  # conftest imports this module: its helper is taken when called
+
     instance = open_instance(data_dir, database_url, name=name, url=url)
-    lab_service.add_device_type(SYSTEM, "qemu", description="QEMU x86_64")
-    lab_service.add_worker(SYSTEM, "w1", description="the test worker")
+    inventory.add_device_type(SYSTEM, "qemu", description="QEMU x86_64")
+    inventory.add_worker(SYSTEM, "w1", description="the test worker")
     # the test job downloads from http://127.0.0.1/ (never fetched: these runners are fakes)
-    lab_service.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(allowing(addresses=[LOCAL_IMAGES])))
+    inventory.set_worker_text(SYSTEM, "w1", "config", yaml.safe_dump(allowing(addresses=[LOCAL_IMAGES])))
     for number in range(1, devices + 1):
-        lab_service.add_device(
+        inventory.add_device(
             SYSTEM, f"qemu{number:02d}", "qemu", worker="w1", health="Good", dictionary=QEMU_DICTIONARY
         )
-    lab_service.worker_seen("w1", "0.1.0")
+    inventory.worker_seen("w1", "0.1.0")
     tokens = {
         "admin": create_token("admin", admin=True),
         "alice": create_token("alice"),
         "bob": create_token("bob"),
     }
     return Lab(instance, database_url, tokens)
-
-
-@pytest.fixture
-def lab(tmp_path: Path, database_url: str | None) -> Lab:
-    return build_lab(tmp_path / "data", database_url)
 
 
 def stop_server(server) -> None:
