@@ -520,6 +520,10 @@ def make_app() -> Bottle:
         response.status = 201
         return reply
 
+    from master.api_notify import install as install_notify
+
+    install_notify(route)
+
     # LAVA's XML-RPC API (lavacli) at /RPC2: the same service layer behind a second front door
     from master.xmlrpc import install as install_xmlrpc
 

@@ -7,6 +7,7 @@
     pumice-master device-types add|list
     pumice-master device-dictionary --hostname X --import F | --export | --review
     pumice-master tokens create --user U [--admin]
+    pumice-master remote-tokens add|delete|list --user U [NAME [TOKEN]]
 
 Every command takes ``--data DIR`` (default ``$PUMICE_DATA`` or ``/var/lib/pumice``) and
 ``--database URL`` (default ``$PUMICE_DATABASE``, else SQLite in the data directory). Commands act
@@ -70,7 +71,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not host or not port.isdigit():
         raise SystemExit(f"pumice-master: bad --http {args.http!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
     from master.broker import start_from_args
+    from master.notify import configure, settings_from_args
 
+    try:
+        configure(settings_from_args(args))
+    except ValueError as exc:
+        raise SystemExit(f"pumice-master: {exc}") from None
     server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval,
                           validators=args.validators)
     print(f"pumice master on {server.url} (data {args.data})", flush=True)
@@ -203,6 +209,24 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remote_tokens(args: argparse.Namespace) -> int:
+    from master import remote_tokens
+    from master.users import get_user
+
+    owner = get_user(args.user)
+    if args.remote_command == "add":
+        value = sys.stdin.readline().strip() if args.token == "-" else args.token
+        remote_tokens.add_token(owner, args.name, value)
+        print(f"remote token {args.name} of {args.user} set")
+    elif args.remote_command == "delete":
+        remote_tokens.delete_token(owner, args.name)
+        print(f"remote token {args.name} of {args.user} deleted")
+    else:  # the values are the user's secrets: the list shows names only
+        for row in remote_tokens.list_tokens(owner):
+            print(row["name"])
+    return 0
+
+
 # ---- parser ----
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     from master import broker
 
     broker.add_arguments(p)
+    from master import notify
+
+    notify.add_arguments(p)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     leaf(db, "migrate", cmd_db_migrate, "apply pending schema migrations")
@@ -323,6 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="the user (created if missing)")
     p.add_argument("--admin", action="store_true", help="make the user an admin")
     p.add_argument("--description")
+
+    remote = sub.add_parser("remote-tokens", help="users' named tokens for notify callbacks").add_subparsers(
+        dest="remote_command", required=True)
+    p = leaf(remote, "add", cmd_remote_tokens, "set a user's named remote token (a job's notify callback "
+             "'token: NAME' sends it)")
+    p.add_argument("--user", required=True)
+    p.add_argument("name")
+    p.add_argument("token", help="the value ('-': read one line from stdin, kept out of the process list)")
+    p = leaf(remote, "delete", cmd_remote_tokens, "delete a user's named remote token")
+    p.add_argument("--user", required=True)
+    p.add_argument("name")
+    p = leaf(remote, "list", cmd_remote_tokens, "list the names of a user's remote tokens")
+    p.add_argument("--user", required=True)
     return parser
 
 

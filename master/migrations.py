@@ -15,7 +15,16 @@ from playhouse.migrate import SchemaMigrator
 from playhouse.migrate import migrate as migrate_columns
 
 from master.db import db
-from master.models import JOB_QUEUE_INDEX, MODELS, Device, Job, JoinToken, MasterKey, SchemaVersion
+from master.models import (
+    JOB_QUEUE_INDEX,
+    MODELS,
+    NOTIFY_MODELS,
+    Device,
+    Job,
+    JoinToken,
+    MasterKey,
+    SchemaVersion,
+)
 
 log = logging.getLogger("pumice.migrations")
 
@@ -61,13 +70,19 @@ def _worker_enrolment(database: Database) -> None:
     database.create_tables([JoinToken, MasterKey])
 
 
-#: (version, name, step); versions are consecutive from 1
+def _notifications(database: Database) -> None:
+    # new tables only (no column of an existing table changes): applies after any step 6
+    database.create_tables(NOTIFY_MODELS, safe=True)
+
+
+#: (version, name, step), in ascending versions from 1
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "jobs.source: where an imported job comes from", _job_source),
     (3, "jobs_queue: the queue index in scheduling order; devices updated in place", _scheduling_order),
     (4, "jobs.local_urls: what a job reads from its worker itself (the file policy)", _job_local_urls),
     (5, "join_tokens, master_keys: worker enrolment with one-time join tokens", _worker_enrolment),
+    (7, "notifications: job_notify, the notifications outbox and its attempts, remote_tokens", _notifications),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -98,8 +98,13 @@ class MasterServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
                  scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True,
-                 validators: int | None = None) -> None:
+                 validators: int | None = None, notify: bool = True) -> None:
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
+        from master.notify import settings as notify_settings
+        from master.outbox import Outbox
+
+        # the notification sender (master.outbox); held (--notify-hold): the outbox only fills
+        self.outbox = Outbox() if notify and notify_settings().deliver else None
         self.publisher = SitePublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
         self.validators = ValidatorPool(processes) if processes > 0 else None
@@ -125,6 +130,8 @@ class MasterServer:
             self.scheduler.start()
         if self.publisher:
             self.publisher.start()
+        if self.outbox:
+            self.outbox.start()
 
     def start(self) -> MasterServer:
         """Serve in background threads; returns at once."""
@@ -165,6 +172,8 @@ class MasterServer:
             self.scheduler.stop()
         if self.publisher:
             self.publisher.stop()
+        if self.outbox:
+            self.outbox.stop()
         if self.validators is not None:
             self.validators.stop()
 

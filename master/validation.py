@@ -64,6 +64,8 @@ class JobRequest:
     context: dict[str, Any] = field(default_factory=dict)
     #: what the job reads from its worker itself, ``[[kind, location], ...]`` (see agent.policy)
     local_urls: list[list[str]] = field(default_factory=list)
+    #: the checked ``notify:`` block (master.notify), None without one
+    notify: dict[str, Any] | None = None
 
 
 # ---- the lab as submissions see it (cached briefly) ----
@@ -345,6 +347,11 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         log.warning("device %s does not render: %s", device.hostname, exc)
         raise fault(("device_type",), f"the configuration of device {device.hostname} ({name}) does not "
                                       f"render, ask the lab admins: {exc}") from None
+    notify_spec = None
+    if "notify" in data:  # a refused callback URL or recipient fails the submission before the pipeline check
+        from master.notify import check_notify
+
+        notify_spec = check_notify(data["notify"], doc)
     qemu, reads = qemu_faults(data, config, own, doc)
     # what the job reads from the worker itself must be allowed by some worker that can run it
     local = local_accesses(data) + reads
@@ -356,7 +363,7 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
     return JobRequest(
         definition=text, name=str(data.get("job_name", "")), device_type=dtype, tags=tags,
         priority=priority, visibility=visibility if isinstance(visibility, str) else "group",
-        context=context, local_urls=[[access.kind, access.location] for access in local],
+        context=context, local_urls=[[access.kind, access.location] for access in local], notify=notify_spec,
     )
 
 

@@ -37,7 +37,7 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 import yaml
 from bottle import Bottle, HTTPResponse, request
 
-from master import certificates, diskfull, jobs, lab
+from master import certificates, diskfull, jobs, lab, remote_tokens
 from master.db import connection
 from master.errors import Invalid, NotFound, ServiceError, StorageFull, Unauthorized
 from master.instance import current
@@ -848,3 +848,30 @@ def install(app: Bottle) -> None:
     for path in (PATH, PATH + "/"):
         app.route(path, "POST", rpc)
         app.route(path, "GET", rpc_help)
+
+
+# ---- remote tokens (lavacli tokens) ----
+
+@method("scheduler.remote_artifact_tokens.list")
+def remote_tokens_list(user: User | None) -> list[dict[str, str]]:
+    """scheduler.remote_artifact_tokens.list(): the caller's named remote tokens, [{name, token}]."""
+    return remote_tokens.list_tokens(user)
+
+
+@method("scheduler.remote_artifact_tokens.show")
+def remote_tokens_show(user: User | None, name: str) -> str:
+    """scheduler.remote_artifact_tokens.show(name): the value of the caller's token ``name``."""
+    return remote_tokens.show_token(user, name)
+
+
+@method("scheduler.remote_artifact_tokens.add")
+def remote_tokens_add(user: User | None, name: str, token: str) -> None:
+    """scheduler.remote_artifact_tokens.add(name, token): set the caller's token ``name`` (a job's
+    ``notify: callback: token: name`` sends it)."""
+    remote_tokens.add_token(user, name, token)
+
+
+@method("scheduler.remote_artifact_tokens.delete")
+def remote_tokens_delete(user: User | None, name: str) -> None:
+    """scheduler.remote_artifact_tokens.delete(name): remove the caller's token ``name``."""
+    remote_tokens.delete_token(user, name)
