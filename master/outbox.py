@@ -363,6 +363,23 @@ class Outbox:
         level = logging.INFO if outcome.ok else logging.WARNING
         log.log(level, "job %d %s to %s: attempt %d: %s", row.job_id, row.kind,
                 url_for_display(row.target) if row.kind == "callback" else row.target, number, outcome.text)
+        self._write_file(row.job_id)
+        if Notification.status in fields:  # delivered or given up: the job's page shows it
+            events.publish("job_notified", job_ids=[row.job_id])
+
+    def _write_file(self, job_id: int) -> None:
+        """The job's notifications.yaml in the store (what its page shows); a failure only logged."""
+        import yaml
+
+        from master.instance import current
+        from master.users import SYSTEM
+
+        try:
+            with connection():
+                rows = job_notifications(job_id, SYSTEM)
+            current().store.write_file(job_id, "notifications.yaml", yaml.safe_dump(rows, sort_keys=False))
+        except Exception as exc:
+            log.warning("job %d: notifications.yaml not written: %s", job_id, exc)
 
     # ---- the thread ----
 

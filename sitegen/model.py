@@ -64,6 +64,8 @@ class JobView:
     description: list | None = None
     log_path: Path | None = None
     stamp: str = ""
+    #: the job's notify callbacks and emails with their attempts (the master's notifications.yaml)
+    notifications: list = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -158,6 +160,13 @@ def load_job(store: ArtifactStore, job_id: int) -> JobView:
         job.description = _pipeline_of(description)
     log_path = job_dir / "output.yaml"
     job.log_path = log_path if log_path.exists() else None
+    notifications = store.read_file(job_id, "notifications.yaml")
+    if notifications:
+        try:
+            rows = load_data(notifications)
+        except yaml.YAMLError as exc:
+            raise SiteError(f"{job_dir / 'notifications.yaml'}: not valid YAML: {exc}") from exc
+        job.notifications = rows if isinstance(rows, list) else []
     return job
 
 

@@ -560,3 +560,22 @@ def test_remote_tokens_over_rest_xmlrpc_lavacli_and_the_cli(nlab, receiver: Rece
         assert "from-lavacli" not in json.dumps(page)
     finally:
         stop_server(server)
+
+
+def test_the_job_page_shows_each_attempt(nlab, receiver: Receiver) -> None:
+    receiver.answers = [500]
+    with connection():
+        remote_tokens.add_token(nlab.user("alice"), "kci", "page-s3cret")
+        job_id = run_job(notify_job({"criteria": {"status": "finished"},
+                                     "callback": {"url": f"{receiver.url}/page", "token": "kci"}}),
+                         nlab.user("alice"))
+        import datetime as _dt
+
+        outbox = Outbox()
+        deliver(outbox)
+        deliver(outbox, _dt.datetime.now(_dt.UTC).replace(tzinfo=None) + _dt.timedelta(seconds=2))
+        jobs.publish_pages(job_id)
+    page = (nlab.instance.site_dir / "jobs" / str(job_id) / "index.html").read_text()
+    assert "Notifications" in page and f"{receiver.url}/page" in page
+    assert "HTTP 500 Internal Server Error" in page and "HTTP 200" in page and "delivered" in page
+    assert "page-s3cret" not in page
