@@ -523,6 +523,9 @@ def make_app() -> Bottle:
     from master.api_notify import install as install_notify
 
     install_notify(route)
+    from master.api_lava import install as install_lava_paths
+
+    install_lava_paths(app, PREFIX)
 
     # LAVA's XML-RPC API (lavacli) at /RPC2: the same service layer behind a second front door
     from master.xmlrpc import install as install_xmlrpc

@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"pumice-master: {exc}") from None
     server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval,
-                          validators=args.validators)
+                          validators=args.validators, event_socket=args.event_socket)
     print(f"pumice master on {server.url} (data {args.data})", flush=True)
     broker = start_from_args(args)
     try:
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     from master import notify
 
     notify.add_arguments(p)
+    from master import publisher
+
+    publisher.add_arguments(p)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     leaf(db, "migrate", cmd_db_migrate, "apply pending schema migrations")

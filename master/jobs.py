@@ -43,7 +43,7 @@ from results.redact import redact_definition
 log = logging.getLogger("pumice.jobs")
 
 #: what ``list_jobs`` may filter on (query parameter -> column)
-JOB_FILTERS = ("state", "health", "device_type", "device", "submitter", "health_check")
+JOB_FILTERS = ("state", "health", "device_type", "device", "submitter", "health_check", "requested_device_type")
 MAX_PAGE = 1000
 
 
@@ -336,7 +336,7 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
             query = query.where(Job.state == _choice("state", value, JobState.ALL))
         elif key == "health":
             query = query.where(Job.health == _choice("health", value, JobHealth.ALL))
-        elif key == "device_type":
+        elif key in ("device_type", "requested_device_type"):  # the second is LAVA's REST name
             query = query.where(Job.requested_device_type.in_(
                 DeviceType.select(DeviceType.id).where(DeviceType.name == value)))
         elif key == "device":

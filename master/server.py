@@ -99,13 +99,17 @@ class MasterServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
                  scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True,
-                 validators: int | None = None, notify: bool = True) -> None:
+                 validators: int | None = None, notify: bool = True, event_socket: str = "") -> None:
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
         from master.notify import settings as notify_settings
         from master.outbox import Outbox
 
         # the notification sender (master.outbox); held (--notify-hold): the outbox only fills
         self.outbox = Outbox() if notify and notify_settings().deliver else None
+        from master.publisher import EventPublisher
+
+        # LAVA's event stream (master.publisher) on a PUB socket of its own, when configured
+        self.events = EventPublisher(event_socket) if event_socket else None
         self.publisher = SitePublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
         self.validators = ValidatorPool(processes) if processes > 0 else None
@@ -133,6 +137,10 @@ class MasterServer:
             self.publisher.start()
         if self.outbox:
             self.outbox.start()
+        if self.events:
+            self.events.start()
+            current().extra["event_socket"] = (self.events.bound if self.events.endpoint.endswith(":*")
+                                               else self.events.endpoint)
 
     def start(self) -> MasterServer:
         """Serve in background threads; returns at once."""
@@ -175,6 +183,8 @@ class MasterServer:
             self.publisher.stop()
         if self.outbox:
             self.outbox.stop()
+        if self.events:
+            self.events.stop()
         if self.validators is not None:
             self.validators.stop()
 

@@ -875,3 +875,70 @@ def remote_tokens_add(user: User | None, name: str, token: str) -> None:
 def remote_tokens_delete(user: User | None, name: str) -> None:
     """scheduler.remote_artifact_tokens.delete(name): remove the caller's token ``name``."""
     remote_tokens.delete_token(user, name)
+
+
+# ---- the event stream ----
+
+@method("scheduler.get_publisher_event_socket")
+def get_publisher_event_socket(user: User | None) -> str:
+    """scheduler.get_publisher_event_socket(): the ZeroMQ endpoint of the event stream (as configured,
+    e.g. ``tcp://*:5500``: '*' stands for this master's host); '' when the master publishes none."""
+    return current().extra.get("event_socket", "")
+
+
+# ---- LAVA's older scheduler methods (SQUAD, Mesa CI and KernelCI scripts call them) ----
+
+@method("scheduler.submit_job")
+def submit_job(user: User | None, definition: str) -> int | list[int]:
+    """scheduler.submit_job(definition): as scheduler.jobs.submit (the older name SQUAD calls)."""
+    return jobs_submit(user, definition)
+
+
+@method("scheduler.cancel_job")
+def cancel_job(user: User | None, job_id: str | int) -> bool:
+    """scheduler.cancel_job(job_id): as scheduler.jobs.cancel."""
+    return jobs_cancel(user, job_id)
+
+
+@method("scheduler.resubmit_job")
+def resubmit_job(user: User | None, job_id: str | int) -> int | list[int]:
+    """scheduler.resubmit_job(job_id): as scheduler.jobs.resubmit."""
+    return jobs_resubmit(user, job_id)
+
+
+@method("scheduler.job_details")
+def job_details(user: User | None, job_id: str | int) -> dict[str, Any]:
+    """scheduler.job_details(job_id): the job's fields as LAVA returns them (status is the legacy
+    name: Submitted, Running, Complete, Incomplete, Canceled, Canceling; definition with its secrets
+    redacted; times as XML-RPC dateTime)."""
+    from master.jobdata import LEGACY_NAMES, legacy_status
+
+    job = jobs.get_job(job_id, user)
+    record = jobs.job_records([job.id])[0]
+    definition = jobs.job_definition(job.id, user)
+    return {
+        "id": job.id, "sub_id": "", "target_group": None, "is_pipeline": True, "pipeline_compatibility": 0,
+        "status": LEGACY_NAMES[legacy_status(job.state, job.health)], "state": job.state, "health": job.health,
+        "submitter_id": job.submitter_id, "submitter_username": record["submitter"],
+        "description": job.name, "priority": job.priority, "health_check": bool(job.health_check),
+        "is_public": job.visibility == "public", "visibility": _visibility(job.visibility),
+        "submit_time": _time(record["submit_time"]), "start_time": _time(record["start_time"]),
+        "end_time": _time(record["end_time"]), "failure_comment": job.failure_comment,
+        "actual_device_id": record["device"], "requested_device_type_id": record["device_type"],
+        "definition": definition, "original_definition": definition, "multinode_definition": "",
+        "absolute_url": f"/scheduler/job/{job.id}",
+    }
+
+
+@method("scheduler.job_state")
+def job_state(user: User | None, job_id: str | int) -> dict[str, Any]:
+    """scheduler.job_state(job_id): {job_id, job_state} (Submitted ... Finished)."""
+    job = jobs.get_job(job_id, user)
+    return {"job_id": job.id, "job_state": job.state}
+
+
+@method("scheduler.job_health")
+def job_health(user: User | None, job_id: str | int) -> dict[str, Any]:
+    """scheduler.job_health(job_id): {job_id, job_health} (Unknown, Complete, Incomplete, Canceled)."""
+    job = jobs.get_job(job_id, user)
+    return {"job_id": job.id, "job_health": job.health}

@@ -1,0 +1,53 @@
+"""LAVA's web paths that CI systems read besides the API: SQUAD downloads a job's log from
+``/scheduler/job/<id>/log_file/plain?user=NAME&token=TOKEN`` (the output.yaml, as LAVA serves it),
+and KernelCI asks for ``/api/v0.2/jobs/<id>`` without the trailing slash (DRF redirects it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bottle import Bottle, HTTPResponse, redirect, request
+
+from master import jobs
+from master.api import api_call
+from master.errors import Unauthorized
+from master.instance import current
+from master.models import User
+from master.users import authenticate
+
+PLAIN_LOG = "/scheduler/job/<job_id>/log_file/plain"
+
+
+def _query_user() -> User | None:
+    """LAVA's ``?user=NAME&token=TOKEN`` credentials (both or neither; a wrong pair is refused)."""
+    name, token = request.query.getunicode("user"), request.query.getunicode("token")
+    if not name and not token:
+        return None
+    who = authenticate(f"Token {token}") if token else None
+    if who is None or who.username != name:
+        raise Unauthorized("the user and token in the URL do not match")
+    return who
+
+
+def log_file_plain(job_id: str) -> Any:
+    """The job's output.yaml as a download (LAVA's ``log_file/plain``)."""
+    user = request.environ.get("pumice.user") or _query_user()
+    job = jobs.get_job(job_id, user)
+    path = current().store.job_dir(job.id) / "output.yaml"
+    if not path.exists():
+        return HTTPResponse(b"", status=404)
+    # the file is append-only: what is there now is sent (a running job's log grows later)
+    body = path.read_bytes()
+    return HTTPResponse(body, headers={"Content-Type": "application/yaml",
+                                       "Content-Disposition": f"attachment; filename=job_{job.id}.log"})
+
+
+def install(app: Bottle, prefix: str) -> None:
+    app.route(PLAIN_LOG, method="GET", callback=api_call(log_file_plain))
+
+    def job_without_slash(job_id: str) -> None:
+        query = request.query_string
+        redirect(f"{prefix}/jobs/{job_id}/" + (f"?{query}" if query else ""), 301)
+
+    app.route(f"{prefix}/jobs/<job_id:int>", method="GET", callback=job_without_slash)
