@@ -35,7 +35,7 @@ from peewee import JOIN
 
 from master import events
 from master.db import connection
-from master.models import Device, DeviceType, Job, User, Worker
+from master.models import Device, DeviceType, Job, Worker
 
 log = logging.getLogger("pumice.publisher")
 
@@ -61,18 +61,10 @@ def _aware(value: _dt.datetime | str | None) -> str | None:
 
 def job_events(job_ids: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
     """``(topic, username, data)`` of each job's testjob event, from the database."""
-    submitter = User.alias("submitter_user")
-    rows = (Job.select(Job.id, Job.name, Job.priority, Job.state, Job.health, Job.submit_time, Job.start_time,
-                       Job.end_time, Job.health_check, submitter.username.alias("submitter"),
-                       DeviceType.name.alias("device_type"), Device.hostname.alias("device"),
-                       Worker.hostname.alias("worker"))
-            .join(submitter, on=(Job.submitter == submitter.id))
-            .switch(Job).join(DeviceType, JOIN.LEFT_OUTER, on=(Job.requested_device_type == DeviceType.id))
-            .switch(Job).join(Device, JOIN.LEFT_OUTER, on=(Job.actual_device == Device.id))
-            .switch(Job).join(Worker, JOIN.LEFT_OUTER, on=(Job.worker == Worker.id))
-            .where(Job.id.in_(job_ids)).order_by(Job.id).dicts())
+    from master.jobs import job_records
+
     out = []
-    for row in rows:
+    for row in job_records(sorted(set(job_ids))):
         data: dict[str, Any] = {
             "health": row["health"], "state": row["state"], "job": row["id"], "description": row["name"],
             "priority": row["priority"], "submit_time": _aware(row["submit_time"]),

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import xmlrpc.client
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,10 @@ class Live:
             jobs.job_finished(job_id, health)
 
 
-@pytest.fixture
-def live(tmp_path: Path, database_url: str | None) -> Iterator[Live]:
+@contextmanager
+def live_master(tmp_path: Path, database_url: str | None) -> Iterator[Live]:
+    """The test lab served by a master in this process (API, XML-RPC, the event stream on a free
+    loopback port); no scheduler, no sender: tests play those parts."""
     lab = build_lab(tmp_path / "data", database_url)
     server = MasterServer("127.0.0.1", 0, scheduler=False, publish_site=False, validators=0, notify=False,
                           event_socket="tcp://127.0.0.1:*").start()
@@ -76,6 +79,12 @@ def live(tmp_path: Path, database_url: str | None) -> Iterator[Live]:
     finally:
         stop_server(server)
         close_database()
+
+
+@pytest.fixture
+def live(tmp_path: Path, database_url: str | None) -> Iterator[Live]:
+    with live_master(tmp_path, database_url) as master:
+        yield master
 
 
 # ---- the event stream ----

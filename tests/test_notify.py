@@ -107,12 +107,15 @@ def start_receiver() -> Receiver:
     return box["r"]
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+def receiving() -> Iterator[Receiver]:
+    """A receiver for the test (the ``receiver`` fixture), shut down after it."""
     r = start_receiver()
     yield r
     r.server.shutdown()
     r.server.server_close()
+
+
+_receiver = pytest.fixture(receiving, name="receiver")
 
 
 @pytest.fixture

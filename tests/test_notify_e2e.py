@@ -18,19 +18,12 @@ import pytest
 import yaml
 from test_broker_e2e import board_files, smoke_job  # noqa: F401  (board_files is a fixture)
 from test_broker_support import ProcessLab, running_process_lab, wait_for
-from test_notify import Receiver, start_receiver
+from test_notify import Receiver, receiving
 
 pytestmark = pytest.mark.qemu
 
 ALLOW = ("--notify-allow", "127.0.0.1")
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = start_receiver()
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
+_receiver = pytest.fixture(receiving, name="receiver")
 
 
 @pytest.fixture

@@ -21,11 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_lava_clients import Live
-from test_master_support import build_lab, job_text, stop_server
-
-from master.db import close_database
-from master.server import MasterServer
+from test_lava_clients import Live, live_master
+from test_master_support import job_text
 
 SQUAD_VERSION = "1.98"
 CACHE = Path(os.environ.get("PUMICE_CACHE") or "~/.cache/pumice").expanduser()
@@ -54,14 +51,8 @@ def squad_python() -> Path:
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Live]:
-    lab = build_lab(tmp_path / "data", None)
-    server = MasterServer("127.0.0.1", 0, scheduler=False, publish_site=False, validators=0, notify=False,
-                          event_socket="tcp://127.0.0.1:*").start()
-    try:
-        yield Live(lab, server)
-    finally:
-        stop_server(server)
-        close_database()
+    with live_master(tmp_path, None) as master:
+        yield master
 
 
 def lines_of(process: subprocess.Popen) -> queue.Queue:

@@ -27,6 +27,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_master import JOB, QEMU_DICTIONARY  # noqa: E402  (the same small QEMU job and device)
+
 from master import jobs  # noqa: E402
 from master import lab as lab_service  # noqa: E402
 from master.db import close_database, connection  # noqa: E402
@@ -37,28 +39,6 @@ from master.scheduler import Scheduler  # noqa: E402
 from master.urlpolicy import AddressPolicy, parse_networks  # noqa: E402
 from master.users import SYSTEM, create_token, get_user  # noqa: E402
 from results.log import LogRecord  # noqa: E402
-
-JOB = """device_type: qemu
-job_name: bench notify {n}
-timeouts:
-  job:
-    minutes: 10
-visibility: public
-context:
-  arch: amd64
-actions:
-- deploy:
-    to: tmpfs
-    images:
-      rootfs:
-        url: http://images.example/rootfs.img
-        image_arg: -drive format=raw,file={{rootfs}}
-- boot:
-    method: qemu
-    media: tmpfs
-    prompts: ['/ # ']
-"""
-DICTIONARY = "{% extends 'qemu.jinja2' %}\n{% set arch = 'amd64' %}\n{% set no_kvm = True %}\n"
 
 
 class Receiver:
@@ -109,7 +89,7 @@ def setup_lab(root: Path, devices: int) -> None:
     lab_service.add_device_type(SYSTEM, "qemu")
     lab_service.add_worker(SYSTEM, "w1")
     for n in range(devices):
-        lab_service.add_device(SYSTEM, f"qemu{n:03d}", "qemu", worker="w1", health="Good", dictionary=DICTIONARY)
+        lab_service.add_device(SYSTEM, f"qemu{n:03d}", "qemu", worker="w1", health="Good", dictionary=QEMU_DICTIONARY)
     lab_service.worker_seen("w1", "bench")
     create_token("alice")
 
@@ -122,7 +102,7 @@ def start_jobs(count: int, receiver: Receiver) -> list[int]:
                                       "content-type": "json"}}}
     ids = []
     for n in range(count):
-        ids += jobs.submit_job(JOB.format(n=n) + yaml.safe_dump(notify), alice)
+        ids += jobs.submit_job(JOB.format(n=n, priority="medium") + yaml.safe_dump(notify), alice)
     Scheduler().loop_once()
     for job_id in ids:
         jobs.job_started(job_id)
