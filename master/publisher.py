@@ -36,6 +36,7 @@ from peewee import JOIN
 from master import events
 from master.db import connection
 from master.models import Device, DeviceType, Job, Worker
+from master.states import DeviceState, JobHealth, JobState
 
 log = logging.getLogger("pumice.publisher")
 
@@ -59,12 +60,31 @@ def _aware(value: _dt.datetime | str | None) -> str | None:
     return value.replace(tzinfo=_dt.UTC).isoformat()
 
 
-def job_events(job_ids: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(topic, username, data)`` of each job's testjob event, from the database."""
+#: the job state each service-layer event announces (job_finished: whatever the row says)
+JOB_EVENT_STATES = {"job_submitted": JobState.SUBMITTED, "job_scheduled": JobState.SCHEDULED,
+                    "job_started": JobState.RUNNING, "job_canceling": JobState.CANCELING}
+#: the device state each announces
+DEVICE_EVENT_STATES = {"job_scheduled": DeviceState.RESERVED, "job_started": DeviceState.RUNNING,
+                       "device_freed": DeviceState.IDLE}
+
+
+def job_events(job_ids: list[int], state: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(topic, username, data)`` of each job's testjob event, from the database.
+
+    The row is read when the event is published, maybe after the job moved on: ``state`` (the state
+    the event announces) puts it back as it was then. The state machine says what that was: the
+    health is Unknown until Finished, the start time is set on Running, the device on Scheduled.
+    """
     from master.jobs import job_records
 
     out = []
     for row in job_records(sorted(set(job_ids))):
+        if state is not None and state != row["state"]:
+            row = {**row, "state": state, "health": JobHealth.UNKNOWN, "end_time": None}
+            if state in (JobState.SUBMITTED, JobState.SCHEDULING, JobState.SCHEDULED):
+                row["start_time"] = None
+            if state in (JobState.SUBMITTED, JobState.SCHEDULING):
+                row["device"] = row["worker"] = None
         data: dict[str, Any] = {
             "health": row["health"], "state": row["state"], "job": row["id"], "description": row["name"],
             "priority": row["priority"], "submit_time": _aware(row["submit_time"]),
@@ -84,17 +104,21 @@ def job_events(job_ids: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def device_events(hostnames: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+def device_events(hostnames: list[str], state: str | None = None,
+                  jobs: dict[str, int] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """Each device's event; ``state`` and ``jobs`` (hostname -> job) as the event announced them
+    (the row may have moved on since)."""
     rows = (Device.select(Device.hostname, Device.state, Device.health, Device.current_job_id,
                           DeviceType.name.alias("device_type"), Worker.hostname.alias("worker"))
             .join(DeviceType).switch(Device).join(Worker, JOIN.LEFT_OUTER)
             .where(Device.hostname.in_(hostnames)).order_by(Device.hostname).dicts())
     out = []
     for row in rows:
-        data: dict[str, Any] = {"health": row["health"], "state": row["state"], "device": row["hostname"],
-                                "device_type": row["device_type"], "worker": row["worker"]}
-        if row["current_job_id"]:
-            data["job"] = row["current_job_id"]
+        data: dict[str, Any] = {"health": row["health"], "state": state or row["state"],
+                                "device": row["hostname"], "device_type": row["device_type"], "worker": row["worker"]}
+        job = row["current_job_id"] if jobs is None else jobs.get(row["hostname"])
+        if job and data["state"] != DeviceState.IDLE:
+            data["job"] = job
         out.append((f"{TOPIC}.device", SERVER_USER, data))
     return out
 
@@ -109,14 +133,17 @@ def messages_for(event: str, data: dict[str, Any]) -> list[tuple[str, str, dict[
     """The LAVA events one service-layer event makes (read from the database now)."""
     out = []
     if event in JOB_EVENTS and data.get("job_ids"):
-        out += job_events(list(data["job_ids"]))
+        out += job_events(list(data["job_ids"]), JOB_EVENT_STATES.get(event))
     if event in DEVICE_EVENTS:
-        devices = list(data.get("devices") or [device for _, device in data.get("assignments") or []])
-        if event == "job_started" and data.get("job_ids"):
-            devices += [h for (h,) in Device.select(Device.hostname).join(Job, on=(Job.actual_device == Device.id))
-                        .where(Job.id.in_(list(data["job_ids"]))).tuples()]
+        jobs: dict[str, int] | None = None
+        if data.get("assignments"):
+            jobs = {device: job for job, device in data["assignments"]}
+        elif event == "job_started" and data.get("job_ids"):
+            jobs = {h: j for h, j in Device.select(Device.hostname, Job.id)
+                    .join(Job, on=(Job.actual_device == Device.id)).where(Job.id.in_(list(data["job_ids"]))).tuples()}
+        devices = list(data.get("devices") or jobs or [])
         if devices:
-            out += device_events(devices)
+            out += device_events(devices, DEVICE_EVENT_STATES.get(event), jobs)
     if event in WORKER_EVENTS and data.get("workers"):
         out += worker_events(list(data["workers"]))
     return out
