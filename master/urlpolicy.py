@@ -105,7 +105,10 @@ class AddressPolicy:
         try:
             addresses = [ipaddress.ip_address(host)]
         except ValueError:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (UnicodeError, ValueError):  # an IDNA label too long, a NUL in the name
+                raise Refused(f"{url_for_display(url)}: {host[:100]!r} is not a valid host name") from None
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
         for address in addresses:
             self.check_address(url, address)
