@@ -193,5 +193,5 @@ def suite_results(job_id: int) -> dict[str, str]:
         out[name[0]] = []
     for case in query:
         out[case.suite_name].append(export_case(case, case.suite_name, job_id))
-    return {name: yaml.safe_dump(cases, default_flow_style=False, sort_keys=False, allow_unicode=True)
-            for name, cases in out.items()}
+    # the text LAVA's yaml_dump writes: block style, keys sorted, non-ASCII escaped
+    return {name: yaml.safe_dump(cases) for name, cases in out.items()}
