@@ -204,6 +204,9 @@ def _check_callback(check: _Check, path: tuple, item: Any, policy: AddressPolicy
     for key in ("token", "header"):
         if key in item and not isinstance(item[key], str):
             check.fault((*path, key), f"must be a string, not {type(item[key]).__name__}")
+    token = item.get("token")
+    if isinstance(token, str) and (len(token) > 4096 or any(ord(c) < 32 or ord(c) == 127 for c in token)):
+        check.fault((*path, "token"), "must be one line of at most 4096 characters (it is sent in a header)")
     header = item.get("header") or "Authorization"
     if isinstance(header, str) and not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}", header):
         check.fault((*path, "header"), f"{header[:80]!r} is not an HTTP header name")

@@ -240,13 +240,14 @@ class Outbox:
         if room <= 0:
             return 0
         now = now or utcnow()
-        with connection(), db.atomic():
-            ids = [i for (i,) in Notification.select(Notification.id)
+        with connection():
+            due = [i for (i,) in Notification.select(Notification.id)
                    .where((Notification.status == "pending") & (Notification.leased == False)  # noqa: E712
                           & (Notification.next_attempt <= now))
                    .order_by(Notification.next_attempt).limit(min(room, self.batch)).tuples()]
-            if ids:
-                Notification.update(leased=True).where(Notification.id.in_(ids)).execute()
+            # claimed with a conditional UPDATE each: a row another sender took meanwhile is skipped
+            ids = [i for i in due if Notification.update(leased=True).where(
+                (Notification.id == i) & (Notification.leased == False)).execute()]  # noqa: E712
         for notification_id in ids:
             with self._lock:
                 self._inflight += 1
@@ -426,8 +427,19 @@ def job_notifications(job_id: int | str, user: User | None) -> list[dict[str, An
             attempts.setdefault(attempt.notification_id, []).append(
                 {"number": attempt.number, "started": iso(attempt.started), "duration": attempt.duration,
                  "ok": attempt.ok, "outcome": attempt.outcome})
-    return [{"id": r.id, "kind": r.kind, "trigger": r.trigger,
-             "target": url_for_display(r.target) if r.kind == "callback" else r.target,
+    spec = getattr(JobNotify.get_or_none(JobNotify.job == job.id), "spec", None) or {}
+    recipients = spec.get("recipients", [])
+
+    def target(row: Notification) -> str:
+        if row.kind == "callback":
+            return url_for_display(row.target)
+        recipient = recipients[row.position] if row.position < len(recipients) else {}
+        # a user's own address is not shown (the page is public): the user's name is
+        if recipient.get("submitter"):
+            return "the submitter"
+        return f"user {recipient['user']}" if "user" in recipient else row.target
+
+    return [{"id": r.id, "kind": r.kind, "trigger": r.trigger, "target": target(r),
              "status": r.status, "attempts": r.attempts, "created": iso(r.created),
              "next_attempt": iso(r.next_attempt) if r.status == "pending" else None,
              "finished": iso(r.finished), "last_error": r.last_error, "attempt_list": attempts.get(r.id, [])}

@@ -228,7 +228,8 @@ def jobs_show(user: User | None, job_id: str | int) -> dict[str, Any]:
 
 @method("scheduler.jobs.definition")
 def jobs_definition(user: User | None, job_id: str | int) -> str:
-    """scheduler.jobs.definition(job_id): the job definition as submitted."""
+    """scheduler.jobs.definition(job_id): the job definition as submitted, the values of its
+    ``secrets:`` redacted."""
     return jobs.job_definition(job_id, user)
 
 

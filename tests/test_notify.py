@@ -183,6 +183,8 @@ def test_the_notify_block_takes_lava_keys_with_lava_defaults() -> None:
     ({"criteria": {"status": "finished"}, "callback": {"url": "ftp://x.example/"}}, "notify.callback.url",
      "http or https only"),
     ({"callback": {"url": "http://x.example/"}}, "notify.criteria", "required key missing"),
+    ({"criteria": {"status": "finished"}, "callback": {"url": "http://x.example/", "token": "a\r\nX-Evil: 1"}},
+     "notify.callback.token", "one line"),
 ])
 def test_what_lava_refuses_or_pumice_does_not_implement_is_refused_by_path(block, path, words) -> None:
     with pytest.raises(Invalid) as caught:
@@ -455,7 +457,9 @@ def test_email_recipients_get_one_mail_each_through_smtp(nlab, smtp_server: Mail
     assert f"Subject: LAVA notification for Test Job {job_id} notified" in mail and "lab@example.org" in mail
     # the state is the one that triggered the mail (Running), the results those recorded when it was sent
     assert f"Job {job_id} (notified): Running" in mail and "0_smoke: 1/1/0/0" in mail
-    alice = [r for r in records if r["target"] == "user:alice"]
+    # users' addresses are not shown (the job's page is public): their names are
+    assert sorted(r["target"] for r in records) == ["ci@example.org", "user alice", "user bob"]
+    alice = [r for r in records if r["target"] == "user alice"]
     assert alice[0]["status"] == "failed" and alice[0]["last_error"] == "user alice has no email address"
 
 
