@@ -184,14 +184,29 @@ def export_case(case: TestCase, suite: str, job_id: int) -> dict[str, Any]:
     }
 
 
+def export_cases(job_id: int, suite: str | None = None, case: str | None = None) -> list[dict[str, Any]]:
+    """The job's test cases as LAVA exports them (by suite, then as recorded), optionally of one
+    suite or one case: what a callback's ``results`` and ``results.get_*_results_yaml`` hold."""
+    query = (TestCase.select(TestCase, TestSuite.name.alias("suite_name")).join(TestSuite)
+             .where(TestCase.job == job_id))
+    if suite is not None:
+        query = query.where(TestSuite.name == suite)
+    if case is not None:
+        query = query.where(TestCase.name == case)
+    return [export_case(row, row.suite_name, job_id)
+            for row in query.order_by(TestSuite.id, TestCase.id).objects()]
+
+
+def lava_yaml(data: Any) -> str:
+    """YAML as LAVA's yaml_dump writes it: block style, keys sorted, non-ASCII escaped."""
+    return yaml.safe_dump(data)
+
+
 def suite_results(job_id: int) -> dict[str, str]:
     """Suite name -> YAML text of its exported test cases, suites in the order they were created."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    query = (TestCase.select(TestCase, TestSuite.name.alias("suite_name")).join(TestSuite)
-             .where(TestCase.job == job_id).order_by(TestSuite.id, TestCase.id).objects())
-    for name in TestSuite.select(TestSuite.name).where(TestSuite.job == job_id).order_by(TestSuite.id).tuples():
-        out[name[0]] = []
-    for case in query:
-        out[case.suite_name].append(export_case(case, case.suite_name, job_id))
-    # the text LAVA's yaml_dump writes: block style, keys sorted, non-ASCII escaped
-    return {name: yaml.safe_dump(cases) for name, cases in out.items()}
+    out: dict[str, list[dict[str, Any]]] = {
+        name: [] for (name,) in TestSuite.select(TestSuite.name).where(TestSuite.job == job_id)
+        .order_by(TestSuite.id).tuples()}
+    for row in export_cases(job_id):
+        out[row["suite"]].append(row)
+    return {name: lava_yaml(cases) for name, cases in out.items()}

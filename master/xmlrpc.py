@@ -98,6 +98,12 @@ def _ids(ids: list[int]) -> int | list[int]:
     return ids[0] if len(ids) == 1 else ids
 
 
+def _lava_yaml(data: Any) -> str:
+    from master.jobdata import lava_yaml
+
+    return lava_yaml(data)
+
+
 def _yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
@@ -295,28 +301,23 @@ def jobs_queue(user: User | None, device_types: list[str] | None = None, start: 
 
 # ---- results ----
 
-def _case(job_id: int, result: Any) -> dict[str, Any]:
-    """A result as LAVA's results YAML lists it."""
-    return {"job": str(job_id), "suite": result.suite, "name": result.case, "result": result.result,
-            "measurement": result.measurement, "unit": result.units, "level": result.level,
-            "set": result.set, "duration": result.duration, "metadata": result.extra or {},
-            "url": f"{current().job_url(job_id)}#{result.suite}/{result.case}" if current().url else ""}
-
-
 def _results(user: User | None, job_id: str | int, suite: str | None = None,
-             case: str | None = None) -> str:
+             case: str | None = None) -> list[dict[str, Any]]:
+    """The job's results as LAVA exports them (master.jobdata: every value text, measurements with
+    LAVA's 10 decimals), of one suite or one case."""
+    from master.jobdata import export_cases
+
     job = jobs.get_job(job_id, user)
-    rows = [_case(job.id, r) for r in jobs.job_results(job.id, user)
-            if (suite is None or r.suite == suite) and (case is None or r.case == case)]
+    rows = export_cases(job.id, suite, case)
     if suite is not None and not rows and all(s["name"] != suite for s in jobs.job_suites(job.id, user)):
         raise NotFound(f"job {job.id} has no test suite {suite!r}")
-    return _yaml(rows)
+    return rows
 
 
 @method("results.get_testjob_results_yaml")
 def results_job(user: User | None, job_id: str | int) -> str:
     """results.get_testjob_results_yaml(job_id): every result of the job, as YAML."""
-    return _results(user, job_id)
+    return _lava_yaml(_results(user, job_id))
 
 
 @method("results.get_testsuite_results_yaml")
@@ -324,15 +325,15 @@ def results_suite(user: User | None, job_id: str | int, suite_name: str, limit: 
                   offset: int | None = None) -> str:
     """results.get_testsuite_results_yaml(job_id, suite_name, limit=None, offset=None): the results
     of one test suite of the job, as YAML."""
-    rows = yaml.safe_load(_results(user, job_id, suite_name)) or []
+    rows = _results(user, job_id, suite_name)
     first = int(offset or 0)
-    return _yaml(rows[first:first + int(limit)] if limit else rows[first:])
+    return _lava_yaml(rows[first:first + int(limit)] if limit else rows[first:])
 
 
 @method("results.get_testcase_results_yaml")
 def results_case(user: User | None, job_id: str | int, suite_name: str, case_name: str) -> str:
     """results.get_testcase_results_yaml(job_id, suite_name, case_name): one test case's results."""
-    return _results(user, job_id, suite_name, case_name)
+    return _lava_yaml(_results(user, job_id, suite_name, case_name))
 
 
 @method("results.get_testjob_suites_list_yaml")
