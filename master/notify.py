@@ -30,9 +30,11 @@ from typing import Any
 
 from agent.errors import Fault
 from master.errors import Invalid
+from master.instance import current
+from master.jobdata import legacy_status, url_fields
 from master.models import Job, JobNotify, Notification, User, iso, utcnow
 from master.states import JobHealth, JobState
-from master.urlpolicy import AddressPolicy, Refused
+from master.urlpolicy import AddressPolicy, Refused, parse_networks
 from results.bounded import format_path
 
 log = logging.getLogger("pumice.notify")
@@ -85,8 +87,6 @@ _default_settings: NotifySettings | None = None
 def settings() -> NotifySettings:
     """The configured settings (``current().extra['notify']``), else the defaults."""
     global _default_settings
-    from master.instance import current
-
     configured = current().extra.get("notify")
     if configured is not None:
         return configured
@@ -96,8 +96,6 @@ def settings() -> NotifySettings:
 
 
 def configure(new: NotifySettings) -> NotifySettings:
-    from master.instance import current
-
     current().extra["notify"] = new
     return new
 
@@ -291,8 +289,6 @@ def enqueue(job_id: int) -> int:
     job = Job.get_by_id(job_id)
     if not criteria_met(spec["criteria"]["status"], job.state, job.health):
         return 0
-    from master.jobdata import legacy_status, url_fields
-
     trigger = job.health if job.state == JobState.FINISHED else job.state
     taken = snapshot(job)
     now = utcnow()
@@ -363,8 +359,6 @@ def add_arguments(parser: Any) -> None:
 
 def settings_from_args(args: Any) -> NotifySettings:
     """The settings of ``serve``'s options (ValueError naming a bad one)."""
-    from master.urlpolicy import parse_networks
-
     host, _, port = (args.smtp or "").partition(":")
     if port and not port.isdigit():
         raise ValueError(f"bad --smtp {args.smtp!r}: expected HOST or HOST:PORT")

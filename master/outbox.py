@@ -21,6 +21,7 @@ policy; the connection goes to the very address that was checked.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import http.client
 import json
 import logging
@@ -36,14 +37,18 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
+import yaml
 from peewee import fn
 
 from master import events
 from master.db import connection, db
-from master.jobs import get_job
+from master.instance import current
+from master.jobdata import job_data
+from master.jobs import get_job, job_suites
 from master.models import Job, JobNotify, Notification, NotificationAttempt, RemoteToken, User, iso, utcnow
 from master.notify import NotifySettings, settings
 from master.urlpolicy import AddressPolicy, Refused, url_for_display
+from master.users import SYSTEM
 
 log = logging.getLogger("pumice.outbox")
 
@@ -154,8 +159,6 @@ def remote_token(user_id: int, name: str) -> str:
 
 def email_text(job: Job, data: dict[str, Any], verbosity: str) -> tuple[str, str]:
     """Subject (LAVA's) and body of a job's notification email."""
-    from master.instance import current
-
     subject = f"LAVA notification for Test Job {job.id} {job.name[:200]}"
     url = current().job_url(job.id)
     lines = [f"Job {job.id} ({job.name}): {data['state_string']}"
@@ -169,8 +172,6 @@ def email_text(job: Job, data: dict[str, Any], verbosity: str) -> tuple[str, str
         if url:
             lines.append(f"Details: {url}")
     if verbosity == "verbose":
-        from master.jobs import job_suites
-
         lines += ["", "Test suites (pass/fail/skip/unknown):"]
         for suite in job_suites(job.id, None if job.visibility == "public" else _owner(job)):
             lines.append(f"  {suite['name']}: {suite['pass']}/{suite['fail']}/{suite['skip']}/{suite['unknown']}")
@@ -265,9 +266,7 @@ class Outbox:
                         .tuples().get())
         if first is None:
             return 5.0
-        if isinstance(first, str):
-            import datetime as _dt
-
+        if isinstance(first, str):  # SQLite hands back text for an aggregate
             first = _dt.datetime.fromisoformat(first)
         return max(0.0, min(5.0, (first - utcnow()).total_seconds()))
 
@@ -288,8 +287,6 @@ class Outbox:
                 self._inflight -= 1
 
     def _attempt(self, notification_id: int) -> Outcome | None:
-        from master.jobdata import job_data
-
         config = self.config
         with connection():
             row = Notification.get_by_id(notification_id)
@@ -332,15 +329,11 @@ class Outbox:
                 self._emails.append(now)
                 return True
             wait = 60 - (now - self._emails[0])
-        import datetime as _dt
-
         Notification.update(leased=False, next_attempt=utcnow() + _dt.timedelta(seconds=wait)).where(
             Notification.id == notification_id).execute()
         return False
 
     def _record(self, notification_id: int, when: Any, duration: float, outcome: Outcome) -> None:
-        import datetime as _dt
-
         config = self.config
         with connection(), db.atomic():
             row = Notification.get_by_id(notification_id)
@@ -354,8 +347,7 @@ class Outbox:
                 fields.update({Notification.status: "delivered", Notification.finished: now})
             else:
                 delay = min(config.max_backoff, 2.0 ** (number - 1))
-                created = row.created if not isinstance(row.created, str) else _dt.datetime.fromisoformat(row.created)
-                give_up = (now - created).total_seconds() + delay > config.retry_period
+                give_up = (now - row.created).total_seconds() + delay > config.retry_period
                 if outcome.retry and not give_up:
                     fields[Notification.next_attempt] = now + _dt.timedelta(seconds=delay)
                 else:
@@ -370,11 +362,6 @@ class Outbox:
 
     def _write_file(self, job_id: int) -> None:
         """The job's notifications.yaml in the store (what its page shows); a failure only logged."""
-        import yaml
-
-        from master.instance import current
-        from master.users import SYSTEM
-
         try:
             with connection():
                 rows = job_notifications(job_id, SYSTEM)

@@ -35,6 +35,7 @@ from peewee import JOIN
 
 from master import events
 from master.db import connection
+from master.jobs import job_records
 from master.models import Device, DeviceType, Job, Worker
 from master.states import DeviceState, JobHealth, JobState
 
@@ -75,8 +76,6 @@ def job_events(job_ids: list[int], state: str | None = None) -> list[tuple[str, 
     the event announces) puts it back as it was then. The state machine says what that was: the
     health is Unknown until Finished, the start time is set on Running, the device on Scheduled.
     """
-    from master.jobs import job_records
-
     out = []
     for row in job_records(sorted(set(job_ids))):
         if state is not None and state != row["state"]:

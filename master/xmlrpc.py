@@ -41,6 +41,7 @@ from master import certificates, diskfull, jobs, lab, remote_tokens
 from master.db import connection
 from master.errors import Invalid, NotFound, ServiceError, StorageFull, Unauthorized
 from master.instance import current
+from master.jobdata import LEGACY_NAMES, export_cases, lava_yaml, legacy_status
 from master.models import User
 from master.states import DeviceHealth, JobState, WorkerHealth
 from master.users import authenticate
@@ -96,12 +97,6 @@ def _text(value: str | None) -> Binary:
 def _ids(ids: list[int]) -> int | list[int]:
     """LAVA returns one job id as an integer and the ids of a multi-job submission as a list."""
     return ids[0] if len(ids) == 1 else ids
-
-
-def _lava_yaml(data: Any) -> str:
-    from master.jobdata import lava_yaml
-
-    return lava_yaml(data)
 
 
 def _yaml(data: Any) -> str:
@@ -305,8 +300,6 @@ def _results(user: User | None, job_id: str | int, suite: str | None = None,
              case: str | None = None) -> list[dict[str, Any]]:
     """The job's results as LAVA exports them (master.jobdata: every value text, measurements with
     LAVA's 10 decimals), of one suite or one case."""
-    from master.jobdata import export_cases
-
     job = jobs.get_job(job_id, user)
     rows = export_cases(job.id, suite, case)
     if suite is not None and not rows and all(s["name"] != suite for s in jobs.job_suites(job.id, user)):
@@ -317,7 +310,7 @@ def _results(user: User | None, job_id: str | int, suite: str | None = None,
 @method("results.get_testjob_results_yaml")
 def results_job(user: User | None, job_id: str | int) -> str:
     """results.get_testjob_results_yaml(job_id): every result of the job, as YAML."""
-    return _lava_yaml(_results(user, job_id))
+    return lava_yaml(_results(user, job_id))
 
 
 @method("results.get_testsuite_results_yaml")
@@ -327,13 +320,13 @@ def results_suite(user: User | None, job_id: str | int, suite_name: str, limit: 
     of one test suite of the job, as YAML."""
     rows = _results(user, job_id, suite_name)
     first = int(offset or 0)
-    return _lava_yaml(rows[first:first + int(limit)] if limit else rows[first:])
+    return lava_yaml(rows[first:first + int(limit)] if limit else rows[first:])
 
 
 @method("results.get_testcase_results_yaml")
 def results_case(user: User | None, job_id: str | int, suite_name: str, case_name: str) -> str:
     """results.get_testcase_results_yaml(job_id, suite_name, case_name): one test case's results."""
-    return _lava_yaml(_results(user, job_id, suite_name, case_name))
+    return lava_yaml(_results(user, job_id, suite_name, case_name))
 
 
 @method("results.get_testjob_suites_list_yaml")
@@ -913,8 +906,6 @@ def job_details(user: User | None, job_id: str | int) -> dict[str, Any]:
     """scheduler.job_details(job_id): the job's fields as LAVA returns them (status is the legacy
     name: Submitted, Running, Complete, Incomplete, Canceled, Canceling; definition with its secrets
     redacted; times as XML-RPC dateTime)."""
-    from master.jobdata import LEGACY_NAMES, legacy_status
-
     job = jobs.get_job(job_id, user)
     record = jobs.job_records([job.id])[0]
     definition = jobs.job_definition(job.id, user)
