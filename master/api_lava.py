@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bottle import Bottle, HTTPResponse, redirect, request
+from bottle import Bottle, HTTPResponse, redirect, request, static_file
 
 from master import jobs
 from master.api import api_call
@@ -34,13 +34,12 @@ def log_file_plain(job_id: str) -> Any:
     """The job's output.yaml as a download (LAVA's ``log_file/plain``)."""
     user = request.environ.get("pumice.user") or _query_user()
     job = jobs.get_job(job_id, user)
-    path = current().store.job_dir(job.id) / "output.yaml"
-    if not path.exists():
+    job_dir = current().store.job_dir(job.id)
+    if not (job_dir / "output.yaml").exists():
         return HTTPResponse(b"", status=404)
-    # the file is append-only: what is there now is sent (a running job's log grows later)
-    body = path.read_bytes()
-    return HTTPResponse(body, headers={"Content-Type": "application/yaml",
-                                       "Content-Disposition": f"attachment; filename=job_{job.id}.log"})
+    # streamed from the file (a log may be 250,000 lines), with Range support
+    return static_file("output.yaml", root=str(job_dir), mimetype="application/yaml",
+                       download=f"job_{job.id}.log")
 
 
 def install(app: Bottle, prefix: str) -> None:
