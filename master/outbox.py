@@ -159,7 +159,8 @@ def remote_token(user_id: int, name: str) -> str:
 
 def email_text(job: Job, data: dict[str, Any], verbosity: str) -> tuple[str, str]:
     """Subject (LAVA's) and body of a job's notification email."""
-    subject = f"LAVA notification for Test Job {job.id} {job.name[:200]}"
+    # a job name is the user's: no line break may reach the Subject header
+    subject = " ".join(f"LAVA notification for Test Job {job.id} {job.name[:200]}".split())
     url = current().job_url(job.id)
     lines = [f"Job {job.id} ({job.name}): {data['state_string']}"
              + (f", {data['health_string']}" if data["state_string"] == "Finished" else "")]

@@ -463,6 +463,21 @@ def test_email_recipients_get_one_mail_each_through_smtp(nlab, smtp_server: Mail
     assert alice[0]["status"] == "failed" and alice[0]["last_error"] == "user alice has no email address"
 
 
+def test_a_job_name_cannot_add_mail_headers(nlab, smtp_server: Mailbox) -> None:
+    configure(NotifySettings(policy=LOOPBACK, smtp_host="127.0.0.1", smtp_port=smtp_server.port))
+    with connection():
+        text = notify_job({"criteria": {"status": "finished"},
+                           "recipients": [{"to": {"method": "email", "email": "ci@example.org"}}]},
+                          name='"two\\nBcc: victim@example.org"')
+        job_id = run_job(text, nlab.user("alice"))
+        deliver()
+        [record] = job_notifications(job_id, nlab.user("alice"))
+    assert record["status"] == "delivered" and [m.rcpt_tos for m in smtp_server] == [["ci@example.org"]]
+    headers = smtp_server[0].content.decode().split("\r\n\r\n")[0]
+    assert not [line for line in headers.split("\r\n") if line.lower().startswith("bcc")]
+    assert f"Subject: LAVA notification for Test Job {job_id} two Bcc: victim@example.org" in headers
+
+
 def test_emails_are_rate_limited(nlab, smtp_server: Mailbox) -> None:
     configure(NotifySettings(policy=LOOPBACK, smtp_host="127.0.0.1", smtp_port=smtp_server.port, email_rate=2))
     with connection():
