@@ -28,6 +28,7 @@ import logging
 import smtplib
 import socket
 import ssl
+import string
 import threading
 import time
 from collections import deque
@@ -35,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
-from urllib.parse import urlencode, urljoin, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import yaml
 from peewee import fn
@@ -114,7 +115,12 @@ def http_call(url: str, method: str, body: bytes | None, headers: dict[str, str]
         except OSError as exc:
             return Outcome(False, True, f"{url_for_display(url)}: cannot resolve: {exc}")
         parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # as requests sends them: a non-ASCII path percent-encoded, a non-ASCII host in IDNA
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), safe=string.punctuation)
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            return Outcome(False, False, f"refused: {url_for_display(url)}: {host[:100]!r} is not a valid host name")
         connection_class = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
         remaining = max(0.1, deadline - time.monotonic())
         conn = None

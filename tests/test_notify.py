@@ -601,3 +601,11 @@ def test_the_job_page_shows_each_attempt(nlab, receiver: Receiver) -> None:
     assert "Notifications" in page and f"{receiver.url}/page" in page
     assert "HTTP 500 Internal Server Error" in page and "HTTP 200" in page and "delivered" in page
     assert "page-s3cret" not in page
+
+
+def test_a_non_ascii_callback_url_is_sent_percent_encoded(nlab, receiver: Receiver) -> None:
+    with connection():
+        run_job(notify_job({"criteria": {"status": "finished"},
+                            "callback": {"url": f"{receiver.url}/nœud/{{ID}}?branch=mäin"}}), nlab.user("alice"))
+        deliver()
+    assert receiver.wait(1)[0].path == "/n%C5%93ud/1?branch=m%C3%A4in"
