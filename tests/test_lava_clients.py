@@ -234,3 +234,4 @@ def test_kernelcis_rest_calls(live: Live) -> None:
                                                                                 ("qemu02", "Good")]
     status, body = live.rest("GET", "/api/v0.2/system/version/", who=None)
     assert status == 200 and json.loads(body)["version"]
+
