@@ -35,7 +35,7 @@ setup(
     extras_require={
         "master": ["bottle>=0.12.25", "peewee>=3.17", "jinja2>=3.1", "waitress>=2.1"],
         "postgres": ["psycopg2-binary>=2.9"],
-        "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.5", "lavacli>=2.0", "hypothesis>=6.80",
+        "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.5", "lavacli>=2.0", "hypothesis>=6.80", "aiosmtpd>=1.4",
                 # 1.0.3 (Debian 12) puts a network_mode: host service on a bridge too
                 "podman-compose>=1.1"],
     },

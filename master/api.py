@@ -1,290 +1,66 @@
 """The REST API (LAVA v0.2 paths where LAVA has them): a thin Bottle layer over the service layer.
 
-Routes are a module-level table (:data:`ROUTES`, filled by the :func:`route` decorator, as
-:mod:`master.xmlrpc`'s ``@method``): each handler is a plain function of this module; ``make_app()``
-returns the WSGI app. Every route runs inside one wrapper that opens the database
-connection, authenticates ``Authorization: Token <t>`` (an invalid token is a 401 even where
-anonymous access is allowed), enforces the body size limit and turns service errors into JSON:
-``{"error": "...", "faults": [{"path": ..., "line": ..., "message": ...}]}``. A full data directory or
-database is a 507 saying so (:mod:`master.diskfull`), logged once a minute, not per request.
+Each handler is a plain module-level function registered in :mod:`master.rest`'s route table;
+:func:`make_app` returns the WSGI app with every route of the table (this module's, the
+notifications' and remote tokens' of :mod:`master.api_notify`), LAVA's extra web paths
+(:mod:`master.api_lava`) and LAVA's XML-RPC at /RPC2.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
-from bottle import Bottle, HTTPError, HTTPResponse, request, response
+from bottle import Bottle, request, response
 
-from agent.errors import Fault
-from master import bundles, certificates, diskfull, inventory, jobs
-from master.db import connection
-from master.errors import InternalError, Invalid, ServiceError, TooLarge
-from master.instance import current
-from master.users import authenticate
-from results import bounded
-
-log = logging.getLogger("pumice.api")
-
-PREFIX = "/api/v0.2"
-YAML_TYPE = "application/yaml; charset=utf-8"
-
-
-def _version() -> str:
-    from agent import __version__
-
-    return __version__
-
-
-# ---- request helpers ----
-
-def user():
-    """The authenticated user of this request (None: anonymous)."""
-    return request.environ.get("pumice.user")
-
-
-def _body_bytes() -> bytes:
-    return request.body.read() if request.content_length else b""
-
-
-def body_text() -> str:
-    try:
-        return _body_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Invalid(f"the request body is not UTF-8 text (byte {exc.start})") from None
-
-
-def _is_json() -> bool:
-    return (request.content_type or "").split(";")[0].strip().lower() == "application/json"
-
-
-def body_json() -> dict[str, Any]:
-    """The JSON object of the body (an empty body is an empty object), within the limits."""
-    text = body_text()
-    if not text.strip():
-        return {}
-    try:
-        data = bounded.load_json(text, current().limits)
-    except json.JSONDecodeError as exc:
-        raise Invalid(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-                      ) from None
-    except bounded.LimitExceeded as exc:
-        raise Invalid(f"the request body is over a limit: {exc}",
-                      [Fault(bounded.format_path(exc.path), exc.message, exc.line)]) from None
-    if not isinstance(data, dict):
-        raise Invalid(f"the request body must be a JSON object, not {type(data).__name__}")
-    return data
-
-
-#: the JSON types a field of a body may have (a form's fields are all text)
-TEXT: tuple[type, ...] = (str,)
-NUMBER: tuple[type, ...] = (int, str)
-FLAG: tuple[type, ...] = (bool, int, str)
-NAMES: tuple[type, ...] = (list, str)
-
-
-def body_fields(**types: tuple[type, ...]) -> dict[str, Any]:
-    """The fields of a JSON object body, or of a form: only those named in ``types``, each of one
-    of its types or null (else a 400 naming the field), so no service function ever gets a list
-    where it expects a name."""
-    if not _is_json():
-        return {key: request.forms.getunicode(key) for key in request.forms if key in types}
-    data = body_json()
-    fields = {}
-    for key, allowed in types.items():
-        value = data.get(key)
-        if value is not None and not isinstance(value, allowed):
-            names = " or ".join({str: "text", int: "a whole number", bool: "true or false", list: "a list"}[t]
-                                for t in allowed)
-            raise Invalid(f"field {key} must be {names}, not {type(value).__name__}",
-                          [Fault(key, f"must be {names}, not {type(value).__name__}")])
-        if key in data:
-            fields[key] = value
-    return fields
-
-
-def text_field(name: str) -> str:
-    """A text document sent as ``{"<name>": text}`` JSON, as a form field, or as the raw body.
-
-    ``curl --data-binary @job.yaml`` sends a raw body labelled as a form: a form is recognised only
-    when the body starts with ``<name>=``.
-    """
-    if _is_json():
-        value = body_json().get(name)
-        if not isinstance(value, str):
-            raise Invalid(f"the JSON body needs a string field {name!r}")
-        return value
-    ctype = (request.content_type or "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data" or (ctype == "application/x-www-form-urlencoded"
-                                          and _body_bytes()[:len(name) + 1] == f"{name}=".encode()):
-        value = request.forms.getunicode(name)
-        if value is None:
-            raise Invalid(f"the form needs a field {name!r}")
-        return value
-    return body_text()
-
-
-def _int_param(name: str, default: int | None) -> int | None:
-    value = request.query.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise Invalid(f"query parameter {name} must be a number, not {value!r}") from None
-
-
-def _bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-
-
-def _page(count: int, results: list, limit: int, offset: int) -> dict[str, Any]:
-    """A DRF-style page (what lavacli and LAVA clients expect)."""
-    base = request.url.split("?")[0]
-    query = dict(request.query.decode())
-
-    def link(new_offset: int) -> str:
-        params = {**query, "limit": str(limit), "offset": str(max(0, new_offset))}
-        return base + "?" + "&".join(f"{k}={v}" for k, v in params.items())
-
-    return {
-        "count": count,
-        "next": link(offset + limit) if offset + limit < count else None,
-        "previous": link(offset - limit) if offset > 0 else None,
-        "results": results,
-    }
-
-
-def _text(body: str, content_type: str = "text/plain; charset=utf-8") -> str:
-    response.content_type = content_type
-    return body
-
-
-# ---- authentication, with verified tokens cached ----
-
-#: how long a verified token is trusted without asking the database again. Short: a token's user
-#: changed by ``pumice-master tokens create --admin`` (another process) is seen within this time.
-TOKEN_CACHE_SECONDS = 5.0
-_TOKEN_CACHE_SIZE = 1024
-_verified: dict[str, tuple[float, Any]] = {}
-_verified_lock = threading.Lock()
-
-
-def authenticate_request(header: str | None) -> Any:
-    """The user of an ``Authorization`` header (None: anonymous), a database lookup at most every
-    :data:`TOKEN_CACHE_SECONDS` per token (it was a third of a submission's time). A bad token is
-    never cached: it is refused by :func:`master.users.authenticate` every time."""
-    if not header:
-        return None
-    now = time.monotonic()
-    hit = _verified.get(header)
-    if hit is not None and hit[0] > now:
-        return hit[1]
-    who = authenticate(header)
-    with _verified_lock:
-        if len(_verified) >= _TOKEN_CACHE_SIZE:
-            _verified.clear()
-        _verified[header] = (now + TOKEN_CACHE_SECONDS, who)
-    return who
-
-
-# ---- the wrapper every route runs in ----
-
-def _json_response(error: ServiceError) -> HTTPResponse:
-    """A refusal as the API's one error format (:meth:`master.errors.ServiceError.to_dict`)."""
-    return HTTPResponse(json.dumps(error.to_dict()), status=error.status, headers={"Content-Type": "application/json"})
-
-
-def api_call(callback: Callable) -> Callable:
-    """Connection, authentication, body limit, and errors as JSON around one route."""
-
-    @functools.wraps(callback)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            limit = current().max_body
-            if (request.content_length or 0) > limit:
-                raise TooLarge(f"request body of {request.content_length} bytes is over the limit of "
-                               f"{limit} bytes")
-            with connection():
-                request.environ["pumice.user"] = authenticate_request(request.get_header("Authorization"))
-                return callback(*args, **kwargs)
-        except ServiceError as exc:
-            return _json_response(exc)
-        except (HTTPResponse, HTTPError):
-            raise
-        except Exception as exc:
-            if diskfull.is_full(exc):  # 507, and the condition logged once a minute
-                return _json_response(diskfull.refusal(exc, f"{request.method} {request.path}"))
-            log.exception("%s %s failed", request.method, request.path)
-            return _json_response(InternalError("internal error in the master; the admins can find the "
-                                                "details in its log"))
-
-    return wrapper
-
-
-def _error_page(res: HTTPError) -> str:
-    """Bottle's own errors (no such path, a method not allowed) in the API's error format."""
-    res.set_header("Content-Type", "application/json")
-    message = {404: f"no such API endpoint: {request.method} {request.path}",
-               405: f"method {request.method} not allowed on {request.path}"}.get(
-        res.status_code, str(res.body or res.status_line))
-    return json.dumps(ServiceError(message).to_dict())
-
-
-# ---- the route table ----
-
-#: every REST route: (path under :data:`PREFIX`, methods, handler); the handlers are the
-#: module-level functions below, each callable on its own inside a request
-ROUTES: list[tuple[str, tuple[str, ...], Callable]] = []
-
-
-def route(path: str, *methods: str) -> Callable[[Callable], Callable]:
-    """Register the decorated function as the handler of ``path`` (default method GET)."""
-
-    def decorate(handler: Callable) -> Callable:
-        ROUTES.append((path, methods or ("GET",), handler))
-        return handler
-
-    return decorate
+from master import bundles, certificates, inventory, jobs
+from master.errors import Invalid
+from master.rest import (
+    FLAG,
+    NAMES,
+    NUMBER,
+    PREFIX,
+    ROUTES,
+    TEXT,
+    YAML_TYPE,
+    api_call,
+    as_bool,
+    body_fields,
+    body_json,
+    created,
+    error_page,
+    int_param,
+    listing,
+    master_version,
+    page,
+    route,
+    submitted,
+    text_field,
+    text_reply,
+    user,
+)
 
 
 def make_app() -> Bottle:
     """The WSGI application of the REST API (and of LAVA's XML-RPC at /RPC2)."""
-    app = Bottle(autojson=True)
-    app.default_error_handler = _error_page  # type: ignore[method-assign]
-    for path, methods, handler in ROUTES:
-        app.route(PREFIX + path, method=list(methods), callback=api_call(handler))
-    # LAVA's XML-RPC API (lavacli) at /RPC2: the same service layer behind a second front door
+    from master import api_lava, api_notify  # noqa: F401  (their handlers join the route table)
     from master.xmlrpc import install as install_xmlrpc
 
+    app = Bottle(autojson=True)
+    app.default_error_handler = error_page  # type: ignore[method-assign]
+    for path, methods, handler in ROUTES:
+        app.route(PREFIX + path, method=list(methods), callback=api_call(handler))
+    api_lava.install(app)
+    # LAVA's XML-RPC API (lavacli) at /RPC2: the same service layer behind a second front door
     install_xmlrpc(app)
     return app
-
-
-def _created(reply: Any) -> Any:
-    response.status = 201
-    return reply
-
-
-def _submitted(ids: list[int]) -> dict:
-    return _created({"message": "job(s) successfully submitted", "job_ids": ids})
-
-
-def _listing(items: list) -> dict:
-    """A whole listing as one DRF-style page."""
-    return _page(len(items), items, len(items), 0)
 
 
 # ---- system ----
 
 @route("/system/version/")
 def version() -> dict:
-    return {"version": _version()}
+    return {"version": master_version()}
 
 
 @route("/system/whoami/")
@@ -297,17 +73,17 @@ def whoami() -> dict:
 
 @route("/jobs/")
 def list_jobs() -> dict:
-    limit = _int_param("limit", 50) or 0
-    offset = _int_param("offset", 0) or 0
+    limit = int_param("limit", 50) or 0
+    offset = int_param("offset", 0) or 0
     filters = {key: request.query.get(key) for key in jobs.JOB_FILTERS if request.query.get(key)}
     count, records = jobs.list_jobs(user(), limit=limit, offset=offset,
                                     ordering=request.query.get("ordering") or "-id", **filters)
-    return _page(count, records, limit, offset)
+    return page(count, records, limit, offset)
 
 
 @route("/jobs/", "POST")
 def submit() -> dict:
-    return _submitted(jobs.submit_job(text_field("definition"), user()))
+    return submitted(jobs.submit_job(text_field("definition"), user()))
 
 
 @route("/jobs/validate/", "POST")
@@ -323,7 +99,7 @@ def show_job(job_id: str) -> dict:
 
 @route("/jobs/<job_id>/definition/")
 def definition(job_id: str) -> str:
-    return _text(jobs.job_definition(job_id, user()), YAML_TYPE)
+    return text_reply(jobs.job_definition(job_id, user()), YAML_TYPE)
 
 
 @route("/jobs/<job_id>/cancel/", "POST")
@@ -333,13 +109,13 @@ def cancel(job_id: str) -> dict:
 
 @route("/jobs/<job_id>/resubmit/", "POST")
 def resubmit(job_id: str) -> dict:
-    return _submitted(jobs.resubmit_job(job_id, user()))
+    return submitted(jobs.resubmit_job(job_id, user()))
 
 
 @route("/jobs/<job_id>/logs/")
 def logs(job_id: str) -> str:
-    lines = jobs.job_logs(job_id, user(), _int_param("start", 0) or 0, _int_param("end", None))
-    return _text("".join(line + "\n" for line in lines), YAML_TYPE)
+    lines = jobs.job_logs(job_id, user(), int_param("start", 0) or 0, int_param("end", None))
+    return text_reply("".join(line + "\n" for line in lines), YAML_TYPE)
 
 
 RESULT_FORMATS = ("yaml", "junit", "tap13", "csv")
@@ -350,15 +126,15 @@ def results_as(job_id: str, fmt: str) -> str:
     from results.export import to_csv, to_junit, to_tap13
 
     if fmt == "yaml":
-        return _text(jobs.job_bundle(job_id, user()), YAML_TYPE)
+        return text_reply(jobs.job_bundle(job_id, user()), YAML_TYPE)
     rows = jobs.job_results(job_id, user())
     job = str(int(job_id))
     if fmt == "junit":
-        return _text(to_junit(job, rows), "application/xml; charset=utf-8")
+        return text_reply(to_junit(job, rows), "application/xml; charset=utf-8")
     if fmt == "tap13":
-        return _text(to_tap13(job, rows))
+        return text_reply(to_tap13(job, rows))
     if fmt == "csv":
-        return _text(to_csv(job, rows), "text/csv; charset=utf-8")
+        return text_reply(to_csv(job, rows), "text/csv; charset=utf-8")
     raise Invalid(f"unknown results format {fmt!r}; allowed: {', '.join(RESULT_FORMATS)}")
 
 
@@ -373,12 +149,12 @@ for _format in RESULT_FORMATS:
 
 @route("/jobs/<job_id>/suites/")
 def suites(job_id: str) -> dict:
-    return _listing(jobs.job_suites(job_id, user()))
+    return listing(jobs.job_suites(job_id, user()))
 
 
 @route("/jobs/<job_id>/tests/")
 def tests(job_id: str) -> dict:
-    return _listing([r.to_dict() for r in jobs.job_results(job_id, user())])
+    return listing([r.to_dict() for r in jobs.job_results(job_id, user())])
 
 
 # ---- bundles ----
@@ -394,7 +170,7 @@ def upload_bundle() -> dict:
 
 @route("/devices/")
 def list_devices() -> dict:
-    return _listing(inventory.list_devices(**{k: request.query.get(k)
+    return listing(inventory.list_devices(**{k: request.query.get(k)
                                                for k in ("device_type", "worker", "state", "health", "tag")}))
 
 
@@ -407,7 +183,7 @@ def add_device() -> dict:
         raise Invalid("a device needs a hostname and a device_type")
     if "tags" in data:
         data["tags"] = _list(data["tags"])
-    return _created(inventory.add_device(user(), hostname, device_type, **data))
+    return created(inventory.add_device(user(), hostname, device_type, **data))
 
 
 @route("/devices/<hostname>/")
@@ -425,7 +201,7 @@ def update_device(hostname: str) -> dict:
 
 @route("/devices/<hostname>/dictionary/")
 def get_dictionary(hostname: str) -> dict:
-    if _bool(request.query.get("render", "")):
+    if as_bool(request.query.get("render", "")):
         return {"device": hostname, "dictionary": inventory.device_yaml(hostname)}
     return {"device": hostname, "dictionary": inventory.get_dictionary(hostname)}
 
@@ -440,7 +216,7 @@ def set_dictionary(hostname: str) -> dict:
 
 @route("/devicetypes/")
 def list_device_types() -> dict:
-    return _listing(inventory.list_device_types())
+    return listing(inventory.list_device_types())
 
 
 @route("/devicetypes/", "POST")
@@ -451,8 +227,8 @@ def add_device_type() -> dict:
     if not name:
         raise Invalid("a device type needs a name")
     if "display" in data:
-        data["display"] = _bool(data["display"])
-    return _created(inventory.add_device_type(user(), name, **data))
+        data["display"] = as_bool(data["display"])
+    return created(inventory.add_device_type(user(), name, **data))
 
 
 @route("/devicetypes/<name>/")
@@ -464,7 +240,7 @@ def show_device_type(name: str) -> dict:
 def update_device_type(name: str) -> dict:
     data = body_fields(description=TEXT, health_frequency=NUMBER, health_denominator=TEXT, display=FLAG)
     if "display" in data:
-        data["display"] = _bool(data["display"])
+        data["display"] = as_bool(data["display"])
     return inventory.update_device_type(user(), name, **data)
 
 
@@ -494,7 +270,7 @@ def set_health_check(name: str) -> dict:
 
 @route("/workers/")
 def list_workers() -> dict:
-    return _listing(inventory.list_workers())
+    return listing(inventory.list_workers())
 
 
 @route("/workers/", "POST")
@@ -504,8 +280,8 @@ def add_worker() -> dict:
     if not hostname:
         raise Invalid("a worker needs a hostname")
     if "disabled" in data:
-        data["disabled"] = _bool(data["disabled"])
-    return _created(inventory.add_worker(user(), hostname, **data))
+        data["disabled"] = as_bool(data["disabled"])
+    return created(inventory.add_worker(user(), hostname, **data))
 
 
 @route("/workers/<hostname>/")
@@ -558,13 +334,13 @@ def revoke_worker_certificate(hostname: str) -> dict:
 
 @route("/workers/<hostname>/join-token/", "POST")
 def issue_join_token(hostname: str) -> dict:
-    return _created(certificates.issue_join_token(user(), hostname, body_fields().get("lifetime")))
+    return created(certificates.issue_join_token(user(), hostname, body_fields().get("lifetime")))
 
 
 @route("/workers/<hostname>/join/", "POST")
 def join(hostname: str) -> dict:
     data = body_json()
-    return _created(certificates.join(hostname, data.get("token"), data.get("public_key")))
+    return created(certificates.join(hostname, data.get("token"), data.get("public_key")))
 
 
 def _list(value: Any) -> list[str]:

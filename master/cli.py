@@ -7,6 +7,7 @@
     pumice-master device-types add|list
     pumice-master device-dictionary --hostname X --import F | --export | --review
     pumice-master tokens create --user U [--admin]
+    pumice-master remote-tokens add|delete|list --user U [NAME [TOKEN]]
 
 Every command takes ``--data DIR`` (default ``$PUMICE_DATA`` or ``/var/lib/pumice``) and
 ``--database URL`` (default ``$PUMICE_DATABASE``, else SQLite in the data directory). Commands act
@@ -31,7 +32,9 @@ from master import certificates, inventory
 from master.broker import DEFAULT_ENDPOINT, DEFAULT_HEARTBEAT, Broker
 from master.errors import ServiceError
 from master.instance import DEFAULT_MAX_BODY, default_data_dir, open_instance
+from master.notify import NotifySettings, configure
 from master.states import DEFAULT_HEALTH_DENOMINATOR, DEFAULT_HEALTH_FREQUENCY, DeviceHealth
+from master.urlpolicy import AddressPolicy, parse_networks
 from master.users import SYSTEM
 from results.bounded import Limits
 
@@ -73,9 +76,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, _, port = args.http.rpartition(":")
     if not host or not port.isdigit():
         raise SystemExit(f"pumice-master: bad --http {args.http!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    try:
+        configure(_notify_settings(args))
+    except ValueError as exc:
+        raise SystemExit(f"pumice-master: {exc}") from None
     broker = _bound_broker(args)
     server = MasterServer(host, int(port), threads=args.threads, scheduler_interval=args.scheduler_interval,
-                          validators=args.validators, broker=broker)
+                          validators=args.validators, broker=broker, event_socket=args.event_socket)
     print(f"pumice master on {server.url} (data {args.data})", flush=True)
     server.serve_forever()
     return 0
@@ -103,6 +110,57 @@ def _broker_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--master-cert", metavar="FILE",
                        help="the master's key pair (default DATA/certificates/master.key_secret, "
                             "created if missing)")
+
+
+def _notify_arguments(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s notification options."""
+    parser.add_argument("--notify-allow", action="append", default=[], metavar="CIDR",
+                        help="let callbacks reach these addresses although they are loopback, link-local or "
+                             "the master's own (repeatable), e.g. 127.0.0.1 for a receiver on this host")
+    parser.add_argument("--notify-deny", action="append", default=[], metavar="CIDR",
+                        help="refuse callbacks to these addresses too (repeatable), e.g. 10.0.0.0/8")
+    parser.add_argument("--callback-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="how long one callback attempt may take (default %(default)s, as LAVA)")
+    parser.add_argument("--notify-retry", type=float, default=24.0, metavar="HOURS",
+                        help="retry a failed notification for this long (default %(default)s h)")
+    parser.add_argument("--notify-max-log", type=int, default=16 << 20, metavar="BYTES",
+                        help="the most of a job's log one callback sends (default %(default)s)")
+    parser.add_argument("--notify-senders", type=int, default=8, metavar="N",
+                        help="notifications delivered at once (default %(default)s)")
+    parser.add_argument("--notify-hold", action="store_true",
+                        help="queue notifications but send none (they wait in the outbox until a master "
+                             "runs without this flag)")
+    parser.add_argument("--smtp", default=os.environ.get("PUMICE_SMTP", ""), metavar="HOST[:PORT]",
+                        help="the SMTP server for notification emails (default $PUMICE_SMTP; none: no email)")
+    parser.add_argument("--smtp-from", default="pumice@localhost", help="the sender of notification emails")
+    parser.add_argument("--smtp-starttls", action="store_true", help="STARTTLS before sending")
+    parser.add_argument("--smtp-user", default="", help="SMTP login (its password in $PUMICE_SMTP_PASSWORD)")
+    parser.add_argument("--email-rate", type=int, default=30, metavar="N",
+                        help="notification emails sent per minute at most (default %(default)s)")
+
+
+def _notify_settings(args: argparse.Namespace) -> NotifySettings:
+    """The settings of ``serve``'s options (ValueError naming a bad one)."""
+    host, _, port = (args.smtp or "").partition(":")
+    if port and not port.isdigit():
+        raise ValueError(f"bad --smtp {args.smtp!r}: expected HOST or HOST:PORT")
+    for name in ("callback_timeout", "notify_retry", "notify_max_log", "notify_senders", "email_rate"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    return NotifySettings(
+        policy=AddressPolicy(allow=parse_networks(args.notify_allow), deny=parse_networks(args.notify_deny)),
+        timeout=args.callback_timeout, retry_period=args.notify_retry * 3600, max_log_bytes=args.notify_max_log,
+        senders=args.notify_senders, deliver=not args.notify_hold, smtp_host=host, smtp_port=int(port or 25),
+        smtp_from=args.smtp_from, smtp_starttls=args.smtp_starttls, smtp_user=args.smtp_user,
+        smtp_password=os.environ.get("PUMICE_SMTP_PASSWORD", ""), email_rate=args.email_rate)
+
+
+def _event_arguments(parser: argparse.ArgumentParser) -> None:
+    """``serve``'s event stream option (master.publisher)."""
+    parser.add_argument("--event-socket", default=os.environ.get("PUMICE_EVENT_SOCKET", ""), metavar="ENDPOINT",
+                        help="publish LAVA's job/device/worker events (lava-publisher's format, no secrets, "
+                             "no authentication) on this ZeroMQ PUB endpoint, e.g. tcp://*:5500 (LAVA's "
+                             "default; default: $PUMICE_EVENT_SOCKET, else none)")
 
 
 def _bound_broker(args: argparse.Namespace) -> Broker | None:
@@ -247,6 +305,24 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remote_tokens(args: argparse.Namespace) -> int:
+    from master import remote_tokens
+    from master.users import get_user
+
+    owner = get_user(args.user)
+    if args.remote_command == "add":
+        value = sys.stdin.readline().strip() if args.token == "-" else args.token
+        remote_tokens.add_token(owner, args.name, value)
+        print(f"remote token {args.name} of {args.user} set")
+    elif args.remote_command == "delete":
+        remote_tokens.delete_token(owner, args.name)
+        print(f"remote token {args.name} of {args.user} deleted")
+    else:  # the values are the user's secrets: the list shows names only
+        for row in remote_tokens.list_tokens(owner):
+            print(row["name"])
+    return 0
+
+
 # ---- parser ----
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler-interval", type=float, default=20.0,
                    help="seconds between safety-net scheduling passes (events trigger passes at once)")
     _broker_arguments(p)
+    _notify_arguments(p)
+    _event_arguments(p)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     leaf(db, "migrate", cmd_db_migrate, "apply pending schema migrations")
@@ -365,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True, help="the user (created if missing)")
     p.add_argument("--admin", action="store_true", help="make the user an admin")
     p.add_argument("--description")
+
+    remote = sub.add_parser("remote-tokens", help="users' named tokens for notify callbacks").add_subparsers(
+        dest="remote_command", required=True)
+    p = leaf(remote, "add", cmd_remote_tokens, "set a user's named remote token (a job's notify callback "
+             "'token: NAME' sends it)")
+    p.add_argument("--user", required=True)
+    p.add_argument("name")
+    p.add_argument("token", help="the value ('-': read one line from stdin, kept out of the process list)")
+    p = leaf(remote, "delete", cmd_remote_tokens, "delete a user's named remote token")
+    p.add_argument("--user", required=True)
+    p.add_argument("name")
+    p = leaf(remote, "list", cmd_remote_tokens, "list the names of a user's remote tokens")
+    p.add_argument("--user", required=True)
     return parser
 
 

@@ -45,6 +45,10 @@ class Instance:
     #: the bounds of what users send (``serve --max-body`` sets ``max_bytes``, ``--limit`` the others)
     limits: Limits = DEFAULT_LIMITS
     site_dir: Path | None = None
+    #: the notification settings (a master.notify.NotifySettings; None: the defaults)
+    notify: Any = None
+    #: where LAVA's event stream is published (master.publisher; '' when it is not)
+    event_socket: str = ""
 
     @property
     def max_body(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from peewee import JOIN, PostgresqlDatabase
 
 from agent.errors import Fault
-from master import diskfull, events
+from master import diskfull, events, notify
 from master.db import db, is_postgres
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
@@ -38,12 +38,13 @@ from master.states import (
 from master.validation import JobRequest, check_definition
 from results.log import LogRecord
 from results.record import Result
+from results.redact import redact_definition
 from results.store import META_FIELDS
 
 log = logging.getLogger("pumice.jobs")
 
 #: what ``list_jobs`` may filter on (query parameter -> column)
-JOB_FILTERS = ("state", "health", "device_type", "device", "submitter", "health_check")
+JOB_FILTERS = ("state", "health", "device_type", "device", "submitter", "health_check", "requested_device_type")
 MAX_PAGE = 1000
 
 
@@ -195,8 +196,9 @@ def create_job(request: JobRequest, submitter: User, *, health_check: bool = Fal
     tag_ids = _tag_ids(request.tags)
     if tag_ids:
         JobTag.insert_many([(job.id, tag_id) for tag_id in tag_ids], fields=[JobTag.job, JobTag.tag]).execute()
+    notify.store_spec(job.id, request.notify)
     if store:
-        current().store.write_definition(job.id, request.definition)
+        current().store.write_definition(job.id, redact_definition(request.definition))
     return job
 
 
@@ -230,7 +232,7 @@ def _create_with_files(request: JobRequest, user: User) -> Job:
     try:
         with db.atomic():
             job = create_job(request, user, store=False)
-            store.write_definition(job.id, request.definition)
+            store.write_definition(job.id, redact_definition(request.definition))
             # the record is known without reading it back (a submission is a hot path)
             row = {name: getattr(job, name) for name in _RECORD_COLUMNS}
             record = _record({**row, "submitter": user.username, "device_type": request.device_type.name,
@@ -296,7 +298,10 @@ def cancel_job(job_id: int | str, user: User | None) -> dict[str, Any]:
         if state == JobState.FINISHED:
             fields[Job.end_time] = utcnow()
             fields[Job.failure_comment] = f"canceled by {user.username}"
-        changed = Job.update(fields).where((Job.id == job.id) & (Job.state == job.state)).execute()
+        with db.atomic():
+            changed = Job.update(fields).where((Job.id == job.id) & (Job.state == job.state)).execute()
+            if changed and state == JobState.FINISHED:
+                notify.enqueue(job.id)
         if changed:
             log.info("job %d %s by %s", job.id, "canceled" if state == JobState.FINISHED else "canceling",
                      user.username)
@@ -333,7 +338,7 @@ def list_jobs(user: User | None, *, limit: int = 50, offset: int = 0, ordering: 
             query = query.where(Job.state == check_choice("job state", value, JobState.ALL))
         elif key == "health":
             query = query.where(Job.health == check_choice("job health", value, JobHealth.ALL))
-        elif key == "device_type":
+        elif key in ("device_type", "requested_device_type"):  # the second is LAVA's REST name
             query = query.where(Job.requested_device_type.in_(
                 DeviceType.select(DeviceType.id).where(DeviceType.name == value)))
         elif key == "device":
@@ -364,7 +369,8 @@ def show_job(job_id: int | str, user: User | None) -> dict[str, Any]:
 
 
 def job_definition(job_id: int | str, user: User | None) -> str:
-    return get_job(job_id, user).definition
+    """The job's definition as it may be shown: its ``secrets:`` values redacted."""
+    return redact_definition(get_job(job_id, user).definition)
 
 
 def job_logs(job_id: int | str, user: User | None, start: int = 0, end: int | None = None) -> list[str]:
@@ -422,6 +428,8 @@ def job_started(job_id: int) -> bool:
                    .where((Job.id == job_id) & (Job.state == JobState.SCHEDULED)).execute())
         if changed and job.actual_device_id:
             Device.update(state=DeviceState.RUNNING).where(Device.id == job.actual_device_id).execute()
+        if changed:
+            notify.enqueue(job_id)
     if changed:
         # an (empty) log from the start: the site links it when it publishes the running job, and
         # its live tail reads what the agent appends through that link
@@ -529,6 +537,7 @@ def record_end(job_id: int, health: str, error: str | None = None, error_type: s
             comment = f"{error_type}: {error}" if error_type and not error.startswith(error_type) else error
         Job.update(state=JobState.FINISHED, health=outcome.job_health, end_time=utcnow(),
                    failure_comment=comment).where(Job.id == job.id).execute()
+        notify.enqueue(job.id)
         if device is not None:
             fields: dict[Any, Any] = {Device.state: DeviceState.IDLE, Device.current_job_id: None}
             if outcome.device_health:

@@ -17,7 +17,16 @@ from playhouse.migrate import migrate as migrate_columns
 
 from agent.timeout import parse_duration
 from master.db import db
-from master.models import JOB_QUEUE_INDEX, MODELS, Device, Job, JoinToken, MasterKey, SchemaVersion
+from master.models import (
+    JOB_QUEUE_INDEX,
+    MODELS,
+    NOTIFY_MODELS,
+    Device,
+    Job,
+    JoinToken,
+    MasterKey,
+    SchemaVersion,
+)
 from master.states import DEFAULT_JOB_TIMEOUT, JobState
 
 log = logging.getLogger("pumice.migrations")
@@ -86,6 +95,11 @@ def _job_start_fields(database: Database) -> None:
         Job.update(context=context, timeout=timeout).where(Job.id == job_id).execute()
 
 
+def _notifications(database: Database) -> None:
+    # new tables only
+    database.create_tables(NOTIFY_MODELS, safe=True)
+
+
 #: (version, name, step); versions are consecutive from 1
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
@@ -94,6 +108,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (4, "jobs.local_urls: what a job reads from its worker itself (the file policy)", _job_local_urls),
     (5, "join_tokens, master_keys: worker enrolment with one-time join tokens", _worker_enrolment),
     (6, "jobs.context, jobs.timeout: what START needs, kept at submission", _job_start_fields),
+    (7, "notifications: job_notify, the notifications outbox and its attempts, remote_tokens", _notifications),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -300,3 +300,83 @@ MODELS: tuple[type[BaseModel], ...] = (
     User, Token, Tag, DeviceType, Worker, Device, DeviceTag, Job, JobTag, TestSuite, TestCase, JoinToken,
     MasterKey,
 )
+
+
+# ---- notifications (issue 17): created by migration 7, not by step 1 (see master.migrations) ----
+
+class RemoteToken(BaseModel):
+    """A user's named token for other services (LAVA's remote artifact tokens): a job's
+    ``notify: callback: token: NAME`` sends the value of the submitter's token NAME. The value itself
+    is kept (it is sent, so it cannot be a digest) and shown only to its owner."""
+
+    user = ForeignKeyField(User, backref="remote_tokens", on_delete="CASCADE")
+    name = CharField(max_length=200)
+    token = TextField()
+    created = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "remote_tokens"
+        indexes = ((("user", "name"), True),)
+
+
+class JobNotify(BaseModel):
+    """A job's ``notify:`` block as checked at submission (JSON); only jobs that have one get a row."""
+
+    job = ForeignKeyField(Job, primary_key=True, backref="+", on_delete="CASCADE")
+    spec = JSONField()
+
+    class Meta:
+        table_name = "job_notify"
+
+
+class Notification(BaseModel):
+    """One callback or email to deliver (the outbox): written in the transaction of the job's state
+    change that triggers it, delivered by :class:`master.outbox.Outbox` with retries.
+
+    ``snapshot`` is the job as it was at that change (state, health, times, failure comment), so a
+    callback for Running that is delivered late still says Running. ``target`` is the callback URL
+    (after LAVA's ``{FIELD}`` substitution) or the email address; the token and headers are never
+    stored here: they are looked up when sending.
+    """
+
+    job = ForeignKeyField(Job, backref="+", on_delete="CASCADE")
+    #: callback or email
+    kind = CharField(max_length=10)
+    #: which callback (position in ``callbacks``) or recipient of the notify block
+    position = IntegerField(default=0)
+    #: the job state/health that triggered it: Running, Complete, Incomplete, Canceled
+    trigger = CharField(max_length=20)
+    snapshot = JSONField()
+    target = TextField()
+    #: pending, delivered, failed
+    status = CharField(max_length=10, default="pending")
+    attempts = IntegerField(default=0)
+    #: pending: when the next attempt is due; a sender holds the row while ``leased``
+    next_attempt = DateTimeField(default=utcnow)
+    leased = BooleanField(default=False)
+    created = DateTimeField(default=utcnow)
+    finished = DateTimeField(null=True)
+    last_error = TextField(null=True)
+
+    class Meta:
+        table_name = "notifications"
+        indexes = ((("status", "next_attempt"), False), (("job",), False))
+
+
+class NotificationAttempt(BaseModel):
+    """One try at delivering a notification: when, how long, what came back (never what was sent)."""
+
+    notification = ForeignKeyField(Notification, backref="attempt_rows", on_delete="CASCADE")
+    number = IntegerField()
+    started = DateTimeField(default=utcnow)
+    duration = FloatField(default=0.0)
+    ok = BooleanField(default=False)
+    #: ``HTTP 200``, ``timeout after 5 s``, ``refused: ...``, ``sent``
+    outcome = TextField()
+
+    class Meta:
+        table_name = "notification_attempts"
+
+
+#: the tables of migration 7
+NOTIFY_MODELS: tuple[type[BaseModel], ...] = (RemoteToken, JobNotify, Notification, NotificationAttempt)

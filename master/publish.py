@@ -51,7 +51,8 @@ class SitePublisher:
 
     def on_event(self, event: str, data: dict[str, Any]) -> None:
         # a running job too: its log page tails output.yaml live
-        if event in ("job_started", "job_finished"):
+        # job_notified: a notification was delivered or given up (its attempts are on the page)
+        if event in ("job_started", "job_finished", "job_notified"):
             for job_id in data.get("job_ids", ()):
                 self._queue.put(job_id)
 

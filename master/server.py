@@ -52,10 +52,20 @@ class MasterServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, threads: int = 8,
                  scheduler: bool = True, scheduler_interval: float = 20.0, publish_site: bool = True,
-                 validators: int | None = None, broker: Broker | None = None) -> None:
+                 validators: int | None = None, broker: Broker | None = None, notify: bool = True,
+                 event_socket: str = "") -> None:
         #: the ZeroMQ side (bound by the caller, which reports a bad endpoint or key first)
         self.broker = broker
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
+        from master.notify import settings as notify_settings
+        from master.outbox import Outbox
+
+        # the notification sender (master.outbox); held (--notify-hold): the outbox only fills
+        self.outbox = Outbox() if notify and notify_settings().deliver else None
+        from master.publisher import EventPublisher
+
+        # LAVA's event stream (master.publisher) on a PUB socket of its own, when configured
+        self.events = EventPublisher(event_socket) if event_socket else None
         self.publisher = SitePublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
         self.validators = ValidatorPool(processes) if processes > 0 else None
@@ -83,6 +93,12 @@ class MasterServer:
             self.publisher.start()
         if self.broker is not None:
             self.broker.start()
+        if self.outbox:
+            self.outbox.start()
+        if self.events:
+            self.events.start()
+            current().event_socket = (self.events.bound if self.events.endpoint.endswith(":*")
+                                      else self.events.endpoint)
 
     def start(self) -> MasterServer:
         """Serve in background threads; returns at once."""
@@ -125,6 +141,10 @@ class MasterServer:
             self.scheduler.stop()
         if self.publisher:
             self.publisher.stop()
+        if self.outbox:
+            self.outbox.stop()
+        if self.events:
+            self.events.stop()
         if self.validators is not None:
             self.validators.stop()
 

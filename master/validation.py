@@ -67,6 +67,8 @@ class JobRequest:
     local_urls: list[list[str]] = field(default_factory=list)
     #: ``timeouts.job`` in seconds (the agent's deadline; how long the broker waits for a worker away)
     timeout: float = DEFAULT_JOB_TIMEOUT
+    #: the checked ``notify:`` block (master.notify), None without one
+    notify: dict[str, Any] | None = None
 
 
 # ---- the lab as submissions see it (cached briefly) ----
@@ -348,6 +350,11 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         log.warning("device %s does not render: %s", device.hostname, exc)
         raise fault(("device_type",), f"the configuration of device {device.hostname} ({name}) does not "
                                       f"render, ask the lab admins: {exc}") from None
+    notify_spec = None
+    if "notify" in data:  # a refused callback URL or recipient fails the submission before the pipeline check
+        from master.notify import check_notify
+
+        notify_spec = check_notify(data["notify"], doc)
     qemu, reads = qemu_faults(data, config, own, doc)
     # what the job reads from the worker itself must be allowed by some worker that can run it
     local = local_accesses(data) + reads
@@ -360,7 +367,7 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
         definition=text, name=str(data.get("job_name", "")), device_type=dtype, tags=tags,
         priority=priority, visibility=visibility if isinstance(visibility, str) else "group",
         context=context, local_urls=[[access.kind, access.location] for access in local],
-        timeout=parse_duration(data["timeouts"]["job"], "timeouts.job"),
+        timeout=parse_duration(data["timeouts"]["job"], "timeouts.job"), notify=notify_spec,
     )
 
 

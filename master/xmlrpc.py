@@ -37,10 +37,11 @@ from xmlrpc.server import SimpleXMLRPCDispatcher
 import yaml
 from bottle import Bottle, HTTPResponse, request
 
-from master import certificates, diskfull, inventory, jobs
+from master import certificates, diskfull, inventory, jobs, remote_tokens
 from master.db import connection
 from master.errors import Invalid, NotFound, ServiceError, StorageFull, Unauthorized
 from master.instance import current
+from master.jobdata import LEGACY_NAMES, export_cases, lava_yaml, legacy_status
 from master.models import User
 from master.states import DeviceHealth, JobState, WorkerHealth
 from master.users import authenticate
@@ -228,7 +229,8 @@ def jobs_show(user: User | None, job_id: str | int) -> dict[str, Any]:
 
 @method("scheduler.jobs.definition")
 def jobs_definition(user: User | None, job_id: str | int) -> str:
-    """scheduler.jobs.definition(job_id): the job definition as submitted."""
+    """scheduler.jobs.definition(job_id): the job definition as submitted, the values of its
+    ``secrets:`` redacted."""
     return jobs.job_definition(job_id, user)
 
 
@@ -294,28 +296,21 @@ def jobs_queue(user: User | None, device_types: list[str] | None = None, start: 
 
 # ---- results ----
 
-def _case(job_id: int, result: Any) -> dict[str, Any]:
-    """A result as LAVA's results YAML lists it."""
-    return {"job": str(job_id), "suite": result.suite, "name": result.case, "result": result.result,
-            "measurement": result.measurement, "unit": result.units, "level": result.level,
-            "set": result.set, "duration": result.duration, "metadata": result.extra or {},
-            "url": f"{current().job_url(job_id)}#{result.suite}/{result.case}" if current().url else ""}
-
-
 def _results(user: User | None, job_id: str | int, suite: str | None = None,
-             case: str | None = None) -> str:
+             case: str | None = None) -> list[dict[str, Any]]:
+    """The job's results as LAVA exports them (master.jobdata: every value text, measurements with
+    LAVA's 10 decimals), of one suite or one case."""
     job = jobs.get_job(job_id, user)
-    rows = [_case(job.id, r) for r in jobs.job_results(job.id, user)
-            if (suite is None or r.suite == suite) and (case is None or r.case == case)]
+    rows = export_cases(job.id, suite, case)
     if suite is not None and not rows and all(s["name"] != suite for s in jobs.job_suites(job.id, user)):
         raise NotFound(f"job {job.id} has no test suite {suite!r}")
-    return _yaml(rows)
+    return rows
 
 
 @method("results.get_testjob_results_yaml")
 def results_job(user: User | None, job_id: str | int) -> str:
     """results.get_testjob_results_yaml(job_id): every result of the job, as YAML."""
-    return _results(user, job_id)
+    return lava_yaml(_results(user, job_id))
 
 
 @method("results.get_testsuite_results_yaml")
@@ -323,15 +318,15 @@ def results_suite(user: User | None, job_id: str | int, suite_name: str, limit: 
                   offset: int | None = None) -> str:
     """results.get_testsuite_results_yaml(job_id, suite_name, limit=None, offset=None): the results
     of one test suite of the job, as YAML."""
-    rows = yaml.safe_load(_results(user, job_id, suite_name)) or []
+    rows = _results(user, job_id, suite_name)
     first = int(offset or 0)
-    return _yaml(rows[first:first + int(limit)] if limit else rows[first:])
+    return lava_yaml(rows[first:first + int(limit)] if limit else rows[first:])
 
 
 @method("results.get_testcase_results_yaml")
 def results_case(user: User | None, job_id: str | int, suite_name: str, case_name: str) -> str:
     """results.get_testcase_results_yaml(job_id, suite_name, case_name): one test case's results."""
-    return _results(user, job_id, suite_name, case_name)
+    return lava_yaml(_results(user, job_id, suite_name, case_name))
 
 
 @method("results.get_testjob_suites_list_yaml")
@@ -847,3 +842,95 @@ def install(app: Bottle) -> None:
     for path in (PATH, PATH + "/"):
         app.route(path, "POST", rpc)
         app.route(path, "GET", rpc_help)
+
+
+# ---- remote tokens (lavacli tokens) ----
+
+@method("scheduler.remote_artifact_tokens.list")
+def remote_tokens_list(user: User | None) -> list[dict[str, str]]:
+    """scheduler.remote_artifact_tokens.list(): the caller's named remote tokens, [{name, token}]."""
+    return remote_tokens.list_tokens(user)
+
+
+@method("scheduler.remote_artifact_tokens.show")
+def remote_tokens_show(user: User | None, name: str) -> str:
+    """scheduler.remote_artifact_tokens.show(name): the value of the caller's token ``name``."""
+    return remote_tokens.show_token(user, name)
+
+
+@method("scheduler.remote_artifact_tokens.add")
+def remote_tokens_add(user: User | None, name: str, token: str) -> None:
+    """scheduler.remote_artifact_tokens.add(name, token): set the caller's token ``name`` (a job's
+    ``notify: callback: token: name`` sends it)."""
+    remote_tokens.add_token(user, name, token)
+
+
+@method("scheduler.remote_artifact_tokens.delete")
+def remote_tokens_delete(user: User | None, name: str) -> None:
+    """scheduler.remote_artifact_tokens.delete(name): remove the caller's token ``name``."""
+    remote_tokens.delete_token(user, name)
+
+
+# ---- the event stream ----
+
+@method("scheduler.get_publisher_event_socket")
+def get_publisher_event_socket(user: User | None) -> str:
+    """scheduler.get_publisher_event_socket(): the ZeroMQ endpoint of the event stream (as configured,
+    e.g. ``tcp://*:5500``: '*' stands for this master's host); '' when the master publishes none."""
+    return current().event_socket
+
+
+# ---- LAVA's older scheduler methods (SQUAD, Mesa CI and KernelCI scripts call them) ----
+
+@method("scheduler.submit_job")
+def submit_job(user: User | None, definition: str) -> int | list[int]:
+    """scheduler.submit_job(definition): as scheduler.jobs.submit (the older name SQUAD calls)."""
+    return jobs_submit(user, definition)
+
+
+@method("scheduler.cancel_job")
+def cancel_job(user: User | None, job_id: str | int) -> bool:
+    """scheduler.cancel_job(job_id): as scheduler.jobs.cancel."""
+    return jobs_cancel(user, job_id)
+
+
+@method("scheduler.resubmit_job")
+def resubmit_job(user: User | None, job_id: str | int) -> int | list[int]:
+    """scheduler.resubmit_job(job_id): as scheduler.jobs.resubmit."""
+    return jobs_resubmit(user, job_id)
+
+
+@method("scheduler.job_details")
+def job_details(user: User | None, job_id: str | int) -> dict[str, Any]:
+    """scheduler.job_details(job_id): the job's fields as LAVA returns them (status is the legacy
+    name: Submitted, Running, Complete, Incomplete, Canceled, Canceling; definition with its secrets
+    redacted; times as XML-RPC dateTime)."""
+    job = jobs.get_job(job_id, user)
+    record = jobs.job_records([job.id])[0]
+    definition = jobs.job_definition(job.id, user)
+    return {
+        "id": job.id, "sub_id": "", "target_group": None, "is_pipeline": True, "pipeline_compatibility": 0,
+        "status": LEGACY_NAMES[legacy_status(job.state, job.health)], "state": job.state, "health": job.health,
+        "submitter_id": job.submitter_id, "submitter_username": record["submitter"],
+        "description": job.name, "priority": job.priority, "health_check": bool(job.health_check),
+        "is_public": job.visibility == "public", "visibility": _visibility(job.visibility),
+        "submit_time": _time(record["submit_time"]), "start_time": _time(record["start_time"]),
+        "end_time": _time(record["end_time"]), "failure_comment": job.failure_comment,
+        "actual_device_id": record["device"], "requested_device_type_id": record["device_type"],
+        "definition": definition, "original_definition": definition, "multinode_definition": "",
+        "absolute_url": f"/scheduler/job/{job.id}",
+    }
+
+
+@method("scheduler.job_state")
+def job_state(user: User | None, job_id: str | int) -> dict[str, Any]:
+    """scheduler.job_state(job_id): {job_id, job_state} (Submitted ... Finished)."""
+    job = jobs.get_job(job_id, user)
+    return {"job_id": job.id, "job_state": job.state}
+
+
+@method("scheduler.job_health")
+def job_health(user: User | None, job_id: str | int) -> dict[str, Any]:
+    """scheduler.job_health(job_id): {job_id, job_health} (Unknown, Complete, Incomplete, Canceled)."""
+    job = jobs.get_job(job_id, user)
+    return {"job_id": job.id, "job_health": job.health}

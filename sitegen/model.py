@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -64,6 +65,8 @@ class JobView:
     description: list | None = None
     log_path: Path | None = None
     stamp: str = ""
+    #: the job's notify callbacks and emails with their attempts (the master's notifications.yaml)
+    notifications: list = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -149,16 +152,26 @@ def load_job(store: ArtifactStore, job_id: int) -> JobView:
         except Exception as exc:  # the loader's own error names the line; add the file
             raise SiteError(f"{job_dir / 'results.yaml'}: {exc}") from exc
         job.results = list(job.bundle.results)
-    description_text = store.read_file(job_id, "description.yaml")
-    if description_text:
-        try:
-            description = _yaml_load(description_text)
-        except yaml.YAMLError as exc:
-            raise SiteError(f"{job_dir / 'description.yaml'}: not valid YAML: {exc}") from exc
+    description = _yaml_file(store, job_id, "description.yaml", _yaml_load)
+    if description is not None:
         job.description = _pipeline_of(description)
     log_path = job_dir / "output.yaml"
     job.log_path = log_path if log_path.exists() else None
+    # the master's record of the job's notify callbacks and emails (within the limits: it holds URLs)
+    notifications = _yaml_file(store, job_id, "notifications.yaml", load_data)
+    job.notifications = notifications if isinstance(notifications, list) else []
     return job
+
+
+def _yaml_file(store: ArtifactStore, job_id: int, name: str, load: Any) -> Any:
+    """One of the job's YAML files parsed with ``load`` (None when it is absent or empty)."""
+    text = store.read_file(job_id, name)
+    if not text:
+        return None
+    try:
+        return load(text)
+    except yaml.YAMLError as exc:
+        raise SiteError(f"{store.job_dir(job_id) / name}: not valid YAML: {exc}") from exc
 
 
 def _yaml_load(text: str) -> object:

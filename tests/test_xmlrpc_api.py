@@ -183,7 +183,8 @@ def test_logs_and_results_of_a_finished_job(rpc, lab) -> None:
     rows = yaml.safe_load(alice.results.get_testjob_results_yaml(job_id))
     assert [(r["suite"], r["name"], r["result"]) for r in rows] == [
         ("0_smoke", "always-pass", "pass"), ("0_smoke", "boot-time", "pass"), ("lava", "job", "fail")]
-    assert rows[1]["measurement"] == 1.5 and rows[1]["unit"] == "s" and rows[1]["job"] == str(job_id)
+    # LAVA's export: every value text, measurements with 10 decimals
+    assert rows[1]["measurement"] == "1.5000000000" and rows[1]["unit"] == "s" and rows[1]["job"] == str(job_id)
     suite = yaml.safe_load(alice.results.get_testsuite_results_yaml(job_id, "0_smoke"))
     assert [r["name"] for r in suite] == ["always-pass", "boot-time"]
     assert [r["name"] for r in yaml.safe_load(alice.results.get_testsuite_results_yaml(job_id, "0_smoke", 1, 1))] \

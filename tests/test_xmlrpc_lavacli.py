@@ -185,7 +185,7 @@ def test_jobs_show_logs_definition_results(live: LiveLab, job_id: int) -> None:
         assert line in results, results
     suite = yaml.safe_load(live.lavacli("results", str(job_id), "0_smoke", "--yaml").stdout)
     measured = next(r for r in suite if r["name"] == "boot-time")
-    assert (measured["measurement"], measured["unit"]) == (1.5, "s")
+    assert (measured["measurement"], measured["unit"]) == ("1.5000000000", "s")  # as LAVA exports it
     assert live.lavacli("results", str(job_id), "0_smoke", "always-fail").stdout.strip() == "fail"
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-AREAS = ["agent", "uboot", "master", "broker", "site"]
+AREAS = ["agent", "uboot", "master", "broker", "site", "notify"]
 
 
 def main(argv: list[str]) -> int:

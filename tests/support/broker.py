@@ -275,10 +275,12 @@ class ProcessLab:
     """
 
     def __init__(self, root: Path, *, plain: bool = False, heartbeat: float = 1.0,
-                 database: str | None = None) -> None:
+                 database: str | None = None, master_args: tuple[str, ...] = ()) -> None:
         import os
 
         self.root = root
+        #: more options of ``pumice-master serve`` (a test may change them between restarts)
+        self.master_args = list(master_args)
         self.data = root / "data"
         self.plain = plain
         self.heartbeat = heartbeat
@@ -306,6 +308,7 @@ class ProcessLab:
                    "--broker", f"tcp://127.0.0.1:{self.broker_port}", "--heartbeat", str(self.heartbeat)]
         if self.plain:
             command.append("--insecure-plain")
+        command += self.master_args
         with open(self.master_log, "a") as log:
             self.master = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
