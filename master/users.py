@@ -12,7 +12,7 @@ import re
 import secrets
 
 from master.db import db
-from master.errors import Invalid, Unauthorized
+from master.errors import Invalid, NotFound, Unauthorized
 from master.models import Token, User
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,150}$")
@@ -64,6 +64,14 @@ def authenticate(header: str | None) -> User | None:
     if row is None:
         raise Unauthorized("invalid token: create one with 'pumice-master tokens create --user NAME'")
     return row.user
+
+
+def get_user(username: str) -> User:
+    """The stored user ``username`` (NotFound naming it)."""
+    user = User.get_or_none(User.username == username)
+    if user is None:
+        raise NotFound(f"no user {username!r}")
+    return user
 
 
 #: the identity of local admin commands (``pumice-master devices add`` ...): an admin not stored
