@@ -36,7 +36,7 @@ SECTIONS = ("deploy", "boot", "test", "command")
 
 
 @dataclass
-class JobState:
+class JobData:
     """What actions hand to each other while a job runs (one namespace)."""
 
     #: image key -> local file after download (and decompression)
@@ -94,7 +94,7 @@ class Job:
         self.doc = doc
         #: False when the master validates: the worker's tools are not checked there
         self.on_worker = on_worker
-        self.state = JobState()
+        self.data = JobData()
         self.results: list[Result] = []
         self.pipeline = Pipeline(self)
         self.faults: list[Fault] = []
@@ -297,14 +297,14 @@ class Job:
         finally:
             self.cleaning = True
             try:
-                self.pipeline.run(self.state.connection, Deadline.after(CLEANUP_TIMEOUT, "finalize"),
+                self.pipeline.run(self.data.connection, Deadline.after(CLEANUP_TIMEOUT, "finalize"),
                                   [self.finalize])
             except PumiceError as exc:
                 error = error or exc
             except Exception as exc:
                 self.logger.exception()
                 error = error or Bug(f"finalize: {exc}")
-            self.pipeline.cleanup(self.state.connection)
+            self.pipeline.cleanup(self.data.connection)
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
         return self.finish(error)

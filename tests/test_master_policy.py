@@ -24,8 +24,9 @@ from test_broker_support import BrokerLab, db_wait, make_broker_lab
 from test_master_support import Lab, stop_server
 from test_worker_daemon import Running
 
+from agent.config import AgentConfig
+from agent.daemon import AgentDaemon
 from agent.policy import ADDRESSES_KEY, DIRS_KEY, REFUSED, Access, FilePolicy
-from agent.worker import AgentConfig, Worker
 from master import jobs
 from master import lab as lab_service
 from master.client import ApiError, Client
@@ -190,7 +191,7 @@ def two_workers(broker_lab: BrokerLab, tmp_path: Path) -> Iterator[tuple[BrokerL
     agents = {}
     for name in ("deny", "allow"):
         master_cert, worker_cert = broker_lab.key_files(name, tmp_path / f"keys-{name}")
-        agents[name] = Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname=name,
+        agents[name] = Running(AgentDaemon(AgentConfig(master=broker_lab.endpoint, hostname=name,
                                                   spool=tmp_path / f"spool-{name}", heartbeat=0.5,
                                                   master_cert=master_cert, worker_cert=worker_cert)))
     try:

@@ -232,7 +232,7 @@ def test_kernel_type_without_load_addresses() -> None:
 
 def overlay_for(text: str, device: dict, files: dict[str, str]) -> BootloaderCommandOverlay:
     job = load_job(text, device, on_worker=False, dispatcher={"dispatcher_ip": "192.0.2.9"})
-    job.state.tftp_files.update(files)
+    job.data.tftp_files.update(files)
     return next(a for a in job.pipeline.walk() if isinstance(a, BootloaderCommandOverlay))
 
 

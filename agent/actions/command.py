@@ -63,6 +63,6 @@ class CommandAction(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         entry = self.user_commands()[self.parameters["name"]]
         if entry.get("undo"):
-            self.job.state.undo_commands.append(entry["undo"])
+            self.job.data.undo_commands.append(entry["undo"])
         run_command(self, entry["do"], deadline)
         return connection

@@ -216,15 +216,15 @@ class ConnectDevice(Action):
         self.require_tool(argv[0], why="the device's connection command")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        state = self.job.state
-        current = state.connection
+        data = self.job.data
+        current = data.connection
         if current is not None and not current.closed and current.spawn.isalive():
             self.logger.debug("Already connected")
             return current
         if current is not None:
             self.logger.warning("Dead connection, reconnecting")
             current.close()
-            state.connection = None
+            data.connection = None
         connect = connect_command(self.job.device)
         constants = self.job.device.get("constants") or {}
         maxread = int(constants.get("spawn_maxread") or DEFAULT_MAXREAD)
@@ -237,9 +237,9 @@ class ConnectDevice(Action):
             argv = shlex.split(connect)
             console = Console.spawn_command(argv, self.logger, name=os.path.basename(argv[0]),
                                             env=self.job.env or None, **options)
-            state.connection = console  # from here on, finalize closes it whatever happens
+            data.connection = console  # from here on, finalize closes it whatever happens
             self._wait_connected(console, argv, deadline)
-        state.connection = console
+        data.connection = console
         return console
 
     def _wait_connected(self, console: Console, argv: list[str], deadline: Deadline) -> None:

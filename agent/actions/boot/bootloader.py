@@ -200,7 +200,7 @@ class BootloaderCommandOverlay(Action):
     def substitutions(self) -> dict[str, str | None]:
         """Placeholder -> value for this job (None: the command that uses it is dropped)."""
         device = self.job.device
-        files = self.job.state.tftp_files
+        files = self.job.data.tftp_files
         text = "\n".join(self.commands)
         values: dict[str, str | None] = {
             "{SERVER_IP}": dispatcher_ip(self.job) if "{SERVER_IP}" in text else None,

@@ -185,10 +185,10 @@ class CallQemuAction(Action):
                 self.errors.append(f"images.{key}.image_arg {arg!r} does not use {{{key}}}")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        if self.job.state.connection is not None:  # a retry: stop the previous attempt first
-            self.job.state.connection.close()
-            self.job.state.connection = None
-        downloads = self.job.state.downloads
+        if self.job.data.connection is not None:  # a retry: stop the previous attempt first
+            self.job.data.connection.close()
+            self.job.data.connection = None
+        downloads = self.job.data.downloads
         for key in image_args(self.job.definition):
             if key not in downloads:
                 raise JobError(f"image {key!r} has an image_arg but was not deployed")
@@ -196,7 +196,7 @@ class CallQemuAction(Action):
         # are real now, with their symlinks and what the disk images name
         root = str(self.job.workdir)
         files = {key: str(path) for key, path in downloads.items()}
-        program, parts = command_line(self.job.definition, self.job.device, root, files, self.job.state.qemu_extra)
+        program, parts = command_line(self.job.definition, self.job.device, root, files, self.job.data.qemu_extra)
         verdict = judge(program, parts, *own_arguments(self.job.device_own, root), root, resolve=True)
         for _, message in refusals(verdict, self.job.policy, resolve=True):
             raise PolicyRefusal(message)
@@ -210,10 +210,10 @@ class CallQemuAction(Action):
         console = Console.spawn_command(command, self.logger, name="qemu", maxread=maxread,
                                         env=self.job.env or None, cwd=root,
                                         character_delay=float(delays.get("test", 0)) / 1000.0)
-        self.job.state.connection = console
+        self.job.data.connection = console
         self.results["command"] = command[0]
         return console
 
     def cleanup(self, connection: Any) -> None:
-        if self.job.state.connection is not None:
-            self.job.state.connection.close()
+        if self.job.data.connection is not None:
+            self.job.data.connection.close()

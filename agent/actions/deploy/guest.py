@@ -47,7 +47,7 @@ class ApplyOverlayGuest(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         import subprocess
 
-        root = self.job.state.overlay_root
+        root = self.job.data.overlay_root
         if root is None:
             return connection
         guest = guest_parameters(self.job.device)
@@ -63,8 +63,8 @@ class ApplyOverlayGuest(Action):
             raise self.timed_out("mke2fs") from None
         if done.returncode:
             raise InfrastructureError(f"cannot build the guest overlay disk: {done.stderr.strip()}")
-        self.job.state.qemu_extra += guest_drive(self.job.device, str(image))
-        self.job.state.guest_label = GUEST_LABEL
+        self.job.data.qemu_extra += guest_drive(self.job.device, str(image))
+        self.job.data.guest_label = GUEST_LABEL
         self.logger.info(f"test overlay on a {size_mb} MB guest disk ({guest.get('interface') or 'ide'}, "
                          f"label {GUEST_LABEL})")
         return connection

@@ -183,7 +183,7 @@ class TftpAction(Action):
             raise InfrastructureError(f"cannot write to the TFTP root {root}: {exc.strerror}") from None
         connection = super().run(connection, deadline)
         limit = int(self.job.dispatcher.get("tftp_size_limit") or TFTP_SIZE_LIMIT)
-        downloads = self.job.state.downloads
+        downloads = self.job.data.downloads
         for key in TFTP_FILES:
             if key not in self.parameters or key not in downloads:
                 continue
@@ -198,8 +198,8 @@ class TftpAction(Action):
             shutil.move(source, dest)
             dest.chmod(0o644)
             downloads[key] = dest
-            self.job.state.tftp_files[key] = str(dest.relative_to(root))
-        for key, path in sorted(self.job.state.tftp_files.items()):
+            self.job.data.tftp_files[key] = str(dest.relative_to(root))
+        for key, path in sorted(self.job.data.tftp_files.items()):
             self.logger.debug(f"tftp {key}: {path}")
         self.results["directory"] = str(self.directory)
         return connection
@@ -260,7 +260,7 @@ class ExtractRamdisk(Action):
         self.has_tests = has_tests
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         declared = self.parameters["ramdisk"].get("header") == "u-boot"
         found = has_uimage_header(ramdisk)
         receives = (self.has_tests and _installs(self.parameters, "overlay")) or (
@@ -294,14 +294,14 @@ class ExtractModules(Action):
         if not _installs(self.parameters, "modules"):
             self.logger.info("not adding the modules to the ramdisk (install_modules: false)")
             return connection
-        modules = self.job.state.downloads["modules"]
+        modules = self.job.data.downloads["modules"]
         root = Path(tempfile.mkdtemp(prefix="modules-", dir=self.job.workdir))
         try:
             with tarfile.open(modules) as tar:
                 tar.extractall(root, filter="data")
         except (tarfile.TarError, OSError) as exc:
             raise JobError(f"modules: {modules.name} is not a tar archive: {exc}") from None
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         before = ramdisk.stat().st_size
         try:
             append_to_ramdisk(ramdisk, root)
@@ -323,10 +323,10 @@ class ApplyOverlayTftp(Action):
     timeout_exception = InfrastructureError
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        root = self.job.state.overlay_root
+        root = self.job.data.overlay_root
         if root is None or not _installs(self.parameters, "overlay"):
             return connection
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         before = ramdisk.stat().st_size
         try:
             append_to_ramdisk(ramdisk, root)
@@ -386,7 +386,7 @@ class UBootPrepareKernelAction(Action):
         kernel_type = self.kernel_type
         if not kernel_type:
             return connection
-        downloads = self.job.state.downloads
+        downloads = self.job.data.downloads
         kernel = downloads["kernel"]
         options = deploy_parameters(self.job.device)
         if options.get("append_dtb"):
@@ -435,12 +435,12 @@ class CompressRamdisk(Action):
         options = deploy_parameters(self.job.device)
         if options.get("add_header") != "u-boot":
             return connection
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         if has_uimage_header(ramdisk):  # came with one and nothing was added to it
             return connection
         wrapped = ramdisk.with_name(ramdisk.name + ".uboot")
         add_uimage_header(ramdisk, wrapped, "ramdisk", options["mkimage_arch"])
         ramdisk.unlink()
-        self.job.state.downloads["ramdisk"] = wrapped
+        self.job.data.downloads["ramdisk"] = wrapped
         self.logger.debug(f"ramdisk: U-Boot header added ({wrapped.name})")
         return connection
