@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.pipeline import Action
-from agent.power import CommandPower
 from agent.timeout import Deadline
 
 
@@ -36,9 +35,8 @@ class PowerOff(Action):
 
             run_command(self, command, deadline, what="undo")
         data.undo_commands.clear()
-        power = CommandPower(self.job.device.get("commands") or {}, self.logger, self.job.env or None)
-        if power.available("power_off"):
-            power.off(deadline)
+        if self.job.power.available("power_off"):
+            self.job.power.off(deadline)
         if data.connection is not None:
             data.connection.close()
         return connection

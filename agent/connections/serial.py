@@ -25,6 +25,7 @@ import pexpect
 from pexpect.spawnbase import SpawnBase
 
 from agent.connections.console import DEFAULT_MAXREAD, Console
+from agent.device import DeviceConfig
 from agent.errors import InfrastructureError
 from agent.pipeline import Action
 from agent.timeout import Deadline
@@ -44,18 +45,18 @@ def is_serial_url(connect: str) -> bool:
     return urlparse(connect.strip()).scheme in SERIAL_SCHEMES and "://" in connect
 
 
-def connect_command(device: dict) -> str:
+def connect_command(device: DeviceConfig) -> str:
     """The device's primary connection: ``commands.connect``, else the ``commands.connections``
     entry tagged ``primary``. Raises InfrastructureError saying what is missing."""
-    commands = device.get("commands") or {}
-    if commands.get("connect"):
-        return str(commands["connect"]).strip()
-    connections = commands.get("connections") or {}
-    for name, entry in connections.items():
-        if isinstance(entry, dict) and "primary" in (entry.get("tags") or []):
-            if not entry.get("connect"):
+    commands = device.commands
+    if commands.connect:
+        return commands.connect
+    connections = commands.connections
+    for name, (connect, tags) in connections.items():
+        if "primary" in tags:
+            if not connect:
                 raise InfrastructureError(f"commands.connections.{name} has no 'connect' command")
-            return str(entry["connect"]).strip()
+            return connect
     if connections:
         raise InfrastructureError("none of the device's commands.connections is tagged 'primary'; "
                                   f"found: {', '.join(connections)}")
@@ -190,12 +191,11 @@ class ConnectDevice(Action):
     timeout_exception = InfrastructureError
 
     def validate(self) -> None:
-        connections = ((self.job.device.get("actions") or {}).get("boot") or {}).get("connections") or {}
-        if "serial" not in connections:
+        if "serial" not in self.device.boot_connections:
             self.errors.append("the device is not configured for a serial connection "
                                "(actions.boot.connections has no 'serial')")
         try:
-            connect = connect_command(self.job.device)
+            connect = connect_command(self.device)
         except InfrastructureError as exc:
             self.errors.append(str(exc))
             return
@@ -225,11 +225,9 @@ class ConnectDevice(Action):
             self.logger.warning("Dead connection, reconnecting")
             current.close()
             data.connection = None
-        connect = connect_command(self.job.device)
-        constants = self.job.device.get("constants") or {}
-        maxread = int(constants.get("spawn_maxread") or DEFAULT_MAXREAD)
-        delays = self.job.device.get("character_delays") or {}
-        options = {"maxread": maxread, "character_delay": float(delays.get("test", 0)) / 1000.0}
+        connect = connect_command(self.device)
+        maxread = int(self.device.constant("spawn_maxread") or DEFAULT_MAXREAD)
+        options = {"maxread": maxread, "character_delay": self.device.test_character_delay}
         self.logger.info(f"{self.name}: connecting to the device using '{connect}'")
         if is_serial_url(connect):
             console = SerialConsole.open(connect, self.logger, **options)

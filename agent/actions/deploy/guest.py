@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from agent.actions.deploy.overlay import results_dir
+from agent.device import DeviceConfig
 from agent.errors import InfrastructureError
 from agent.overlay import results_path
 from agent.pipeline import Action
@@ -18,14 +19,13 @@ GUEST_LABEL = "LAVA"
 GUEST_IMAGE = "lava-guest.img"
 
 
-def guest_parameters(device: Mapping) -> dict:
+def guest_parameters(device: DeviceConfig) -> Mapping:
     """The device's guest disk settings (``actions.deploy.methods.image.parameters.guest``)."""
-    methods = ((device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
-    guest = ((methods.get("image") or {}).get("parameters") or {}).get("guest")
-    return guest if isinstance(guest, dict) else {}
+    guest = device.deploy_methods.get("image", {}).get("guest")
+    return guest if isinstance(guest, Mapping) else {}
 
 
-def guest_drive(device: Mapping, image: str) -> list[str]:
+def guest_drive(device: DeviceConfig, image: str) -> list[str]:
     """The QEMU arguments that attach the guest disk ``image`` as ``device`` configures it."""
     guest = guest_parameters(device)
     interface = guest.get("interface") or "ide"

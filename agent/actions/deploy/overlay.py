@@ -18,7 +18,7 @@ from results.bounded import DEFAULT_LIMITS, LimitExceeded, load_data
 
 def results_dir(job) -> str:
     """Where the overlay sits on the board: the device's ``lava_test_results_dir`` (``/lava-%s``)."""
-    posix = (job.device.get("constants") or {}).get("posix") or {}
+    posix = job.device.constant("posix", {})
     return str(posix.get("lava_test_results_dir") or DEFAULT_RESULTS_DIR)
 
 
@@ -32,7 +32,7 @@ class OverlayAction(Action):
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
-        self.stages = self.job.tests_after(self.job.building)
+        self.stages = self.context.tests_after
         pipeline.add(TestDefinitionAction(self.stages))
         pipeline.add(CompressOverlay(self.stages))
 
@@ -312,7 +312,7 @@ class DeployDeviceEnvironment(Action):
 def environment_of(job) -> dict[str, str]:
     """The variables exported on the board: the device's ``environment`` then the job's."""
     env: dict[str, str] = {}
-    for source in (job.device.get("environment"), job.definition.get("environment")):
+    for source in (job.device.environment, job.definition.get("environment")):
         if isinstance(source, dict):
             env.update({str(k): str(val) for k, val in source.items()})
     return env

@@ -52,10 +52,6 @@ class TestShellRetry(RetryAction):
         return {**action_base(), v.Required("definitions"): v.All([DEFINITION], v.Length(min=1)),
                 v.Optional("stage"): int}
 
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        return None
-
     def populate(self, parameters: dict) -> None:
         super().populate(parameters)
         self.child_pipeline(parameters).add(TestShellAction())
