@@ -82,9 +82,11 @@ class Job:
                  output_dir: Path | None = None, logger: JobLogger | None = None,
                  env: dict[str, str] | None = None, doc: YamlDocument | None = None,
                  dispatcher: dict | None = None, on_worker: bool = True,
-                 device_own: Mapping | DeviceConfig | None = None, power: Power | None = None) -> None:
+                 device_own: Mapping | DeviceConfig | None = None, power: Power | None = None,
+                 console: Any = None) -> None:
         """``device`` (and ``device_own``) are parsed here (ConfigurationError when malformed);
-        ``power`` replaces the device's power commands (a fake, in tests)."""
+        ``power`` replaces the device's power commands and ``console`` is a console already open
+        (connect-device keeps it): fakes, in tests (agent.power.FakePower, agent.connections.fake)."""
         self.job_id = str(job_id)
         self.definition = definition
         self.device = as_device(device)
@@ -101,7 +103,7 @@ class Job:
         self.on_worker = on_worker
         #: the board's power control: the device's commands unless given
         self.power: Power = power or CommandPower(self.device.commands, self.logger, self.env or None)
-        self.data = JobData()
+        self.data = JobData(connection=console)
         self.results: list[Result] = []
         self.pipeline = Pipeline(self)
         self.faults: list[Fault] = []

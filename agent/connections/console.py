@@ -26,6 +26,16 @@ CURSOR_QUERY = "\x1b[6n"
 CURSOR_ROW = 24
 
 
+#: what pexpect's sendcontrol sends for the characters that are not letters
+_CONTROL = {"@": 0, "`": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31, "?": 127}
+
+
+def control_character(char: str) -> str:
+    """The character Ctrl-``char`` types (as pexpect's sendcontrol), for spawns that are no pty."""
+    char = char.lower()
+    return chr(ord(char) - ord("a") + 1 if "a" <= char <= "z" else _CONTROL[char])
+
+
 class LineLogger:
     """pexpect's ``logfile_read``: turns console output into one ``target`` record per line."""
 

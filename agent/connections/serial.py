@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlparse
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
-from agent.connections.console import DEFAULT_MAXREAD, Console
+from agent.connections.console import DEFAULT_MAXREAD, Console, control_character
 from agent.device import DeviceConfig
 from agent.errors import InfrastructureError
 from agent.pipeline import Action
@@ -36,8 +36,6 @@ DEFAULT_BAUDRATE = 115200
 #: what a connection client prints once it is connected (checked so a refused connection fails
 #: at connect-device, with the client's own words, not later as a silent board)
 CONNECTED = {"telnet": r"Escape character is '[^']*'\."}
-#: what pexpect's sendcontrol sends for the characters that are not letters
-_CONTROL = {"@": 0, "`": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31, "?": 127}
 
 
 def is_serial_url(connect: str) -> bool:
@@ -132,9 +130,7 @@ class SerialSpawn(SpawnBase):
         return self.send(s + self.linesep)
 
     def sendcontrol(self, char: str) -> int:
-        char = char.lower()
-        code = ord(char) - ord("a") + 1 if "a" <= char <= "z" else _CONTROL[char]
-        return self.send(chr(code))
+        return self.send(control_character(char))
 
     def isalive(self) -> bool:
         return not self.closed and self.port.is_open
