@@ -273,3 +273,15 @@ class Console:
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+
+class PortConsole(Console):
+    """A console on a spawn that is no process of ours (a serial port, a fake board): closing it
+    closes the spawn, there is nothing to stop."""
+
+    def close(self, grace: float = 2.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.lines.flush_partial()
+        self.spawn.close()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
-from agent.connections.console import DEFAULT_MAXREAD, Console, control_character
+from agent.connections.console import DEFAULT_MAXREAD, PortConsole, control_character
 
 #: what a rule answers: text or bytes to print, or a callable given the input and the spawn (that
 #: returns False when it does not answer after all: the next rule may)
@@ -179,18 +179,11 @@ class FakeSpawn(SpawnBase):
         self.closed = True
 
 
-class FakeConsole(Console):
-    """A console on a :class:`FakeSpawn`: there is no process to stop."""
+class FakeConsole(PortConsole):
+    """A console on a :class:`FakeSpawn`."""
 
     def _exit_detail(self) -> str:
         return f" ({self.spawn.name} hung up)" if self.spawn.hung_up else ""
-
-    def close(self, grace: float = 2.0) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.lines.flush_partial()
-        self.spawn.close()
 
 
 def fake_console(logger, spawn: FakeSpawn | None = None, **kwargs) -> FakeConsole:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlparse
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
-from agent.connections.console import DEFAULT_MAXREAD, Console, control_character
+from agent.connections.console import DEFAULT_MAXREAD, Console, PortConsole, control_character
 from agent.device import DeviceConfig
 from agent.errors import InfrastructureError
 from agent.pipeline import Action
@@ -141,8 +141,8 @@ class SerialSpawn(SpawnBase):
             self.port.close()
 
 
-class SerialConsole(Console):
-    """A console on a serial port opened by the agent itself: there is no process to stop."""
+class SerialConsole(PortConsole):
+    """A console on a serial port opened by the agent itself."""
 
     @classmethod
     def open(cls, url: str, logger, name: str = "serial", maxread: int = DEFAULT_MAXREAD,
@@ -168,13 +168,6 @@ class SerialConsole(Console):
 
     def _exit_detail(self) -> str:
         return f" ({self.spawn.name} went away)"
-
-    def close(self, grace: float = 2.0) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.lines.flush_partial()
-        self.spawn.close()
 
 
 class ConnectDevice(Action):
