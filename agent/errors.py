@@ -13,22 +13,18 @@ class PumiceError(Exception):
     error_type = "Unknown"
     #: the job's health when this error ends it
     health = "Incomplete"
-    #: whether the device can no longer be trusted (its health goes to Unknown)
-    device_suspect = False
 
 
 class InfrastructureError(PumiceError):
     """The lab failed: a download server, a power switch, a console, a tool on the worker."""
 
     error_type = "Infrastructure"
-    device_suspect = True
 
 
 class ConfigurationError(PumiceError):
     """The device configuration cannot run this job (a missing command, a bad template)."""
 
     error_type = "Configuration"
-    device_suspect = True
 
 
 class JobError(PumiceError):
@@ -60,7 +56,6 @@ class Bug(PumiceError):
     """Something Pumice did not expect: a bug in Pumice, never the user's fault."""
 
     error_type = "Bug"
-    device_suspect = True
 
 
 #: exit status of ``pumice-run`` for each job health

@@ -6,7 +6,6 @@ can stream it to the master by line number and resume after a restart without lo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -69,8 +68,3 @@ class JobLogger:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def stdout_logger() -> JobLogger:
-    """A logger that only prints (``--validate`` without an output directory)."""
-    return JobLogger(None, echo=sys.stdout)
