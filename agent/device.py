@@ -134,14 +134,17 @@ class DeviceConfig:
         actions = _mapping(data.get("actions"), "actions")
         boot = _mapping(actions.get("boot"), "actions.boot")
         deploy = _mapping(actions.get("deploy"), "actions.deploy")
+        # a method's entry need not be a mapping (LAVA's templates write ``fastboot: []``): LAVA
+        # only asks whether the device has the method until a job uses it
         boot_methods = {}
         for name, entry in _mapping(boot.get("methods"), "actions.boot.methods").items():
-            entry = _mapping(entry, f"actions.boot.methods.{name}")
+            entry = entry if isinstance(entry, Mapping) else _EMPTY
             boot_methods[str(name)] = BootMethod(
                 str(name), _mapping(entry.get("parameters"), f"actions.boot.methods.{name}.parameters"), entry)
-        deploy_methods = {str(name): _mapping(_mapping(entry, f"actions.deploy.methods.{name}").get("parameters"),
-                                              f"actions.deploy.methods.{name}.parameters")
-                          for name, entry in _mapping(deploy.get("methods"), "actions.deploy.methods").items()}
+        deploy_methods = {}
+        for name, entry in _mapping(deploy.get("methods"), "actions.deploy.methods").items():
+            entry = entry if isinstance(entry, Mapping) else _EMPTY
+            deploy_methods[str(name)] = _mapping(entry.get("parameters"), f"actions.deploy.methods.{name}.parameters")
         connections = boot.get("connections") or {}
         delays = _mapping(data.get("character_delays"), "character_delays")
         return cls(

@@ -41,6 +41,9 @@ def test_the_device_configuration_is_parsed_into_typed_parts() -> None:
     assert device.method_constant("u-boot", "interrupt-prompt", "x") == "x"
     assert device.boot_character_delay == 0.005 and device.test_character_delay == 0.0
     assert device.boot_connections == {"serial"}
+    # a method's entry that is no mapping (LAVA's templates write ``fastboot: []``) is a method all the same
+    fastboot = DeviceConfig.parse({"actions": {"boot": {"methods": {"fastboot": [], "minimal": None}}}})
+    assert sorted(fastboot.boot_methods) == ["fastboot", "minimal"] and fastboot.boot_parameters("fastboot") == {}
     assert DeviceConfig.parse(None) == DeviceConfig()
 
 

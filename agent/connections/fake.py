@@ -2,8 +2,8 @@
 against it without a board or QEMU.
 
 A :class:`FakeSpawn` is a pexpect spawn whose "board" is a script: output queued with delays
-(:meth:`~FakeSpawn.emit`), possibly as garbage bytes or line noise, that a timer-free reader hands
-out once its time has come; rules that answer what is typed (:meth:`~FakeSpawn.on_input`), with
+(:meth:`~FakeSpawn.emit`), possibly as garbage bytes or line noise, that reads hand
+out once it is due; rules that answer what is typed (:meth:`~FakeSpawn.on_input`), with
 text or with a callable that may queue more output or cancel what was queued under a tag (an
 interrupted autoboot). :func:`fake_console` wraps it in a :class:`~agent.connections.console.Console`,
 so actions read and write it as they do a serial line. Scripted bootloader consoles (U-Boot,

@@ -188,7 +188,7 @@ class CallQemuAction(Action):
         # are real now, with their symlinks and what the disk images name
         root = str(self.job.workdir)
         files = {key: str(path) for key, path in downloads.items()}
-        program, parts = command_line(self.job.definition, self.job.device, root, files, self.job.data.qemu_extra)
+        program, parts = command_line(self.job.definition, self.device, root, files, self.job.data.qemu_extra)
         verdict = judge(program, parts, *own_arguments(self.job.device_own, root), root, resolve=True)
         for _, message in refusals(verdict, self.job.policy, resolve=True):
             raise PolicyRefusal(message)

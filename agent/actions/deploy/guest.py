@@ -50,7 +50,7 @@ class ApplyOverlayGuest(Action):
         root = self.job.data.overlay_root
         if root is None:
             return connection
-        guest = guest_parameters(self.job.device)
+        guest = guest_parameters(self.device)
         size_mb = int(guest.get("size") or 512)
         image = self.job.workdir / GUEST_IMAGE
         # the disk holds what /lava-<job id> holds: the test shell mounts it there
@@ -63,7 +63,7 @@ class ApplyOverlayGuest(Action):
             raise self.timed_out("mke2fs") from None
         if done.returncode:
             raise InfrastructureError(f"cannot build the guest overlay disk: {done.stderr.strip()}")
-        self.job.data.qemu_extra += guest_drive(self.job.device, str(image))
+        self.job.data.qemu_extra += guest_drive(self.device, str(image))
         self.job.data.guest_label = GUEST_LABEL
         self.logger.info(f"test overlay on a {size_mb} MB guest disk ({guest.get('interface') or 'ide'}, "
                          f"label {GUEST_LABEL})")
