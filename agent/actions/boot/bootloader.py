@@ -17,7 +17,7 @@ from typing import Any
 import voluptuous as v
 
 from agent.actions.deploy.tftp import boot_command
-from agent.device import BootMethod, Needs
+from agent.device import BootMethod, DeviceConfig, Needs
 from agent.errors import InfrastructureError, JobError
 from agent.pipeline import Action, RetryAction, register
 from agent.schema import action_base
@@ -430,7 +430,7 @@ class BootBootloaderRetry(RetryAction):
                 v.Optional("use_bootscript"): bool}
 
     @classmethod
-    def accepts(cls, device, params: dict) -> str | None:
+    def accepts(cls, device: DeviceConfig, params: dict) -> str | None:
         refusal = super().accepts(device, params)
         if refusal:
             return refusal
