@@ -42,7 +42,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pumice-run = agent.run:cli",
-            "pumice-agent = agent.worker:main",
+            "pumice-agent = agent.daemon:main",
             "pumice-master = master.cli:main",
             "pumice = master.client:main",
             "pumice-site = sitegen.cli:main",

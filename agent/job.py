@@ -16,16 +16,18 @@ import voluptuous as v
 import agent.actions  # noqa: F401  (registers the strategies)
 from agent import __version__
 from agent.actions.boot.qemu import policy_refusals
-from agent.errors import Bug, Canceled, Fault, JobDefinitionError, PumiceError
+from agent.device import DeviceConfig, as_device
+from agent.errors import Bug, Canceled, ConfigurationError, Fault, JobDefinitionError, PumiceError
 from agent.logger import JobLogger
-from agent.pipeline import Action, Pipeline, strategy
+from agent.pipeline import Action, BuildContext, Pipeline, strategy
 from agent.policy import FilePolicy, accesses
+from agent.power import CommandPower, Power
 from agent.schema import YamlDocument, faults_from, format_path, job_schema, load_yaml, timeout_faults
 from agent.timeout import Deadline, parse_duration
 from results.bounded import DEFAULT_LIMITS, Limits
 
 if TYPE_CHECKING:  # results.record is imported once a job runs: validating one makes no result
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from results.record import Result
 
@@ -36,7 +38,7 @@ SECTIONS = ("deploy", "boot", "test", "command")
 
 
 @dataclass
-class JobState:
+class JobData:
     """What actions hand to each other while a job runs (one namespace)."""
 
     #: image key -> local file after download (and decompression)
@@ -76,16 +78,21 @@ def method_of(section: str, params: dict) -> str:
 class Job:
     """One job on one device."""
 
-    def __init__(self, job_id: str, definition: dict, device: dict, output_dir: Path | None = None,
-                 logger: JobLogger | None = None, env: dict[str, str] | None = None,
-                 doc: YamlDocument | None = None, dispatcher: dict | None = None,
-                 on_worker: bool = True, device_own: dict | None = None) -> None:
+    def __init__(self, job_id: str, definition: dict, device: Mapping | DeviceConfig | None,
+                 output_dir: Path | None = None, logger: JobLogger | None = None,
+                 env: dict[str, str] | None = None, doc: YamlDocument | None = None,
+                 dispatcher: dict | None = None, on_worker: bool = True,
+                 device_own: Mapping | DeviceConfig | None = None, power: Power | None = None,
+                 console: Any = None) -> None:
+        """``device`` (and ``device_own``) are parsed here (ConfigurationError when malformed);
+        ``power`` replaces the device's power commands and ``console`` is a console already open
+        (connect-device keeps it): fakes, in tests (agent.power.FakePower, agent.connections.fake)."""
         self.job_id = str(job_id)
         self.definition = definition
-        self.device = device or {}
+        self.device = as_device(device)
         #: the device's configuration rendered without the job's context (what in ``device`` is the
         #: lab's own, see agent.qemu_policy); None: all of ``device`` is (a standalone run)
-        self.device_own = device_own
+        self.device_own = None if device_own is None else as_device(device_own)
         self.output_dir = Path(output_dir) if output_dir else None
         self.logger = logger or JobLogger(None)
         self.env = dict(env or {})
@@ -94,7 +101,9 @@ class Job:
         self.doc = doc
         #: False when the master validates: the worker's tools are not checked there
         self.on_worker = on_worker
-        self.state = JobState()
+        #: the board's power control: the device's commands unless given
+        self.power: Power = power or CommandPower(self.device.commands, self.logger, self.env or None)
+        self.data = JobData(connection=console)
         self.results: list[Result] = []
         self.pipeline = Pipeline(self)
         self.faults: list[Fault] = []
@@ -103,8 +112,6 @@ class Job:
         self._workdir: Path | None = None
         self.timeout = parse_duration(definition["timeouts"]["job"], "timeouts.job")
         self.action_paths: dict[int, tuple] = {}
-        #: the index in ``actions`` of the block being built (strategies look ahead from it)
-        self.building = 0
         #: work for later that need not hold the board up: done while it boots (see while_booting)
         self._deferred: list[Callable[[], None]] = []
         #: action block index -> its parameters through its strategy's schema (or the schema's
@@ -149,9 +156,8 @@ class Job:
             if section == "test":
                 params = {**params, "stage": test_stage}
                 test_stage += 1
-            self.building = index
             try:
-                action = self.pipeline.add(cls(), params)
+                action = self.pipeline.add(cls(), params, context=self._context(index))
             except PumiceError as exc:
                 self._fault(path, str(exc))
                 continue
@@ -176,17 +182,21 @@ class Job:
             raise checked
         return checked
 
-    def checked_blocks(self, section: str, before: int | None = None) -> list[dict]:
-        """The parameters, as their schema checked them, of the job's ``section`` blocks (only
-        those before block ``before`` if given), in order: what a strategy may read of the other
-        blocks. A block its schema refused is not among them (its own faults say why); one of a
-        method Pumice does not implement is as written (a reader checks the shapes it reads)."""
+    def _context(self, index: int) -> BuildContext:
+        """What block ``index`` is built with: the blocks before it and the tests after it."""
+        return BuildContext(index, tuple(self._tests_after(index)), tuple(self._checked_before("deploy", index)),
+                            tuple(self._checked_before("boot", index)))
+
+    def _checked_before(self, section: str, before: int) -> list[dict]:
+        """The parameters, as their schema checked them, of the job's ``section`` blocks before
+        block ``before``, in order. A block its schema refused is not among them (its own faults
+        say why); one of a method Pumice does not implement is as written (a reader checks the
+        shapes it reads)."""
         actions = self.definition.get("actions") or []
         return [checked for index, checked in sorted(self._checked.items())
-                if isinstance(checked, dict) and (before is None or index < before)
-                and section in actions[index]]
+                if isinstance(checked, dict) and index < before and section in actions[index]]
 
-    def tests_after(self, index: int) -> list[tuple[int, dict]]:
+    def _tests_after(self, index: int) -> list[tuple[int, dict]]:
         """(stage, block) of each test block after action ``index`` up to the next deploy: what the
         overlay built by that deploy must hold. Stages count the job's test blocks from 0. A block
         its own schema refuses is left out (it is not built yet: its faults come when it is)."""
@@ -227,8 +237,7 @@ class Job:
         return {
             "job": {"id": self.job_id, "name": self.definition.get("job_name"),
                     "timeout": self.timeout, "dispatcher": f"pumice {__version__}"},
-            "device": {"hostname": self.device.get("hostname"),
-                       "device_type": self.device.get("device_type")},
+            "device": {"hostname": self.device.hostname, "device_type": self.device.device_type},
             "pipeline": self.pipeline.describe(),
         }
 
@@ -297,14 +306,14 @@ class Job:
         finally:
             self.cleaning = True
             try:
-                self.pipeline.run(self.state.connection, Deadline.after(CLEANUP_TIMEOUT, "finalize"),
+                self.pipeline.run(self.data.connection, Deadline.after(CLEANUP_TIMEOUT, "finalize"),
                                   [self.finalize])
             except PumiceError as exc:
                 error = error or exc
             except Exception as exc:
                 self.logger.exception()
                 error = error or Bug(f"finalize: {exc}")
-            self.pipeline.cleanup(self.state.connection)
+            self.pipeline.cleanup(self.data.connection)
             if self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)
         return self.finish(error)
@@ -366,11 +375,14 @@ def parse_job(text: str, limits: Limits = DEFAULT_LIMITS) -> tuple[dict, YamlDoc
     return data, doc
 
 
-def load_job(text: str, device: dict, job_id: str = "0", limits: Limits = DEFAULT_LIMITS, **kwargs: Any) -> Job:
+def load_job(text: str, device: Mapping | DeviceConfig | None, job_id: str = "0", limits: Limits = DEFAULT_LIMITS,
+             **kwargs: Any) -> Job:
     """A built and validated Job, or JobDefinitionError with every fault."""
     data, doc = parse_job(text, limits)
     try:
         job = Job(job_id, data, device, doc=doc, **kwargs)
+    except ConfigurationError as exc:
+        raise JobDefinitionError([Fault("device", str(exc))]) from None
     except PumiceError as exc:
         raise JobDefinitionError([Fault("timeouts.job", str(exc), doc.line(("timeouts", "job")))]) from None
     job.build()
@@ -380,7 +392,7 @@ def load_job(text: str, device: dict, job_id: str = "0", limits: Limits = DEFAUL
     return job
 
 
-def validate_job(text: str, device: dict | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Fault]:
+def validate_job(text: str, device: Mapping | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Fault]:
     """Every fault of the job YAML ``text`` against the rendered ``device`` configuration.
 
     An empty list means the job would run on that device. Checks the YAML syntax and its limits,

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from agent import rpc
 from agent.errors import ConfigurationError, InfrastructureError, JobError
+from agent.scratch import remove_tree
 
 LOG = logging.getLogger("pumice.nfs")
 
@@ -199,13 +200,6 @@ def make_root(settings: NfsSettings, job_id: int | str, label: str = "nfsrootfs"
     except OSError as exc:
         raise InfrastructureError(f"cannot make the NFS root directory {directory}: {exc}") from exc
     return directory
-
-
-def remove_tree(directory: Path) -> None:
-    """Remove a job root (links never followed, read-only directories opened up)."""
-    from agent.rootfs import remove_tree as remove
-
-    remove(directory)
 
 
 # --- servers -------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from agent.device import DeviceConfig, Needs
 from agent.errors import Bug, Canceled, JobError, JobTimeout, PumiceError
 from agent.timeout import Deadline, format_duration, parse_duration
 
@@ -54,6 +56,26 @@ def strategy(section: str, method: str) -> type[Action]:
         raise JobError(f"unknown {noun} {method!r}; known: {known}") from None
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """Where the action block being built stands in its job, handed to its pipeline when it is
+    built: what comes before it and what follows (a deploy builds the overlay of the tests after it;
+    a boot fills in what the deploy before it placed)."""
+
+    #: the block's index in the job's ``actions``
+    index: int = 0
+    #: (stage, parameters) of each test block after this one up to the next deploy
+    tests_after: tuple[tuple[int, dict], ...] = ()
+    #: the parameters, as their schema checked them, of the deploy and boot blocks before this one
+    deploys_before: tuple[dict, ...] = ()
+    boots_before: tuple[dict, ...] = ()
+
+    @property
+    def deploy_before(self) -> dict:
+        """The parameters of the last deploy before this block ({} when none)."""
+        return self.deploys_before[-1] if self.deploys_before else {}
+
+
 class Action:
     """One step of a job.
 
@@ -67,12 +89,15 @@ class Action:
     summary = ""
     #: what a timeout of this action raises
     timeout_exception: type[PumiceError] = JobTimeout
+    #: what a strategy needs of the device (checked by ``accepts`` when the job is built)
+    needs: ClassVar[Needs | None] = None
 
     def __init__(self) -> None:
         self.level = ""
         self.job: Job | None = None
         self.parameters: dict[str, Any] = {}
         self.pipeline: Pipeline | None = None
+        self.context = BuildContext()
         self.timeout = ACTION_TIMEOUT
         self.connection_timeout = ACTION_TIMEOUT
         self.max_retries = 1
@@ -102,10 +127,21 @@ class Action:
         if self.pipeline is not None:
             self.pipeline.cleanup(connection)
 
+    @classmethod
+    def accepts(cls, device: DeviceConfig, params: dict) -> str | None:
+        """Why ``device`` cannot run the action block ``params`` (None: it can): what ``needs``
+        declares; a strategy adds its own checks."""
+        return cls.needs.refusal(device, params) if cls.needs is not None else None
+
     # -- helpers ----------------------------------------------------------------------------------------
     @property
     def logger(self):
         return self.job.logger
+
+    @property
+    def device(self) -> DeviceConfig:
+        """The typed configuration of the job's device."""
+        return self.job.device
 
     def require_tool(self, *names: str, why: str = "") -> None:
         """An error unless one of the commands ``names`` is installed. Only checked on the worker
@@ -118,7 +154,7 @@ class Action:
             self.errors.append(f"{' or '.join(names)} is not installed on this worker" + (f": {why}" if why else ""))
 
     def child_pipeline(self, parameters: dict) -> Pipeline:
-        self.pipeline = Pipeline(self.job, parent=self, parameters=parameters)
+        self.pipeline = Pipeline(self.job, parent=self, parameters=parameters, context=self.context)
         return self.pipeline
 
     def timed_out(self, what: str = "") -> PumiceError:
@@ -168,18 +204,21 @@ class RetryAction(Action):
 class Pipeline:
     """An ordered list of actions at one level of the job."""
 
-    def __init__(self, job: Job | None, parent: Action | None = None, parameters: dict | None = None) -> None:
+    def __init__(self, job: Job | None, parent: Action | None = None, parameters: dict | None = None,
+                 context: BuildContext | None = None) -> None:
         self.job = job
         self.parent = parent
         self.parameters = parameters or {}
+        self.context = context or BuildContext()
         self.actions: list[Action] = []
 
-    def add(self, action: Action, parameters: dict | None = None) -> Action:
+    def add(self, action: Action, parameters: dict | None = None, context: BuildContext | None = None) -> Action:
         """Append ``action``: give it its level, let it populate its children, then set its timeouts
         in LAVA's order (device then job ``action``, ``actions.NAME``, the block's ``timeout``,
         the block's ``timeouts.NAME``; connection timeouts likewise)."""
         self.actions.append(action)
         action.job = self.job
+        action.context = context or self.context
         action.level = f"{self.parent.level}.{len(self.actions)}" if self.parent else str(len(self.actions))
         if parameters is None:
             parameters = self.parameters
@@ -191,7 +230,7 @@ class Pipeline:
     def _set_timeouts(self, action: Action, parameters: dict) -> None:
         layers = []
         if self.job is not None:
-            layers = [self.job.device.get("timeouts") or {}, self.job.definition.get("timeouts") or {}]
+            layers = [self.job.device.timeouts, self.job.definition.get("timeouts") or {}]
 
         def merged(key: str, name: str | None = None):
             value = None

@@ -8,8 +8,9 @@ them (:func:`sweep`), so that a lab's disks do not fill up with the kernels of d
 
 from __future__ import annotations
 
+import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 #: where TFTP files go when the dispatcher configuration names no ``tftp_root``
@@ -45,3 +46,30 @@ def sweep(job_id: int, dispatcher: Mapping) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
+
+
+def remove_tree(directory: Path, keep_top: bool = False) -> None:
+    """Remove an extracted tree (never following its links; directories without write or search
+    permission are opened up first). ``keep_top`` empties ``directory`` but keeps it."""
+    directory = Path(directory)
+    if not directory.exists() or directory.is_symlink():
+        return
+
+    def retry(function: Callable, path: str, _exc: object) -> None:
+        # a directory of mode 0555 (or 0000) in the tree: open it up, then try again
+        try:
+            os.chmod(os.path.dirname(path), 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+            function(path)
+        except FileNotFoundError:
+            pass
+
+    if keep_top:
+        for entry in os.scandir(directory):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, onerror=retry)
+            else:
+                os.unlink(entry.path)
+    else:
+        shutil.rmtree(directory, onerror=retry)

@@ -17,7 +17,7 @@ worker's hostname. Rules (the ZeroMQ guide's "paranoid pirate", plus a handshake
   for this hostname, before any message. A refused handshake is seen on a socket monitor and
   logged. ``curve=None`` is the plain mode (``--insecure-plain``).
 
-Only this module and ``master/broker.py`` hold sockets; the daemon (``agent/worker.py``) sees
+Only this module and ``master/broker.py`` hold sockets; the daemon (``agent/daemon.py``) sees
 messages.
 """
 

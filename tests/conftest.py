@@ -321,7 +321,7 @@ def nfs_settings(tmp_path_factory: pytest.TempPathFactory):
 def nfs_server(nfs_settings):
     """The running NFS server (started when needed); every export a test leaves is removed after
     it, and the test fails if one was left."""
-    from agent import nfs
+    from agent import nfs, scratch
 
     server = nfs.server(nfs_settings)
     server.ensure_running()
@@ -329,7 +329,7 @@ def nfs_server(nfs_settings):
     left = server.exports()
     for export in left:
         server.remove(export.name)
-        nfs.remove_tree(export.directory)
+        scratch.remove_tree(export.directory)
     assert not left, f"exports left by the test: {left}"
 
 

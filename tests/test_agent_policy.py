@@ -331,13 +331,13 @@ def test_the_agent_reads_each_when_the_worker_allows_it(world: World, name: str,
                    dispatcher={**case.allow, "tmp_dir": str(tmp_path)})
     try:
         run_deploy(job)
-        got = job.state.downloads["kernel"].read_bytes()
+        got = job.data.downloads["kernel"].read_bytes()
     finally:
         shutil.rmtree(job.workdir, ignore_errors=True)
     secret = name in ("secret-file", "symlink-escape", "dotdot-escape")
     assert got == (SECRET.encode() + b"\n" if secret else IMAGE)
     if name in ("local-git", "git-file-url"):
-        [(_, definition)] = job.state.testdefs[0]
+        [(_, definition)] = job.data.testdefs[0]
         assert definition.definition["metadata"]["name"] == "smoke"
 
 
@@ -549,6 +549,6 @@ def test_a_git_host_is_checked_before_cloning_and_git_uses_the_checked_address(w
     finally:
         shutil.rmtree(job.workdir, ignore_errors=True)
         job.logger.close()
-    [(_, definition)] = job.state.testdefs[0]
+    [(_, definition)] = job.data.testdefs[0]
     assert definition.definition["metadata"]["name"] == "smoke"
     assert f"http.curloptResolve=127.0.0.1:{http_server.port}:127.0.0.1 clone" in (tmp_path / "output.yaml").read_text()

@@ -29,6 +29,8 @@ from test_master_policy import master  # noqa: F401  (the running master fixture
 from test_worker_daemon import Running
 
 from agent.actions.boot.qemu import boots_qemu, command_verdict
+from agent.config import AgentConfig
+from agent.daemon import AgentDaemon
 from agent.errors import JobDefinitionError
 from agent.job import load_job
 from agent.logger import JobLogger
@@ -45,7 +47,6 @@ from agent.qemu_policy import (
     takes_argument,
 )
 from agent.timeout import Deadline
-from agent.worker import AgentConfig, Worker
 from master import inventory, jobs
 from master.client import ApiError, Client
 from master.db import connection
@@ -499,7 +500,7 @@ def test_a_real_agent_refuses_what_the_job_s_context_adds_when_validation_let_it
                                     yaml.safe_dump({**allowing([world.images]), "tmp_dir": str(tmp_path)}))
         inventory.add_device(SYSTEM, "qp-1", "qemu", worker="qp", health="Good", dictionary=DICTIONARY)
     master_cert, worker_cert = broker_lab.key_files("qp", tmp_path / "keys")
-    agent = Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname="qp", spool=tmp_path / "spool",
+    agent = Running(AgentDaemon(AgentConfig(master=broker_lab.endpoint, hostname="qp", spool=tmp_path / "spool",
                                        heartbeat=0.5, master_cert=master_cert, worker_cert=worker_cert)))
     try:
         db_wait(lambda: inventory.get_worker("qp").state == "Online", 20, "the agent online")
@@ -570,7 +571,7 @@ def test_qemu_img_does_not_convert_an_image_whose_backing_file_the_policy_refuse
                        dispatcher={**allowing([world.images, world.secrets]), "tmp_dir": str(tmp_path)})
     try:
         allowed.pipeline.run(None, Deadline.after(60, "deploy"), allowed.pipeline.actions[:1])
-        converted = allowed.state.downloads["kernel"].read_bytes()
+        converted = allowed.data.downloads["kernel"].read_bytes()
     finally:
         allowed.pipeline.cleanup(None)
         shutil.rmtree(allowed.workdir, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support.broker import ProcessLab, wait_for
 
-from agent.worker import main as agent_main
+from agent.daemon import main as agent_main
 
 
 def logged(path_or_text, text: str, timeout: float = 15) -> None:
@@ -50,7 +50,7 @@ def test_unregistered_hostname_is_refused(master: ProcessLab) -> None:
 
 def test_wrong_protocol_version_is_refused(master: ProcessLab) -> None:
     patched = [sys.executable, "-c", "import sys, agent.messages as m; m.PROTOCOL_VERSION = 99; "
-                                     "import agent.worker as w; sys.exit(w.main(sys.argv[1:]))"]
+                                     "import agent.daemon as w; sys.exit(w.main(sys.argv[1:]))"]
     agent = master.start_agent("w1", python=patched, spool=master.root / "spool-v99")
     logged(master.master_log,
            "refused worker w1: protocol version mismatch: the master speaks pumice protocol 1")

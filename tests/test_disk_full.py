@@ -45,9 +45,9 @@ LINES, DELAY = 20_000, 0.0004
 def agent_with_fake_runner(runner: list[str]) -> list[str]:
     """``pumice-agent`` whose jobs run ``runner`` instead of pumice-run."""
     return [sys.executable, "-c",
-            "import sys, agent.worker as w\n"
+            "import os, sys, agent.daemon as w\n"
             "build = w.build_config\n"
-            "def with_runner(options, environ=w.os.environ):\n"
+            "def with_runner(options, environ=os.environ):\n"
             "    config = build(options, environ)\n"
             f"    config.runner = {runner!r}\n"
             "    return config\n"

@@ -532,9 +532,9 @@ def test_validator_processes_find_what_validate_job_finds(lab) -> None:
             got = [(f.path, f.line, f.message) for f in pool.validate(text, config)]
             assert got == [(f.path, f.line, f.message) for f in validate_job(text, config)]
         assert pool.validate(definition, config) == []
-        # a bug (here a device configuration that is not a mapping) comes back with its traceback
+        # a bug (here limits that are no Limits) comes back with its traceback
         with pytest.raises(RuntimeError, match="(?s)in a validator process.*AttributeError"):
-            pool.validate(definition, ["not", "a", "configuration"])
+            pool.validate(definition, config, None)
         # a process that dies is replaced; the check that found it dead runs in the calling thread
         dead = pool.pids()[0]
         os.kill(dead, 9)

@@ -24,8 +24,9 @@ from test_agent_policy import GIT_TEST
 from test_agent_policy import deploy_job as job
 from test_worker_daemon import Running
 
+from agent.config import AgentConfig
+from agent.daemon import AgentDaemon
 from agent.policy import ADDRESSES_KEY, DIRS_KEY, REFUSED, Access, FilePolicy
-from agent.worker import AgentConfig, Worker
 from master import inventory, jobs
 from master.client import ApiError, Client
 from master.db import connection
@@ -187,7 +188,7 @@ def two_workers(broker_lab: BrokerLab, tmp_path: Path) -> Iterator[tuple[BrokerL
     agents = {}
     for name in ("deny", "allow"):
         master_cert, worker_cert = broker_lab.key_files(name, tmp_path / f"keys-{name}")
-        agents[name] = Running(Worker(AgentConfig(master=broker_lab.endpoint, hostname=name,
+        agents[name] = Running(AgentDaemon(AgentConfig(master=broker_lab.endpoint, hostname=name,
                                                   spool=tmp_path / f"spool-{name}", heartbeat=0.5,
                                                   master_cert=master_cert, worker_cert=worker_cert)))
     try:

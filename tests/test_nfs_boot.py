@@ -17,7 +17,7 @@ import pexpect
 import pytest
 from test_dut_images import shell as board_shell
 
-from agent import nfs, rootfs
+from agent import nfs, rootfs, scratch
 
 SHELL = "root@pumice-nfs:~# "
 JOB = 800_000 + __import__("os").getpid() % 10_000
@@ -40,7 +40,7 @@ def job_root(nfs_settings, nfs_server):
     yield make
     for name, directory in made:
         nfs_server.remove(name)
-        nfs.remove_tree(directory)
+        scratch.remove_tree(directory)
         assert not directory.exists()
 
 

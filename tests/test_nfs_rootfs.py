@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from memory import rss_kb
 
-from agent import rootfs
+from agent import compressed, rootfs, scratch
 from agent.errors import InfrastructureError, JobError
 
 URL = "http://example.invalid/rootfs.tar"
@@ -121,7 +121,7 @@ def test_a_root_keeps_numeric_owners_modes_links_and_device_nodes(tmp_path):
     assert stat.S_IMODE((root / "readonly").stat().st_mode) == 0o555
     assert (root / "etc/hostname").stat().st_mtime == 1_600_000_000
     assert stat.S_IMODE(root.stat().st_mode) == 0o755
-    rootfs.remove_tree(tmp_path / "root")
+    scratch.remove_tree(tmp_path / "root")
     assert not (tmp_path / "root").exists(), "a read-only directory does not stop the removal"
 
 
@@ -152,7 +152,7 @@ def test_an_unprivileged_agent_skips_device_nodes_and_owners_and_counts_them():
         assert (out / "home/user/notes").stat().st_uid == 65534, "owners are the agent's own"
         assert stat.S_IMODE((out / "usr/bin/su").stat().st_mode) == 0o755, "no set-uid bit without root"
     finally:
-        rootfs.remove_tree(out)
+        scratch.remove_tree(out)
 
 
 @pytest.mark.parametrize("compression", ["gz", "bz2", "xz", "zstd", None])
@@ -179,7 +179,7 @@ def test_checksums_are_computed_on_the_compressed_stream_and_a_mismatch_removes_
             "sha512": hashlib.sha512(archive).hexdigest()}
     done = extract(archive, tmp_path / "root", checksums=good)
     assert done.digests == good
-    rootfs.remove_tree(done.directory, keep_top=True)
+    scratch.remove_tree(done.directory, keep_top=True)
     bad = {"sha256": "0" * 64}
     with pytest.raises(JobError, match=rf"sha256 for '{URL}' does not match: expected 0{{64}}, "
                                        rf"downloaded {good['sha256']}"):
@@ -258,7 +258,7 @@ def test_a_prefix_makes_a_directory_of_the_archive_the_root(tmp_path):
     done = extract(archive, tmp_path / "root", prefix="rootfs/")
     assert done.root == tmp_path / "root" / "rootfs"
     assert (done.root / "etc/os-release").read_bytes() == b"ID=debian\n"
-    rootfs.remove_tree(done.directory, keep_top=True)
+    scratch.remove_tree(done.directory, keep_top=True)
     with pytest.raises(JobError, match=f"prefix 'missing/' is not a directory of {URL}"):
         extract(archive, tmp_path / "root", prefix="missing/")
     assert leftovers(tmp_path / "root") == []
@@ -442,13 +442,13 @@ def test_the_declared_size_is_read_from_xz_and_gzip_files_and_zstd_headers(tmp_p
         path = tmp_path / f"a.{compression}"
         path.write_bytes(compress(data, compression))
         with path.open("rb") as source:
-            assert rootfs.declared_size(source.read(10), source, compression) == len(data)
+            assert compressed.declared_size(source.read(10), source, compression) == len(data)
             assert source.tell() == 10, "the stream is put back where it was"
     head = subprocess.run(["zstd", "-q", "-c", "-"], input=data, capture_output=True, check=True).stdout[:32]
-    assert rootfs.declared_size(head, None, "zstd") is None, "zstd reading a pipe writes no size"
+    assert compressed.declared_size(head, None, "zstd") is None, "zstd reading a pipe writes no size"
     file = tmp_path / "a.tar"
     file.write_bytes(data)
     head = subprocess.run(["zstd", "-q", "-c", str(file)], capture_output=True, check=True).stdout[:32]
-    assert rootfs.declared_size(head, None, "zstd") == len(data)
+    assert compressed.declared_size(head, None, "zstd") == len(data)
     with urllib.request.urlopen(file.as_uri()) as body:
-        assert rootfs.declared_size(b"", body, None) is None
+        assert compressed.declared_size(b"", body, None) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import nfs, rpc
+from agent import nfs, rpc, scratch
 from agent.errors import ConfigurationError, InfrastructureError, JobError
 
 JOB = 900_000 + os.getpid() % 10_000  # job ids of this session (the server's state is machine-wide)
@@ -63,7 +63,7 @@ def test_an_export_is_mountable_at_once_writable_as_root_and_gone_after_removal(
     assert str(root) not in rpc.exports("127.0.0.1")
     assert nfs_server.exports() == []
     nfs_server.remove(export.name)  # again: nothing to do
-    nfs.remove_tree(root)
+    scratch.remove_tree(root)
 
 
 def test_two_job_roots_are_exported_at_once_and_removed_one_by_one(nfs_server, nfs_settings):
@@ -78,18 +78,18 @@ def test_two_job_roots_are_exported_at_once_and_removed_one_by_one(nfs_server, n
     assert rpc.mount("127.0.0.1", str(second)), "the other job's root stays exported"
     nfs_server.remove(two.name)
     for root in (first, second):
-        nfs.remove_tree(root)
+        scratch.remove_tree(root)
 
 
 def test_a_root_whose_directory_vanished_does_not_take_the_other_exports_along(nfs_server, nfs_settings):
     gone, kept = new_root(nfs_settings, JOB + 3), new_root(nfs_settings, JOB + 4)
     nfs_server.add(nfs.export_name(JOB + 3), gone)
-    nfs.remove_tree(gone)  # a runner killed while removing its tree
+    scratch.remove_tree(gone)  # a runner killed while removing its tree
     nfs_server.add(nfs.export_name(JOB + 4), kept)  # ganesha skips the vanished one, keeps the rest
     assert rpc.mount("127.0.0.1", str(kept))
     nfs_server.remove(nfs.export_name(JOB + 3))
     nfs_server.remove(nfs.export_name(JOB + 4))
-    nfs.remove_tree(kept)
+    scratch.remove_tree(kept)
 
 
 def test_the_sweep_removes_the_exports_and_trees_of_dead_jobs_only(nfs_server, nfs_settings):
@@ -106,7 +106,7 @@ def test_the_sweep_removes_the_exports_and_trees_of_dead_jobs_only(nfs_server, n
         rpc.mount("127.0.0.1", str(dead))
     assert rpc.mount("127.0.0.1", str(alive))
     nfs_server.remove(nfs.export_name(JOB + 6))
-    nfs.remove_tree(alive)
+    scratch.remove_tree(alive)
 
 
 def test_a_path_ganesha_could_not_parse_is_refused(nfs_server, nfs_settings):

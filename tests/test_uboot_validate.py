@@ -24,6 +24,7 @@ from agent.actions.deploy.tftp import (
     uimage_header,
 )
 from agent.connections.serial import SerialConsole, connect_command, is_serial_url, serial_settings
+from agent.device import DeviceConfig
 from agent.errors import InfrastructureError, JobError
 from agent.job import Job, load_job, parse_job, validate_job
 from agent.logger import JobLogger
@@ -232,7 +233,7 @@ def test_kernel_type_without_load_addresses() -> None:
 
 def overlay_for(text: str, device: dict, files: dict[str, str]) -> BootloaderCommandOverlay:
     job = load_job(text, device, on_worker=False, dispatcher={"dispatcher_ip": "192.0.2.9"})
-    job.state.tftp_files.update(files)
+    job.data.tftp_files.update(files)
     return next(a for a in job.pipeline.walk() if isinstance(a, BootloaderCommandOverlay))
 
 
@@ -295,7 +296,7 @@ def test_unfilled_placeholder_is_a_job_error(device: dict) -> None:
     ("zimage", {"booti": {}}, "bootm"), ("uimage", {"bootz": {}}, "bootm"),
 ])  # fmt: skip
 def test_boot_command(kind: str, params: dict, expected: str) -> None:
-    assert boot_command(kind, {"parameters": params}) == expected
+    assert boot_command(kind, DeviceConfig.parse({"parameters": params})) == expected
 
 
 # --- U-Boot legacy headers ---------------------------------------------------------------------
@@ -337,9 +338,9 @@ def test_connection_settings() -> None:
             serial_settings(bad)
     tagged = {"commands": {"connections": {"uart0": {"connect": "telnet a 1", "tags": ["primary"]},
                                            "uart1": {"connect": "telnet a 2"}}}}
-    assert connect_command(tagged) == "telnet a 1"
+    assert connect_command(DeviceConfig.parse(tagged)) == "telnet a 1"
     with pytest.raises(InfrastructureError, match="tagged 'primary'; found: uart1"):
-        connect_command({"commands": {"connections": {"uart1": {"connect": "telnet a 2"}}}})
+        connect_command(DeviceConfig.parse({"commands": {"connections": {"uart1": {"connect": "telnet a 2"}}}}))
 
 
 def test_pyserial_console_reads_writes_and_sees_the_adaptor_go(tmp_path: Path) -> None:

@@ -205,7 +205,7 @@ def run_agent(lab: ProcessLab, *args: str, timeout: float = 60) -> tuple[int, st
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "agent.worker", "--master", lab.broker_url, *args], env=lab.env,
+    done = subprocess.run([sys.executable, "-m", "agent.daemon", "--master", lab.broker_url, *args], env=lab.env,
                           capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr
 
@@ -301,7 +301,7 @@ def test_a_forged_master_key_is_refused_and_the_token_is_not_sent(plab: ProcessL
 def test_only_the_registered_key_gets_the_jobs_of_a_worker(plab: ProcessLab) -> None:
     """Processes claiming w1 without its key (plain, an unknown key, another worker's key) get no
     START: the job waits; w1 itself then runs it."""
-    from agent.worker import main as agent_main
+    from agent.daemon import main as agent_main
 
     job_id = plab.submit_text(job_text("for w1 only", images="images.example"))
     plain = plab.start_agent("w1", "--insecure-plain", spool=plab.root / "spool-plain", enrol=False)
@@ -370,7 +370,7 @@ def test_revoke_and_rotate_from_the_command_line(plab: ProcessLab) -> None:
 
 
 def test_certificate_endpoints_and_revoke_rotate_over_rest(plab: ProcessLab, tmp_path: Path) -> None:
-    from agent.worker import main as agent_main
+    from agent.daemon import main as agent_main
 
     master = plab.api("GET", "/system/certificate/", token=None)
     assert master["name"] == "master" and len(master["public_key"]) == 40
@@ -429,7 +429,7 @@ def test_plain_mode_needs_the_flag_and_is_logged_loudly(tmp_path: Path) -> None:
         assert "WARNING pumice.broker: the broker runs WITHOUT worker authentication (--insecure-plain)" in log
         assert "pumice broker on tcp://127.0.0.1" in log and "(WITHOUT worker authentication" in log
         wait_for(lambda: "worker w1 connected WITHOUT authentication" in lab.master_log.read_text(), 10, "warning")
-        assert "WARNING pumice.worker: connecting WITHOUT authentication (--insecure-plain)" in lab.agent_log(agent)
+        assert "WARNING pumice.agent: connecting WITHOUT authentication (--insecure-plain)" in lab.agent_log(agent)
     finally:
         lab.close()
 

@@ -1,4 +1,4 @@
-"""The agent daemon (agent/worker.py + agent/transport.py) against a real in-process broker, with a
+"""The agent daemon (agent/daemon.py + agent/transport.py) against a real in-process broker, with a
 stand-in for pumice-run (no board): spool, log streaming, cancel, restarts, configuration."""
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ import pytest
 from support.broker import BrokerLab, db_wait, fake_runner, make_broker_lab, wait_for
 from support.master import job_text
 
-from agent import worker as agent_worker
+from agent import daemon as agent_daemon
+from agent.config import AgentConfig, build_config
+from agent.daemon import AgentDaemon
+from agent.spool import job_environment
 from agent.transport import CertificateError
-from agent.worker import AgentConfig, Worker, build_config, job_environment
 from master import inventory, jobs
 from master.broker import Broker
 from master.db import connection
@@ -38,9 +40,9 @@ def broker_lab(tmp_path: Path) -> Iterator[BrokerLab]:
 
 
 class Running:
-    """A Worker looping in a thread (tests stop it like a crash, or cleanly)."""
+    """An AgentDaemon looping in a thread (tests stop it like a crash, or cleanly)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: AgentDaemon) -> None:
         self.worker = worker
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -75,7 +77,7 @@ def agent(broker_lab: BrokerLab, tmp_path: Path) -> Iterator:
         config = AgentConfig(master=broker_lab.endpoint, hostname="w1", spool=spool or tmp_path / "spool",
                              runner=fake_runner(tmp_path), heartbeat=0.5, master_cert=master_cert,
                              worker_cert=worker_cert, **options)
-        running = Running(Worker(config))
+        running = Running(AgentDaemon(config))
         started.append(running)
         return running
 
@@ -273,13 +275,13 @@ def test_job_environment_follows_lava_env_yaml() -> None:
 def test_settings_come_from_cli_then_environment_then_file(tmp_path: Path) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text("master: tcp://file:5556\nhostname: from-file\nspool: /srv/spool\ncancel_grace: 5\n")
-    options = agent_worker.parser().parse_args(["--config", str(config)])
+    options = agent_daemon.parser().parse_args(["--config", str(config)])
     assert build_config(options, {}) == AgentConfig(master="tcp://file:5556", hostname="from-file",
                                                     spool=Path("/srv/spool"), cancel_grace=5.0)
     env = {"MASTER_URL": "tcp://env:5556", "LOGGER_URL": "tcp://env:5555", "PUMICE_HOSTNAME": "from-env"}
     got = build_config(options, env)
     assert (got.master, got.logger, got.hostname) == ("tcp://env:5556", "tcp://env:5555", "from-env")
-    options = agent_worker.parser().parse_args(["--config", str(config), "--master", "tcp://cli:5556"])
+    options = agent_daemon.parser().parse_args(["--config", str(config), "--master", "tcp://cli:5556"])
     assert build_config(options, env).master == "tcp://cli:5556"
 
 
@@ -296,47 +298,47 @@ def test_settings_come_from_cli_then_environment_then_file(tmp_path: Path) -> No
 def test_bad_settings_say_what_is_wrong(tmp_path: Path, text: str, args: list[str], error: str) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text(text)
-    options = agent_worker.parser().parse_args(["--config", str(config), *args])
+    options = agent_daemon.parser().parse_args(["--config", str(config), *args])
     with pytest.raises(SystemExit) as info:
         build_config(options, {})
     assert error in str(info.value)
 
 
 def test_create_certificate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert agent_worker.main(["create-certificate", "lab-box", "--directory", str(tmp_path / "keys")]) == 0
+    assert agent_daemon.main(["create-certificate", "lab-box", "--directory", str(tmp_path / "keys")]) == 0
     public, secret = tmp_path / "keys" / "lab-box.key", tmp_path / "keys" / "lab-box.key_secret"
     assert "public-key" in public.read_text() and "secret-key" not in public.read_text()
     assert "secret-key" in secret.read_text() and secret.stat().st_mode & 0o777 == 0o600
-    assert agent_worker.main(["create-certificate", "lab-box", "--directory", str(tmp_path / "keys")]) == 1
+    assert agent_daemon.main(["create-certificate", "lab-box", "--directory", str(tmp_path / "keys")]) == 1
     assert "exists already" in capsys.readouterr().err
 
 
 def test_parser_has_the_issue_options() -> None:
-    options = agent_worker.parser().parse_args(
+    options = agent_daemon.parser().parse_args(
         ["--master", "tcp://m:5556", "--logger", "tcp://m:5555", "--hostname", "n", "--join", "T",
          "--url", "http://m:8000", "--master-cert", "master.key", "--worker-cert", "n.key_secret", "--spool", "/s"])
     assert isinstance(options, argparse.Namespace) and options.join == "T" and options.spool == "/s"
     # CURVE is the default: the old --encrypt is still accepted, and changes nothing
-    config = build_config(agent_worker.parser().parse_args(["--master", "tcp://m:5556", "--encrypt"]), {})
+    config = build_config(agent_daemon.parser().parse_args(["--master", "tcp://m:5556", "--encrypt"]), {})
     assert not config.insecure_plain
 
 
 def test_an_agent_without_keys_says_how_to_enrol(tmp_path: Path) -> None:
     config = AgentConfig(master="tcp://127.0.0.1:9", hostname="box3", spool=tmp_path / "spool")
     with pytest.raises(CertificateError) as info:
-        Worker(config)
+        AgentDaemon(config)
     message = str(info.value)
     assert f"no CURVE keys for worker box3 ({tmp_path / 'spool' / 'keys' / 'master.key'}" in message
     assert "'pumice-agent --join TOKEN --url http://MASTER:8000'" in message
     assert "'pumice-master workers add box3' or 'workers rotate box3'" in message
-    assert agent_worker.main(["--master", "tcp://127.0.0.1:9", "--hostname", "box3", "--spool",
+    assert agent_daemon.main(["--master", "tcp://127.0.0.1:9", "--hostname", "box3", "--spool",
                               str(tmp_path / "spool")]) == 1
 
 
 # ---- the daemon's core, without a master ----
 
 class RecordingTransport:
-    """What the Worker needs of a Transport: always online, keeps what is sent."""
+    """What the AgentDaemon needs of a Transport: always online, keeps what is sent."""
 
     online = True
     heartbeat = 1.0
@@ -390,7 +392,7 @@ def test_restart_judges_a_runner_it_did_not_see_end(tmp_path: Path, record: dict
                 results_yaml=results_yaml, **state)
     transport = RecordingTransport()
     config = AgentConfig(master="tcp://127.0.0.1:9", hostname="w1", spool=tmp_path / "spool")
-    worker = Worker(config, transport)
+    worker = AgentDaemon(config, transport)
     worker.loop_once(0)
     job = worker.jobs[7]
     assert (job.state["status"], job.state["health"], job.state["error_type"]) == \

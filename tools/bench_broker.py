@@ -163,7 +163,7 @@ def latency_and_rss(work: Path) -> None:
     token = cli(env, "tokens", "create", "--user", "bench", "--admin").strip()
     master = Master(data)
     agent_log = open(work / "latency" / "agent.log", "w")  # noqa: SIM115
-    command = [sys.executable, "-m", "agent.worker", "--master", master.endpoint, "--hostname", "bench-worker",
+    command = [sys.executable, "-m", "agent.daemon", "--master", master.endpoint, "--hostname", "bench-worker",
                "--spool", str(work / "latency" / "spool")]
     # enrolled once (its keys in the spool), then started as a service starts it, without --join
     enrol = subprocess.Popen([*command, "--join", join_token, "--url", master.url], stdout=agent_log,

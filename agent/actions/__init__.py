@@ -1,7 +1,7 @@
-"""The strategies, registered by (section, method) when this package is imported."""
+"""The strategies, registered by (section, method) when this package is imported: every strategy
+module is listed here, so none is registered only because another module imports it."""
 
-import agent.actions.boot.uboot  # noqa: F401  (boot u-boot, deploy to: tftp)
-from agent.actions import command, finalize  # noqa: F401
-from agent.actions.boot import qemu  # noqa: F401
-from agent.actions.deploy import tmpfs  # noqa: F401
-from agent.actions.test import shell  # noqa: F401
+from agent.actions import command, finalize  # noqa: F401  (command; finalize ends every job)
+from agent.actions.boot import bootloader, qemu, uboot  # noqa: F401  (boot: bootloader, qemu, u-boot)
+from agent.actions.deploy import tftp, tmpfs  # noqa: F401  (deploy to: tftp, tmpfs)
+from agent.actions.test import shell  # noqa: F401  (test: definitions)

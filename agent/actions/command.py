@@ -47,22 +47,15 @@ class CommandAction(Action):
     def schema(cls) -> dict:
         return {**action_base(), v.Required("name"): str}
 
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        return None
-
-    def user_commands(self) -> dict:
-        return ((self.job.device.get("commands") or {}).get("users")) or {}
-
     def validate(self) -> None:
         name = self.parameters.get("name")
-        known = self.user_commands()
+        known = self.device.commands.users
         if name not in known:
             self.errors.append(f"unknown user command {name!r}; known: {', '.join(sorted(known)) or 'none'}")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        entry = self.user_commands()[self.parameters["name"]]
-        if entry.get("undo"):
-            self.job.state.undo_commands.append(entry["undo"])
-        run_command(self, entry["do"], deadline)
+        entry = self.device.commands.users[self.parameters["name"]]
+        if entry.undo:
+            self.job.data.undo_commands.append(entry.undo)
+        run_command(self, entry.do, deadline)
         return connection

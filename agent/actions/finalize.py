@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from agent.pipeline import Action
-from agent.power import CommandPower
 from agent.timeout import Deadline
 
 
@@ -30,17 +29,16 @@ class PowerOff(Action):
     summary = "send power_off command"
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        state = self.job.state
-        for command in reversed(state.undo_commands):
+        data = self.job.data
+        for command in reversed(data.undo_commands):
             from agent.actions.command import run_command
 
             run_command(self, command, deadline, what="undo")
-        state.undo_commands.clear()
-        power = CommandPower(self.job.device.get("commands") or {}, self.logger, self.job.env or None)
-        if power.available("power_off"):
-            power.off(deadline)
-        if state.connection is not None:
-            state.connection.close()
+        data.undo_commands.clear()
+        if self.job.power.available("power_off"):
+            self.job.power.off(deadline)
+        if data.connection is not None:
+            data.connection.close()
         return connection
 
 
@@ -52,8 +50,8 @@ class ReadFeedback(Action):
     summary = "Read from other namespaces"
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        state = self.job.state
-        if state.connection is not None:
-            state.connection.close()
-            state.connection = None
+        data = self.job.data
+        if data.connection is not None:
+            data.connection.close()
+            data.connection = None
         return None

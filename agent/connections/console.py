@@ -26,6 +26,16 @@ CURSOR_QUERY = "\x1b[6n"
 CURSOR_ROW = 24
 
 
+#: what pexpect's sendcontrol sends for the characters that are not letters
+_CONTROL = {"@": 0, "`": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31, "?": 127}
+
+
+def control_character(char: str) -> str:
+    """The character Ctrl-``char`` types (as pexpect's sendcontrol), for spawns that are no pty."""
+    char = char.lower()
+    return chr(ord(char) - ord("a") + 1 if "a" <= char <= "z" else _CONTROL[char])
+
+
 class LineLogger:
     """pexpect's ``logfile_read``: turns console output into one ``target`` record per line."""
 
@@ -263,3 +273,15 @@ class Console:
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+
+
+class PortConsole(Console):
+    """A console on a spawn that is no process of ours (a serial port, a fake board): closing it
+    closes the spawn, there is nothing to stop."""
+
+    def close(self, grace: float = 2.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.lines.flush_partial()
+        self.spawn.close()

@@ -24,7 +24,8 @@ from urllib.parse import parse_qs, urlparse
 import pexpect
 from pexpect.spawnbase import SpawnBase
 
-from agent.connections.console import DEFAULT_MAXREAD, Console
+from agent.connections.console import DEFAULT_MAXREAD, Console, PortConsole, control_character
+from agent.device import DeviceConfig
 from agent.errors import InfrastructureError
 from agent.pipeline import Action
 from agent.timeout import Deadline
@@ -35,8 +36,6 @@ DEFAULT_BAUDRATE = 115200
 #: what a connection client prints once it is connected (checked so a refused connection fails
 #: at connect-device, with the client's own words, not later as a silent board)
 CONNECTED = {"telnet": r"Escape character is '[^']*'\."}
-#: what pexpect's sendcontrol sends for the characters that are not letters
-_CONTROL = {"@": 0, "`": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31, "?": 127}
 
 
 def is_serial_url(connect: str) -> bool:
@@ -44,18 +43,18 @@ def is_serial_url(connect: str) -> bool:
     return urlparse(connect.strip()).scheme in SERIAL_SCHEMES and "://" in connect
 
 
-def connect_command(device: dict) -> str:
+def connect_command(device: DeviceConfig) -> str:
     """The device's primary connection: ``commands.connect``, else the ``commands.connections``
     entry tagged ``primary``. Raises InfrastructureError saying what is missing."""
-    commands = device.get("commands") or {}
-    if commands.get("connect"):
-        return str(commands["connect"]).strip()
-    connections = commands.get("connections") or {}
-    for name, entry in connections.items():
-        if isinstance(entry, dict) and "primary" in (entry.get("tags") or []):
-            if not entry.get("connect"):
+    commands = device.commands
+    if commands.connect:
+        return commands.connect
+    connections = commands.connections
+    for name, (connect, tags) in connections.items():
+        if "primary" in tags:
+            if not connect:
                 raise InfrastructureError(f"commands.connections.{name} has no 'connect' command")
-            return str(entry["connect"]).strip()
+            return connect
     if connections:
         raise InfrastructureError("none of the device's commands.connections is tagged 'primary'; "
                                   f"found: {', '.join(connections)}")
@@ -131,9 +130,7 @@ class SerialSpawn(SpawnBase):
         return self.send(s + self.linesep)
 
     def sendcontrol(self, char: str) -> int:
-        char = char.lower()
-        code = ord(char) - ord("a") + 1 if "a" <= char <= "z" else _CONTROL[char]
-        return self.send(chr(code))
+        return self.send(control_character(char))
 
     def isalive(self) -> bool:
         return not self.closed and self.port.is_open
@@ -144,8 +141,8 @@ class SerialSpawn(SpawnBase):
             self.port.close()
 
 
-class SerialConsole(Console):
-    """A console on a serial port opened by the agent itself: there is no process to stop."""
+class SerialConsole(PortConsole):
+    """A console on a serial port opened by the agent itself."""
 
     @classmethod
     def open(cls, url: str, logger, name: str = "serial", maxread: int = DEFAULT_MAXREAD,
@@ -172,13 +169,6 @@ class SerialConsole(Console):
     def _exit_detail(self) -> str:
         return f" ({self.spawn.name} went away)"
 
-    def close(self, grace: float = 2.0) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.lines.flush_partial()
-        self.spawn.close()
-
 
 class ConnectDevice(Action):
     """Open the board's console with the device's connection command or serial port, or keep the
@@ -190,12 +180,11 @@ class ConnectDevice(Action):
     timeout_exception = InfrastructureError
 
     def validate(self) -> None:
-        connections = ((self.job.device.get("actions") or {}).get("boot") or {}).get("connections") or {}
-        if "serial" not in connections:
+        if "serial" not in self.device.boot_connections:
             self.errors.append("the device is not configured for a serial connection "
                                "(actions.boot.connections has no 'serial')")
         try:
-            connect = connect_command(self.job.device)
+            connect = connect_command(self.device)
         except InfrastructureError as exc:
             self.errors.append(str(exc))
             return
@@ -216,20 +205,18 @@ class ConnectDevice(Action):
         self.require_tool(argv[0], why="the device's connection command")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        state = self.job.state
-        current = state.connection
+        data = self.job.data
+        current = data.connection
         if current is not None and not current.closed and current.spawn.isalive():
             self.logger.debug("Already connected")
             return current
         if current is not None:
             self.logger.warning("Dead connection, reconnecting")
             current.close()
-            state.connection = None
-        connect = connect_command(self.job.device)
-        constants = self.job.device.get("constants") or {}
-        maxread = int(constants.get("spawn_maxread") or DEFAULT_MAXREAD)
-        delays = self.job.device.get("character_delays") or {}
-        options = {"maxread": maxread, "character_delay": float(delays.get("test", 0)) / 1000.0}
+            data.connection = None
+        connect = connect_command(self.device)
+        maxread = int(self.device.constant("spawn_maxread") or DEFAULT_MAXREAD)
+        options = {"maxread": maxread, "character_delay": self.device.test_character_delay}
         self.logger.info(f"{self.name}: connecting to the device using '{connect}'")
         if is_serial_url(connect):
             console = SerialConsole.open(connect, self.logger, **options)
@@ -237,9 +224,9 @@ class ConnectDevice(Action):
             argv = shlex.split(connect)
             console = Console.spawn_command(argv, self.logger, name=os.path.basename(argv[0]),
                                             env=self.job.env or None, **options)
-            state.connection = console  # from here on, finalize closes it whatever happens
+            data.connection = console  # from here on, finalize closes it whatever happens
             self._wait_connected(console, argv, deadline)
-        state.connection = console
+        data.connection = console
         return console
 
     def _wait_connected(self, console: Console, argv: list[str], deadline: Deadline) -> None:

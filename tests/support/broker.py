@@ -365,7 +365,7 @@ class ProcessLab:
         elif enrol and not (spool / "keys" / f"{hostname}.key_secret").exists() and "--join" not in extra:
             extra = ("--join", self.join_token(hostname), "--url", self.url, *extra)
         args = ["--master", self.broker_url, "--hostname", hostname, "--spool", str(spool), *extra]
-        command = (python or [sys.executable, "-m", "agent.worker"]) + args
+        command = (python or [sys.executable, "-m", "agent.daemon"]) + args
         log_path = self.root / f"agent-{index}-{hostname}.log"
         with open(log_path, "a") as log:
             proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)

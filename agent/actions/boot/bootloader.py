@@ -16,11 +16,10 @@ from typing import Any
 
 import voluptuous as v
 
-# the files a bootloader loads come from a tftp deploy (importing it also registers it)
-from agent.actions.deploy.tftp import boot_command, deploy_parameters
+from agent.actions.deploy.tftp import boot_command
+from agent.device import BootMethod, DeviceConfig, Needs
 from agent.errors import InfrastructureError, JobError
 from agent.pipeline import Action, RetryAction, register
-from agent.power import CommandPower, command_list
 from agent.schema import action_base
 from agent.timeout import Deadline
 
@@ -58,18 +57,6 @@ class BootloaderSession:
         return DISPLAY_NAMES.get(self.method, self.method)
 
 
-def method_parameters(device: dict, method: str) -> dict:
-    """``actions.boot.methods.<method>.parameters`` of the device."""
-    methods = ((device.get("actions") or {}).get("boot") or {}).get("methods") or {}
-    return ((methods.get(method) or {}).get("parameters")) or {}
-
-
-def method_constant(device: dict, method: str, key: str, default: Any = None) -> Any:
-    """``constants.<method>.<key>`` of the device (LAVA's get_constant with a prefix)."""
-    value = ((device.get("constants") or {}).get(method) or {}).get(key)
-    return default if value is None else value
-
-
 def substitute(commands: list[str], values: dict[str, str | None]) -> list[str]:
     """LAVA's substitution: each placeholder with a value is replaced; a command that uses a
     placeholder without a value is dropped (``tftp {TEE_ADDR} {TEE}`` when there is no tee)."""
@@ -101,13 +88,6 @@ def dispatcher_ip(job) -> str:
         except OSError:
             raise InfrastructureError("cannot tell the worker's IP address for {SERVER_IP}: set "
                                       "dispatcher_ip in the dispatcher configuration") from None
-
-
-def deploy_before(job) -> dict:
-    """The parameters of the last deploy block before the block being built ({} when none), as
-    :meth:`agent.job.Job.checked_blocks` gives them."""
-    deploys = job.checked_blocks("deploy", before=job.building)
-    return deploys[-1] if deploys else {}
 
 
 def discard_pending(connection) -> None:
@@ -154,7 +134,7 @@ class BootloaderCommandOverlay(Action):
         self.deploy: dict = {}
 
     def populate(self, parameters: dict) -> None:
-        self.deploy = deploy_before(self.job)
+        self.deploy = self.context.deploy_before
 
     @property
     def kernel_type(self) -> str | None:
@@ -164,21 +144,19 @@ class BootloaderCommandOverlay(Action):
     def validate(self) -> None:
         method = self.session.method
         commands = self.parameters.get("commands")
-        methods = ((self.job.device.get("actions") or {}).get("boot") or {}).get("methods") or {}
         if isinstance(commands, list):
             self.commands = [str(command) for command in commands]
         else:
-            device_method = methods.get(method) or {}
-            known = sorted(key for key, value in device_method.items()
-                           if isinstance(value, dict) and "commands" in value)
-            if commands not in device_method:
+            device_method = self.device.boot_methods.get(method) or BootMethod(method)
+            if commands not in device_method.entries:
                 self.errors.append(f"commands {commands!r} are not among the device's {method} boot "
-                                   f"commands; known: {', '.join(known) or 'none'}")
+                                   f"commands; known: {', '.join(device_method.command_sets()) or 'none'}")
                 return
-            if not isinstance(device_method[commands], dict) or not device_method[commands].get("commands"):
+            found = device_method.commands(commands)
+            if found is None:
                 self.errors.append(f"the device's {method} '{commands}' entry has no commands")
                 return
-            self.commands = [str(command) for command in device_method[commands]["commands"]]
+            self.commands = found
         text = "\n".join(self.commands)
         used = [key for key in UNSUPPORTED if key in text]
         if used:
@@ -193,14 +171,14 @@ class BootloaderCommandOverlay(Action):
         if files and not self.deploy:
             self.errors.append(f"the boot commands load files ({', '.join(files)}) but no deploy comes "
                                "before this boot")
-        mac = method_parameters(self.job.device, method).get("lava_mac")
+        mac = self.device.boot_parameters(method).get("lava_mac")
         if mac and not re.fullmatch(_MAC, str(mac)):
             self.errors.append(f"lava_mac {mac!r} is not a MAC address")
 
     def substitutions(self) -> dict[str, str | None]:
         """Placeholder -> value for this job (None: the command that uses it is dropped)."""
-        device = self.job.device
-        files = self.job.state.tftp_files
+        device = self.device
+        files = self.job.data.tftp_files
         text = "\n".join(self.commands)
         values: dict[str, str | None] = {
             "{SERVER_IP}": dispatcher_ip(self.job) if "{SERVER_IP}" in text else None,
@@ -209,16 +187,16 @@ class BootloaderCommandOverlay(Action):
             "{INITRD}": files.get("ramdisk"),
             "{KERNEL}": files.get("kernel"),
             "{TEE}": files.get("tee"),
-            "{LAVA_MAC}": method_parameters(device, self.session.method).get("lava_mac"),
+            "{LAVA_MAC}": device.boot_parameters(self.session.method).get("lava_mac"),
         }
         if self.kernel_type:
             command = boot_command(self.kernel_type, device)
-            addresses = (device.get("parameters") or {}).get(command) or {}
+            addresses = device.parameters.get(command) or {}
             kernel, dtb, tee = addresses.get("kernel"), addresses.get("dtb"), addresses.get("tee")
             ramdisk = addresses.get("ramdisk")
             # without a U-Boot header the ramdisk's size is unknown to bootX: LAVA passes none
             if "ramdisk" not in files or (self.session.method == "u-boot"
-                                          and deploy_parameters(device).get("add_header") != "u-boot"):
+                                          and device.deploy_parameters.get("add_header") != "u-boot"):
                 ramdisk = "-"
             first = tee if "tee" in files else kernel
             values.update({"{BOOTX}": f"{command} {first} {ramdisk} {dtb}", "{KERNEL_ADDR}": kernel,
@@ -258,9 +236,8 @@ class ResetDevice(Action):
     summary = "reboot the device"
 
     def populate(self, parameters: dict) -> None:
-        power = CommandPower(self.job.device.get("commands") or {}, None)
         pipeline = self.child_pipeline(parameters)
-        pipeline.add(PDUReboot() if power.available("hard_reset") else SendRebootCommands())
+        pipeline.add(PDUReboot() if self.job.power.available("hard_reset") else SendRebootCommands())
 
 
 class PDUReboot(Action):
@@ -274,7 +251,7 @@ class PDUReboot(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         if connection is not None:
             discard_pending(connection)
-        CommandPower(self.job.device.get("commands") or {}, self.logger, self.job.env or None).reset(deadline)
+        self.job.power.reset(deadline)
         self.results["status"] = "success"
         return connection
 
@@ -289,14 +266,13 @@ class SendRebootCommands(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         if connection is None:
             raise InfrastructureError("the device has no power control and no console to type a reboot on")
-        device_commands = command_list((self.job.device.get("commands") or {}).get("soft_reboot"))
-        commands = self.parameters.get("soft_reboot") or device_commands
+        commands = self.parameters.get("soft_reboot") or self.device.commands.soft_reboot
         if not commands:
             self.logger.warning("No soft reboot command defined in the test job. Using defaults.")
             commands = REBOOT_COMMANDS
         commands = [commands] if isinstance(commands, str) else list(commands)
-        message = (self.parameters.get("parameters") or {}).get("shutdown-message") or (
-            (self.job.device.get("constants") or {}).get("shutdown-message"))
+        message = self.parameters.get("parameters", {}).get("shutdown-message") or \
+            self.device.constant("shutdown-message")
         discard_pending(connection)
         for command in commands:
             connection.sendline(command)
@@ -320,18 +296,18 @@ class BootloaderInterruptAction(Action):
         self.session = session
 
     def settings(self) -> dict[str, Any]:
-        device, method = self.job.device, self.session.method
-        params = method_parameters(device, method)
+        device, method = self.device, self.session.method
+        params = device.boot_parameters(method)
         return {
             "bootloader_prompt": params.get("bootloader_prompt"),
             "interrupt_prompt": params.get("interrupt_prompt",
-                                           method_constant(device, method, "interrupt-prompt")),
+                                           device.method_constant(method, "interrupt-prompt")),
             "needs_interrupt": params.get("needs_interrupt", True),
-            "interrupt_newline": method_constant(device, method, "interrupt-newline", True),
+            "interrupt_newline": device.method_constant(method, "interrupt-newline", True),
             "interrupt_char": params.get("interrupt_char",
-                                         method_constant(device, method, "interrupt-character")),
+                                         device.method_constant(method, "interrupt-character")),
             "interrupt_ctrl_list": params.get("interrupt_ctrl_list",
-                                              method_constant(device, method, "interrupt_ctrl_list")) or [],
+                                              device.method_constant(method, "interrupt_ctrl_list")) or [],
         }
 
     def validate(self) -> None:
@@ -385,12 +361,12 @@ class BootloaderCommandsAction(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         if connection is None:
             raise InfrastructureError(f"{self.name} started without a console connection")
-        device, method = self.job.device, self.session.method
-        params = method_parameters(device, method)
+        device, method = self.device, self.session.method
+        params = device.boot_parameters(method)
         prompt = str(params["bootloader_prompt"])
-        errors = [str(message) for message in method_constant(device, method, "error-messages", []) or []]
-        final = params.get("boot_message") or method_constant(device, method, "final-message")
-        delay = float((device.get("character_delays") or {}).get("boot", 0)) / 1000.0
+        errors = [str(message) for message in device.method_constant(method, "error-messages", []) or []]
+        final = params.get("boot_message") or device.method_constant(method, "final-message")
+        delay = device.boot_character_delay
         name = self.session.display
         if not self.session.at_prompt:
             # right after an interrupt the prompt comes at once: anything else is the autoboot going on
@@ -441,6 +417,7 @@ class BootBootloaderRetry(RetryAction):
     name = "boot-bootloader-retry"
     description = "boot to bootloader with retry"
     summary = "boot bootloader retry"
+    needs = Needs(boot_method_key="bootloader")
 
     @classmethod
     def schema(cls) -> dict:
@@ -453,10 +430,10 @@ class BootBootloaderRetry(RetryAction):
                 v.Optional("use_bootscript"): bool}
 
     @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        methods = ((device.get("actions") or {}).get("boot") or {}).get("methods") or {}
-        if params["bootloader"] not in methods:
-            return f"the device has no {params['bootloader']!r} boot method"
+    def accepts(cls, device: DeviceConfig, params: dict) -> str | None:
+        refusal = super().accepts(device, params)
+        if refusal:
+            return refusal
         if params["bootloader"] not in DISPLAY_NAMES:
             return f"bootloader {params['bootloader']!r} is not supported; known: {', '.join(DISPLAY_NAMES)}"
         return None
@@ -496,6 +473,6 @@ class BootBootloaderAction(Action):
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
         connection = super().run(connection, deadline)
-        prompt = method_parameters(self.job.device, self.session.method).get("bootloader_prompt")
+        prompt = self.device.boot_parameters(self.session.method).get("bootloader_prompt")
         connection.prompts = [str(prompt)]  # what an interactive test waits for
         return connection

@@ -9,7 +9,7 @@ from typing import Any
 import voluptuous as v
 
 from agent.errors import JobError
-from agent.pipeline import Action
+from agent.pipeline import Action, BuildContext, Pipeline
 from agent.timeout import Deadline
 
 #: kernel messages that mean the boot has failed for good
@@ -27,13 +27,13 @@ def prompt_list(parameters: dict) -> list[str]:
     return [prompt for prompt in prompts if isinstance(prompt, str)] if isinstance(prompts, list) else []
 
 
-def boot_prompts(job, parameters: dict) -> list[str]:
+def boot_prompts(context: BuildContext, parameters: dict) -> list[str]:
     """The prompts of the boot block being built: its own, else those of the last boot before it
     (a second boot of the same board in a job usually omits them)."""
     own = prompt_list(parameters)
     if own:
         return own
-    for params in reversed(job.checked_blocks("boot", before=job.building)):
+    for params in reversed(context.boots_before):
         if prompt_list(params):
             return prompt_list(params)
     return []
@@ -63,10 +63,10 @@ def login_schema() -> dict:
     }
 
 
-def add_shell_actions(pipeline, job, parameters: dict) -> None:
+def add_shell_actions(pipeline: Pipeline, parameters: dict) -> None:
     """What follows the boot itself: login when the job gives prompts, then the shell checks."""
-    tests = job.tests_after(job.building)
-    prompts = boot_prompts(job, parameters)
+    tests = pipeline.context.tests_after
+    prompts = boot_prompts(pipeline.context, parameters)
     if prompts or tests:  # without prompts, LoginAction.validate says they are missing
         pipeline.add(AutoLoginAction(prompts))
         if tests:
@@ -148,7 +148,7 @@ def kernel_start_message(job, parameters: dict) -> str | None:
     else the device constant), so a board stuck before Linux fails with a clear message."""
     value = (parameters.get("parameters") or {}).get("kernel-start-message")
     if value is None:
-        value = (job.device.get("constants") or {}).get("kernel-start-message")
+        value = job.device.constant("kernel-start-message")
     return value or None
 
 

@@ -11,6 +11,7 @@ import voluptuous as v
 
 from agent.actions.boot.login import add_shell_actions, login_schema
 from agent.actions.deploy.guest import GUEST_IMAGE, guest_drive
+from agent.device import DeviceConfig, Needs, as_device
 from agent.errors import InfrastructureError, JobError
 from agent.pipeline import Action, RetryAction, register
 from agent.policy import PolicyRefusal
@@ -22,11 +23,6 @@ if TYPE_CHECKING:
     from agent.job import Job
 
 
-def qemu_parameters(device: Mapping) -> dict:
-    methods = ((device.get("actions") or {}).get("boot") or {}).get("methods") or {}
-    return (methods.get("qemu") or {}).get("parameters") or {}
-
-
 def split(text: str) -> list[str]:
     """``text`` split as a shell would (as LAVA does); unbalanced quotes leave it whole (QEMU then
     refuses it)."""
@@ -36,9 +32,9 @@ def split(text: str) -> list[str]:
         return [text]
 
 
-def device_arguments(device: Mapping) -> tuple[str, list[str]]:
+def device_arguments(device: DeviceConfig) -> tuple[str, list[str]]:
     """The device's QEMU program and its arguments: ``options`` then ``extra``, each split."""
-    params = qemu_parameters(device)
+    params = device.boot_parameters("qemu")
     arguments: list[str] = []
     for key in ("options", "extra"):
         values = params.get(key) or []
@@ -67,7 +63,7 @@ def boots_qemu(definition: Mapping) -> bool:
                and block["boot"].get("method") == "qemu" for block in (actions if isinstance(actions, list) else []))
 
 
-def command_line(definition: Mapping, device: Mapping, root: str, files: Mapping[str, str] | None = None,
+def command_line(definition: Mapping, device: DeviceConfig, root: str, files: Mapping[str, str] | None = None,
                  extra: Sequence[str] | None = None) -> tuple[str, list[Part]]:
     """The QEMU program and the parts of its command line, by author (:class:`agent.qemu_policy.Part`):
     the device's options and extra, each ``image_arg`` with ``files`` (image key -> deployed file;
@@ -85,17 +81,19 @@ def command_line(definition: Mapping, device: Mapping, root: str, files: Mapping
     return program, parts
 
 
-def command_verdict(definition: Mapping, device: Mapping, device_own: Mapping | None, root: str,
-                    files: Mapping[str, str] | None = None, extra: Sequence[str] | None = None,
+def command_verdict(definition: Mapping, device: Mapping | DeviceConfig, device_own: Mapping | DeviceConfig | None,
+                    root: str, files: Mapping[str, str] | None = None, extra: Sequence[str] | None = None,
                     resolve: bool = False) -> Verdict:
     """The worker's file policy on the job's QEMU command line (:mod:`agent.qemu_policy`):
     ``device_own`` is the device's configuration rendered without the job's context (None: the
-    device configuration is all the device's own, as in a standalone run)."""
-    program, parts = command_line(definition, device, root, files, extra)
-    return judge(program, parts, *own_arguments(device_own, root), root, resolve)
+    device configuration is all the device's own, as in a standalone run). The master calls it with
+    the rendered YAML (mappings)."""
+    program, parts = command_line(definition, as_device(device), root, files, extra)
+    own = None if device_own is None else as_device(device_own)
+    return judge(program, parts, *own_arguments(own, root), root, resolve)
 
 
-def own_arguments(device_own: Mapping | None, root: str) -> tuple[str | None, list[str] | None]:
+def own_arguments(device_own: DeviceConfig | None, root: str) -> tuple[str | None, list[str] | None]:
     """The QEMU program and arguments of the device's own configuration (None, None: all is its own)."""
     if device_own is None:
         return None, None
@@ -119,6 +117,7 @@ class BootQEMUImageAction(RetryAction):
     name = "boot-image-retry"
     description = "boot image with retry"
     summary = "boot with retry"
+    needs = Needs(boot_method="qemu")
 
     @classmethod
     def schema(cls) -> dict:
@@ -131,18 +130,11 @@ class BootQEMUImageAction(RetryAction):
             v.Optional("docker"): dict,
         }
 
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        methods = ((device.get("actions") or {}).get("boot") or {}).get("methods") or {}
-        if "qemu" not in methods:
-            return "the device has no 'qemu' boot method"
-        return None
-
     def populate(self, parameters: dict) -> None:
         super().populate(parameters)
         pipeline = self.child_pipeline(parameters)
         pipeline.add(BootQemuRetry())
-        add_shell_actions(pipeline, self.job, parameters)
+        add_shell_actions(pipeline, parameters)
 
     def validate(self) -> None:
         super().validate()
@@ -172,10 +164,10 @@ class CallQemuAction(Action):
     timeout_exception = InfrastructureError
 
     def validate(self) -> None:
-        params = qemu_parameters(self.job.device)
+        params = self.device.boot_parameters("qemu")
         command = str(params.get("command") or "").strip()
         if not command or command.endswith("-"):
-            known = ", ".join(self.job.device.get("available_architectures") or []) or "see the device type"
+            known = ", ".join(self.device.available_architectures) or "see the device type"
             self.errors.append("the device's qemu command names no architecture: set 'arch' in the job's "
                                f"context or in the device dictionary (known: {known})")
         else:
@@ -185,10 +177,10 @@ class CallQemuAction(Action):
                 self.errors.append(f"images.{key}.image_arg {arg!r} does not use {{{key}}}")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        if self.job.state.connection is not None:  # a retry: stop the previous attempt first
-            self.job.state.connection.close()
-            self.job.state.connection = None
-        downloads = self.job.state.downloads
+        if self.job.data.connection is not None:  # a retry: stop the previous attempt first
+            self.job.data.connection.close()
+            self.job.data.connection = None
+        downloads = self.job.data.downloads
         for key in image_args(self.job.definition):
             if key not in downloads:
                 raise JobError(f"image {key!r} has an image_arg but was not deployed")
@@ -196,7 +188,7 @@ class CallQemuAction(Action):
         # are real now, with their symlinks and what the disk images name
         root = str(self.job.workdir)
         files = {key: str(path) for key, path in downloads.items()}
-        program, parts = command_line(self.job.definition, self.job.device, root, files, self.job.state.qemu_extra)
+        program, parts = command_line(self.job.definition, self.device, root, files, self.job.data.qemu_extra)
         verdict = judge(program, parts, *own_arguments(self.job.device_own, root), root, resolve=True)
         for _, message in refusals(verdict, self.job.policy, resolve=True):
             raise PolicyRefusal(message)
@@ -204,16 +196,14 @@ class CallQemuAction(Action):
         self.logger.info(f"boot command: {shlex.join(command)}")
         from agent.connections.console import DEFAULT_MAXREAD, Console
 
-        constants = self.job.device.get("constants") or {}
-        maxread = int(constants.get("spawn_maxread") or DEFAULT_MAXREAD)
-        delays = self.job.device.get("character_delays") or {}
+        maxread = int(self.device.constant("spawn_maxread") or DEFAULT_MAXREAD)
         console = Console.spawn_command(command, self.logger, name="qemu", maxread=maxread,
                                         env=self.job.env or None, cwd=root,
-                                        character_delay=float(delays.get("test", 0)) / 1000.0)
-        self.job.state.connection = console
+                                        character_delay=self.device.test_character_delay)
+        self.job.data.connection = console
         self.results["command"] = command[0]
         return console
 
     def cleanup(self, connection: Any) -> None:
-        if self.job.state.connection is not None:
-            self.job.state.connection.close()
+        if self.job.data.connection is not None:
+            self.job.data.connection.close()

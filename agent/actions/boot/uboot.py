@@ -19,6 +19,7 @@ from agent.actions.boot.bootloader import (
     ResetDevice,
 )
 from agent.actions.boot.login import add_shell_actions, login_schema
+from agent.device import Needs
 from agent.pipeline import Action, RetryAction, register
 from agent.schema import action_base
 
@@ -30,6 +31,7 @@ class UBootAction(RetryAction):
     name = "uboot-action"
     description = "interactive uboot action"
     summary = "pass uboot commands"
+    needs = Needs(boot_method="u-boot")
 
     @classmethod
     def schema(cls) -> dict:
@@ -41,13 +43,6 @@ class UBootAction(RetryAction):
                                           msg="expected the name of the device's boot commands or a list"),
             v.Optional("use_bootscript"): bool,
         }
-
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        methods = ((device.get("actions") or {}).get("boot") or {}).get("methods") or {}
-        if "u-boot" not in methods:
-            return "the device has no 'u-boot' boot method"
-        return None
 
     def populate(self, parameters: dict) -> None:
         super().populate(parameters)
@@ -77,7 +72,7 @@ class UBootSecondaryMedia(Action):
     summary = "set uboot strings for deployed media"
 
     def validate(self) -> None:
-        media = (self.job.device.get("parameters") or {}).get("media") or {}
+        media = self.device.parameters.get("media") or {}
         commands = self.parameters.get("commands")
         if isinstance(commands, str) and commands in media:
             self.errors.append(f"commands {commands!r}: booting from the board's {commands} media is not "
@@ -100,4 +95,4 @@ class UBootCommandsAction(Action):
         pipeline.add(ResetDevice())
         pipeline.add(BootloaderInterruptAction(self.session))
         pipeline.add(BootloaderCommandsAction(self.session))
-        add_shell_actions(pipeline, self.job, parameters)
+        add_shell_actions(pipeline, parameters)

@@ -141,7 +141,7 @@ class DownloadHandler(Action):
         count, size = transfer.count, transfer.size
         self.logger.info(f"{self.key}: downloaded {count} bytes from {self.url}"
                          + (f", {size} bytes after decompression" if count != size else ""))
-        self.job.state.downloads[self.key] = transfer.dest
+        self.job.data.downloads[self.key] = transfer.dest
         self.results.update({"label": self.key, "size": size, "url": self.url})
         return connection
 
@@ -355,7 +355,7 @@ class QCowConversionAction(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         import subprocess
 
-        source = self.job.state.downloads[self.key]
+        source = self.job.data.downloads[self.key]
         # qemu-img reads what the image names (a backing file, a data file): the worker's file policy
         # decides, as for QEMU (agent.qemu_policy)
         verdict = image_verdict(str(source), "qcow2", str(self.job.workdir), f"image {self.key}")
@@ -370,5 +370,5 @@ class QCowConversionAction(Action):
         if done.returncode:
             raise JobError(f"{self.key}: not a valid qcow2 image: {done.stderr.strip()}")
         source.unlink()
-        self.job.state.downloads[self.key] = dest
+        self.job.data.downloads[self.key] = dest
         return connection

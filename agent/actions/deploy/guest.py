@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from agent.actions.deploy.overlay import results_dir
+from agent.device import DeviceConfig
 from agent.errors import InfrastructureError
 from agent.overlay import results_path
 from agent.pipeline import Action
@@ -18,14 +19,13 @@ GUEST_LABEL = "LAVA"
 GUEST_IMAGE = "lava-guest.img"
 
 
-def guest_parameters(device: Mapping) -> dict:
+def guest_parameters(device: DeviceConfig) -> Mapping:
     """The device's guest disk settings (``actions.deploy.methods.image.parameters.guest``)."""
-    methods = ((device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
-    guest = ((methods.get("image") or {}).get("parameters") or {}).get("guest")
-    return guest if isinstance(guest, dict) else {}
+    guest = device.deploy_methods.get("image", {}).get("guest")
+    return guest if isinstance(guest, Mapping) else {}
 
 
-def guest_drive(device: Mapping, image: str) -> list[str]:
+def guest_drive(device: DeviceConfig, image: str) -> list[str]:
     """The QEMU arguments that attach the guest disk ``image`` as ``device`` configures it."""
     guest = guest_parameters(device)
     interface = guest.get("interface") or "ide"
@@ -47,10 +47,10 @@ class ApplyOverlayGuest(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         import subprocess
 
-        root = self.job.state.overlay_root
+        root = self.job.data.overlay_root
         if root is None:
             return connection
-        guest = guest_parameters(self.job.device)
+        guest = guest_parameters(self.device)
         size_mb = int(guest.get("size") or 512)
         image = self.job.workdir / GUEST_IMAGE
         # the disk holds what /lava-<job id> holds: the test shell mounts it there
@@ -63,8 +63,8 @@ class ApplyOverlayGuest(Action):
             raise self.timed_out("mke2fs") from None
         if done.returncode:
             raise InfrastructureError(f"cannot build the guest overlay disk: {done.stderr.strip()}")
-        self.job.state.qemu_extra += guest_drive(self.job.device, str(image))
-        self.job.state.guest_label = GUEST_LABEL
+        self.job.data.qemu_extra += guest_drive(self.device, str(image))
+        self.job.data.guest_label = GUEST_LABEL
         self.logger.info(f"test overlay on a {size_mb} MB guest disk ({guest.get('interface') or 'ide'}, "
                          f"label {GUEST_LABEL})")
         return connection

@@ -18,7 +18,7 @@ from results.bounded import DEFAULT_LIMITS, LimitExceeded, load_data
 
 def results_dir(job) -> str:
     """Where the overlay sits on the board: the device's ``lava_test_results_dir`` (``/lava-%s``)."""
-    posix = (job.device.get("constants") or {}).get("posix") or {}
+    posix = job.device.constant("posix", {})
     return str(posix.get("lava_test_results_dir") or DEFAULT_RESULTS_DIR)
 
 
@@ -32,7 +32,7 @@ class OverlayAction(Action):
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
-        self.stages = self.job.tests_after(self.job.building)
+        self.stages = self.context.tests_after
         pipeline.add(TestDefinitionAction(self.stages))
         pipeline.add(CompressOverlay(self.stages))
 
@@ -105,7 +105,7 @@ class RepoAction(Action):
             parameters=dict(self.params.get("parameters") or self.params.get("params") or {}),
             lava_signal=self.params.get("lava-signal", "stdout"),
             skip_install=list(self.params.get("skip_install") or []))
-        self.job.state.testdefs.setdefault(self.stage, []).append((self.index, test))
+        self.job.data.testdefs.setdefault(self.stage, []).append((self.index, test))
         steps = len(((definition.get("run") or {}).get("steps")) or [])
         self.logger.info(f"{self.params['name']}: {steps} run steps from {self.params['from']}")
 
@@ -247,7 +247,7 @@ class CompressOverlay(Action):
         self.stages = stages
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        fetched = self.job.state.testdefs
+        fetched = self.job.data.testdefs
         count = 1 + max((stage for stage, _ in self.stages), default=-1)
         stages: list[list[TestDefinition]] = [[] for _ in range(count)]
         for stage, tests in fetched.items():
@@ -261,7 +261,7 @@ class CompressOverlay(Action):
             build_overlay(root, self.job.job_id, stages, environment, results_dir=results_dir(self.job))
         except (ValueError, KeyError) as exc:
             raise TestError(f"cannot build the test overlay: {exc}") from None
-        self.job.state.overlay_root = root
+        self.job.data.overlay_root = root
         self.logger.debug(f"overlay for {sum(map(len, stages))} test definitions in {root}")
         return connection
 
@@ -285,11 +285,11 @@ class AppendOverlays(Action):
                                f"'format: cpio.newc' image, not {self.params.get('format')!r}")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        root = self.job.state.overlay_root
+        root = self.job.data.overlay_root
         if root is None:
             self.logger.warning(f"{self.key}: no test overlay to append (no test action follows)")
             return connection
-        ramdisk = self.job.state.downloads[self.key]
+        ramdisk = self.job.data.downloads[self.key]
         before = ramdisk.stat().st_size
         append_to_ramdisk(ramdisk, root)
         self.logger.info(f"{self.key}: test overlay appended ({ramdisk.stat().st_size - before} bytes)")
@@ -312,7 +312,7 @@ class DeployDeviceEnvironment(Action):
 def environment_of(job) -> dict[str, str]:
     """The variables exported on the board: the device's ``environment`` then the job's."""
     env: dict[str, str] = {}
-    for source in (job.device.get("environment"), job.definition.get("environment")):
+    for source in (job.device.environment, job.definition.get("environment")):
         if isinstance(source, dict):
             env.update({str(k): str(val) for k, val in source.items()})
     return env

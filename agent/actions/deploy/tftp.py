@@ -26,6 +26,7 @@ import voluptuous as v
 from agent import scratch
 from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction, download_together
 from agent.actions.deploy.overlay import DeployDeviceEnvironment, OverlayAction
+from agent.device import DeviceConfig, Needs
 from agent.errors import InfrastructureError, JobError
 from agent.overlay import append_to_ramdisk
 from agent.pipeline import Action, register
@@ -86,15 +87,11 @@ def add_uimage_header(source: Path, dest: Path, image_type: str, arch: str, load
         out.write(data)
 
 
-def boot_command(kernel_type: str, device: dict) -> str:
+def boot_command(kernel_type: str, device: DeviceConfig) -> str:
     """The ``bootX`` command for a kernel of ``kernel_type`` on ``device`` (LAVA's rule): the native
     command when the device has load addresses for it, else ``bootm`` (after a conversion)."""
     native = NATIVE_BOOT[kernel_type]
-    return native if native in (device.get("parameters") or {}) else "bootm"
-
-
-def deploy_parameters(device: dict) -> dict:
-    return ((device.get("actions") or {}).get("deploy") or {}).get("parameters") or {}
+    return native if native in device.parameters else "bootm"
 
 
 def _image(extra: dict | None = None) -> dict:
@@ -109,6 +106,8 @@ class TftpAction(Action):
     name = "tftp-deploy"
     description = "download files and deploy using tftp"
     summary = "tftp deployment"
+    needs = Needs(deploy_method="tftp",
+                  why="the device has no 'tftp' deploy method (it is not booted by a bootloader over TFTP)")
 
     @classmethod
     def schema(cls) -> dict:
@@ -129,13 +128,6 @@ class TftpAction(Action):
             v.Optional("authorize"): "ssh",
         }
 
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        methods = ((device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
-        if "tftp" not in methods:
-            return "the device has no 'tftp' deploy method (it is not booted by a bootloader over TFTP)"
-        return None
-
     def __init__(self) -> None:
         super().__init__()
         #: the per-job directory in the TFTP root, once made
@@ -144,7 +136,7 @@ class TftpAction(Action):
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
-        self.has_tests = bool(self.job.tests_after(self.job.building))
+        self.has_tests = bool(self.context.tests_after)
         for key in TFTP_IMAGES:
             if key in parameters:
                 image = dict(parameters[key])
@@ -183,7 +175,7 @@ class TftpAction(Action):
             raise InfrastructureError(f"cannot write to the TFTP root {root}: {exc.strerror}") from None
         connection = super().run(connection, deadline)
         limit = int(self.job.dispatcher.get("tftp_size_limit") or TFTP_SIZE_LIMIT)
-        downloads = self.job.state.downloads
+        downloads = self.job.data.downloads
         for key in TFTP_FILES:
             if key not in self.parameters or key not in downloads:
                 continue
@@ -198,8 +190,8 @@ class TftpAction(Action):
             shutil.move(source, dest)
             dest.chmod(0o644)
             downloads[key] = dest
-            self.job.state.tftp_files[key] = str(dest.relative_to(root))
-        for key, path in sorted(self.job.state.tftp_files.items()):
+            self.job.data.tftp_files[key] = str(dest.relative_to(root))
+        for key, path in sorted(self.job.data.tftp_files.items()):
             self.logger.debug(f"tftp {key}: {path}")
         self.results["directory"] = str(self.directory)
         return connection
@@ -234,8 +226,7 @@ class PrepareOverlayTftp(Action):
             pipeline.add(ExtractModules())
         if ramdisk and self.has_tests:
             pipeline.add(ApplyOverlayTftp())
-        methods = ((self.job.device.get("actions") or {}).get("boot") or {}).get("methods") or {}
-        if "u-boot" in methods:
+        if "u-boot" in self.device.boot_methods:
             pipeline.add(PrepareKernelAction())
         if ramdisk:
             pipeline.add(CompressRamdisk())
@@ -260,7 +251,7 @@ class ExtractRamdisk(Action):
         self.has_tests = has_tests
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         declared = self.parameters["ramdisk"].get("header") == "u-boot"
         found = has_uimage_header(ramdisk)
         receives = (self.has_tests and _installs(self.parameters, "overlay")) or (
@@ -294,14 +285,14 @@ class ExtractModules(Action):
         if not _installs(self.parameters, "modules"):
             self.logger.info("not adding the modules to the ramdisk (install_modules: false)")
             return connection
-        modules = self.job.state.downloads["modules"]
+        modules = self.job.data.downloads["modules"]
         root = Path(tempfile.mkdtemp(prefix="modules-", dir=self.job.workdir))
         try:
             with tarfile.open(modules) as tar:
                 tar.extractall(root, filter="data")
         except (tarfile.TarError, OSError) as exc:
             raise JobError(f"modules: {modules.name} is not a tar archive: {exc}") from None
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         before = ramdisk.stat().st_size
         try:
             append_to_ramdisk(ramdisk, root)
@@ -323,10 +314,10 @@ class ApplyOverlayTftp(Action):
     timeout_exception = InfrastructureError
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        root = self.job.state.overlay_root
+        root = self.job.data.overlay_root
         if root is None or not _installs(self.parameters, "overlay"):
             return connection
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         before = ramdisk.stat().st_size
         try:
             append_to_ramdisk(ramdisk, root)
@@ -364,21 +355,21 @@ class UBootPrepareKernelAction(Action):
         kernel_type = self.kernel_type
         if not kernel_type:
             return
-        params = self.job.device.get("parameters") or {}
-        command = boot_command(kernel_type, self.job.device)
+        params = self.device.parameters
+        command = boot_command(kernel_type, self.device)
         if command not in params:
             known = [name for name in ("booti", "bootm", "bootz") if name in params]
             self.errors.append(f"kernel.type {kernel_type!r} needs the device's {NATIVE_BOOT[kernel_type]} "
                                f"(or bootm) load addresses; the device has: {', '.join(known) or 'none'}")
         if command == "bootm" and kernel_type != "uimage":
-            arch = deploy_parameters(self.job.device).get("mkimage_arch")
+            arch = self.device.deploy_parameters.get("mkimage_arch")
             if not arch:
                 self.errors.append("converting the kernel to a uImage needs mkimage_arch in the device's "
                                    "deploy parameters")
             elif arch not in UIMAGE_ARCH:
                 self.errors.append(f"mkimage_arch {arch!r} is not known; known: "
                                    f"{', '.join(sorted(UIMAGE_ARCH))}")
-        if deploy_parameters(self.job.device).get("append_dtb") and "dtb" not in self.parameters:
+        if self.device.deploy_parameters.get("append_dtb") and "dtb" not in self.parameters:
             self.errors.append("the device appends the dtb to the kernel (append_dtb) but the deploy has "
                                "no dtb")
 
@@ -386,9 +377,9 @@ class UBootPrepareKernelAction(Action):
         kernel_type = self.kernel_type
         if not kernel_type:
             return connection
-        downloads = self.job.state.downloads
+        downloads = self.job.data.downloads
         kernel = downloads["kernel"]
-        options = deploy_parameters(self.job.device)
+        options = self.device.deploy_parameters
         if options.get("append_dtb"):
             joined = kernel.with_name("kernel-dtb")
             with open(joined, "wb") as out:
@@ -396,9 +387,9 @@ class UBootPrepareKernelAction(Action):
                     out.write(part.read_bytes())
             self.logger.info(f"appended {downloads['dtb'].name} to {kernel.name}")
             kernel = downloads["kernel"] = joined
-        command = boot_command(kernel_type, self.job.device)
+        command = boot_command(kernel_type, self.device)
         if command == "bootm" and kernel_type != "uimage":
-            params = self.job.device.get("parameters") or {}
+            params = self.device.parameters
             load = int(str(params.get("text_offset") or params["bootm"]["kernel"]), 16)
             entry = load + UIMAGE_HEADER_SIZE if options.get("use_xip") else load
             uimage = kernel.with_name("uImage")
@@ -420,27 +411,27 @@ class CompressRamdisk(Action):
     timeout_exception = InfrastructureError
 
     def validate(self) -> None:
-        add_header = deploy_parameters(self.job.device).get("add_header")
+        add_header = self.device.deploy_parameters.get("add_header")
         if add_header is None:
             return
         if add_header != "u-boot":
             self.errors.append(f"the device's add_header {add_header!r} is not known; known: u-boot")
-        arch = deploy_parameters(self.job.device).get("mkimage_arch")
+        arch = self.device.deploy_parameters.get("mkimage_arch")
         if not arch:
             self.errors.append("add_header: u-boot needs mkimage_arch in the device's deploy parameters")
         elif arch not in UIMAGE_ARCH:
             self.errors.append(f"mkimage_arch {arch!r} is not known; known: {', '.join(sorted(UIMAGE_ARCH))}")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
-        options = deploy_parameters(self.job.device)
+        options = self.device.deploy_parameters
         if options.get("add_header") != "u-boot":
             return connection
-        ramdisk = self.job.state.downloads["ramdisk"]
+        ramdisk = self.job.data.downloads["ramdisk"]
         if has_uimage_header(ramdisk):  # came with one and nothing was added to it
             return connection
         wrapped = ramdisk.with_name(ramdisk.name + ".uboot")
         add_uimage_header(ramdisk, wrapped, "ramdisk", options["mkimage_arch"])
         ramdisk.unlink()
-        self.job.state.downloads["ramdisk"] = wrapped
+        self.job.data.downloads["ramdisk"] = wrapped
         self.logger.debug(f"ramdisk: U-Boot header added ({wrapped.name})")
         return connection

@@ -7,6 +7,7 @@ import voluptuous as v
 from agent.actions.deploy.download import IMAGE_KEYS, DownloaderAction, QCowConversionAction, download_together
 from agent.actions.deploy.guest import ApplyOverlayGuest
 from agent.actions.deploy.overlay import DeployDeviceEnvironment, OverlayAction
+from agent.device import Needs
 from agent.pipeline import Action, register
 from agent.schema import action_base
 
@@ -19,6 +20,8 @@ class DeployImagesAction(Action):
     name = "deployimages"
     description = "deploy images using guestfs"
     summary = "deploy images"
+    needs = Needs(deploy_method="image",
+                  why="deploy to tmpfs needs a device with the 'image' deploy method (a QEMU device)")
 
     @classmethod
     def schema(cls) -> dict:
@@ -31,13 +34,6 @@ class DeployImagesAction(Action):
             v.Optional("uefi"): IMAGE_KEYS,
         }
 
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        methods = ((device.get("actions") or {}).get("deploy") or {}).get("methods") or {}
-        if "image" not in methods:
-            return "deploy to tmpfs needs a device with the 'image' deploy method (a QEMU device)"
-        return None
-
     def validate(self) -> None:
         super().validate()
         if "uefi" in self.parameters:
@@ -46,7 +42,7 @@ class DeployImagesAction(Action):
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
         images = parameters["images"]
-        has_tests = bool(self.job.tests_after(self.job.building))
+        has_tests = bool(self.context.tests_after)
         lava_in_image = any((image.get("overlays") or {}).get("lava") for image in images.values())
         if has_tests:
             pipeline.add(OverlayAction())

@@ -52,10 +52,6 @@ class TestShellRetry(RetryAction):
         return {**action_base(), v.Required("definitions"): v.All([DEFINITION], v.Length(min=1)),
                 v.Optional("stage"): int}
 
-    @classmethod
-    def accepts(cls, device: dict, params: dict) -> str | None:
-        return None
-
     def populate(self, parameters: dict) -> None:
         super().populate(parameters)
         self.child_pipeline(parameters).add(TestShellAction())
@@ -86,11 +82,11 @@ class TestShellAction(Action):
     def run(self, connection: Any, deadline: Deadline) -> Any:
         if connection is None:
             raise JobError("no console: a test action needs a boot action with prompts before it")
-        state = self.job.state
+        data = self.job.data
         stage = self.parameters.get("stage", 0)
         where = results_path(self.job.job_id, results_dir(self.job))
-        if state.guest_label:
-            connection.sendline(f"mkdir -p {where} && mount -t ext4 LABEL={state.guest_label} {where}")
+        if data.guest_label:
+            connection.sendline(f"mkdir -p {where} && mount -t ext4 LABEL={data.guest_label} {where}")
             if not connection.wait_for_prompt(deadline):
                 raise self.timed_out("mounting the test overlay disk")
         runner = TestRun(self, connection, deadline, self._patterns(stage))
@@ -104,7 +100,7 @@ class TestShellAction(Action):
     def _patterns(self, stage: int) -> dict[str, tuple[re.Pattern, dict]]:
         """test run name -> (parse pattern, fixupdict) of the definitions that have one."""
         found = {}
-        for _, test in self.job.state.testdefs.get(stage, []):
+        for _, test in self.job.data.testdefs.get(stage, []):
             parse = test.definition.get("parse") or {}
             if parse.get("pattern"):
                 try:

@@ -1,4 +1,4 @@
-"""``pumice-agent``: the daemon on a lab box. It connects to the master, runs each job it is given
+"""``pumice-agent``: the agent daemon on a lab box. It connects to the master, runs each job it is given
 as a ``pumice-run`` subprocess in its own spool directory and streams the job's log back.
 
     pumice-agent --master tcp://HOST:5556 [--logger tcp://HOST:5555] --hostname NAME [--spool DIR]
@@ -33,35 +33,31 @@ If the daemon dies, its jobs' runners get SIGTERM (the board is powered off); th
 daemon reports those jobs Incomplete with an infrastructure error, after sending the rest of
 their logs. The daemon imports neither yaml (unless a config file is read) nor master code, to stay
 small on a Raspberry-Pi-class worker.
+
+Its settings: :mod:`agent.config`; one job in the spool: :mod:`agent.spool`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import logging
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, scratch
-from agent.enrolment import JoinError, KeyFiles, join
+from agent import __version__
+from agent.config import DEFAULT_CONFIG, DEFAULT_SPOOL, AgentConfig, build_config
+from agent.enrolment import JoinError, join
 from agent.messages import (
     JOB_FINISHED,
     JOB_RUNNING,
     JOB_UNKNOWN,
     Cancel,
-    End,
     EndOk,
     Log,
     LogOk,
@@ -72,16 +68,11 @@ from agent.messages import (
     StatusReply,
     Welcome,
 )
-from agent.transport import CertificateError, CurveKeys, Transport, create_certificate
-from results.log import LogRecord, now_dt
-from results.logfile import LogFile
+from agent.spool import LocalJob, final_result, job_environment, prepare_runner_setup, runner_setup, start_time
+from agent.transport import CertificateError, Transport, create_certificate
 
-log = logging.getLogger("pumice.worker")
+log = logging.getLogger("pumice.agent")
 
-DEFAULT_CONFIG = "/etc/pumice/agent.yaml"
-DEFAULT_SPOOL = "/var/lib/pumice-agent"
-#: pumice-run's exit status -> the job's health
-EXIT_HEALTH = {0: "Complete", 1: "Incomplete", 2: "Canceled"}
 #: log lines per LOG message, and lines sent but not yet acknowledged per job
 BATCH_LINES = 1000
 BATCH_BYTES = 512 * 1024
@@ -92,321 +83,8 @@ RESEND_MAX = 60.0
 #: after the job timeout, how long pumice-run may take to finish before it is stopped
 OVERRUN_GRACE = 300.0
 
-_PR_SET_PDEATHSIG = 1
 
-
-# ---- configuration ----
-
-
-@dataclass
-class AgentConfig:
-    """Everything ``pumice-agent`` needs to run."""
-
-    master: str
-    hostname: str
-    spool: Path
-    logger: str | None = None
-    #: the master's REST API (http://HOST:8000), for the enrolment
-    url: str | None = None
-    #: a join token to enrol with before connecting
-    join: str | None = None
-    #: the master's public key and this worker's key pair (default: SPOOL/keys, from the enrolment)
-    master_cert: str | None = None
-    worker_cert: str | None = None
-    #: connect without CURVE (the master must run --insecure-plain too)
-    insecure_plain: bool = False
-    #: seconds between SIGTERM and SIGKILL when a job is canceled
-    cancel_grace: float = 60.0
-    #: finished job directories kept in the spool (the oldest are removed)
-    keep_jobs: int = 20
-    #: heartbeat interval until the master's WELCOME sets it
-    heartbeat: float = 5.0
-    #: the command that runs one job (``pumice-run``)
-    runner: list[str] = field(default_factory=lambda: [sys.executable, "-m", "agent.run"])
-
-    def key_files(self) -> KeyFiles:
-        """Where the enrolment keeps this worker's keys."""
-        return KeyFiles(self.spool / "keys", self.hostname)
-
-    def curve_keys(self) -> CurveKeys | None:
-        """The CURVE keys to connect with (None: --insecure-plain); CertificateError, saying how to
-        enrol, when there are none."""
-        if self.insecure_plain:
-            return None
-        keys = self.key_files()
-        master_cert, worker_cert = self.master_cert or keys.master_cert, self.worker_cert or keys.worker_cert
-        missing = [str(path) for path in (master_cert, worker_cert) if not os.path.exists(path)]
-        if missing:
-            raise CertificateError(
-                f"no CURVE keys for worker {self.hostname} ({', '.join(missing)} missing): enrol this worker "
-                "with 'pumice-agent --join TOKEN --url http://MASTER:8000' (an admin prints TOKEN with "
-                f"'pumice-master workers add {self.hostname}' or 'workers rotate {self.hostname}'), or give "
-                "--master-cert and --worker-cert; --insecure-plain connects without authentication, to a "
-                "master that runs --insecure-plain")
-        return CurveKeys.load(master_cert, worker_cert)
-
-
-_SETTINGS = {
-    # name: (environment variables, type)
-    "master": (("PUMICE_MASTER_URL", "MASTER_URL"), str),
-    "logger": (("PUMICE_LOGGER_URL", "LOGGER_URL"), str),
-    "hostname": (("PUMICE_HOSTNAME",), str),
-    "spool": (("PUMICE_SPOOL",), str),
-    "url": (("PUMICE_URL",), str),
-    "join": (("PUMICE_JOIN_TOKEN",), str),
-    "master_cert": (("PUMICE_MASTER_CERT",), str),
-    "worker_cert": (("PUMICE_WORKER_CERT",), str),
-    "insecure_plain": (("PUMICE_INSECURE_PLAIN",), bool),
-    # CURVE is the default now: still read (and checked) so that old files and scripts work
-    "encrypt": (("PUMICE_ENCRYPT",), bool),
-    "cancel_grace": (("PUMICE_CANCEL_GRACE",), float),
-    "keep_jobs": (("PUMICE_KEEP_JOBS",), int),
-}
-
-
-def _convert(name: str, value: Any, kind: type, where: str) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off", ""):
-            return False
-        raise SystemExit(f"pumice-agent: {where}: {name} must be true or false, not {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise SystemExit(f"pumice-agent: {where}: {name} must be a {kind.__name__}, not {value!r}") from None
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """The settings of an agent config file (YAML mapping); unknown keys are refused."""
-    import yaml  # only when there is a file: the idle daemon stays small
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise SystemExit(f"pumice-agent: cannot read the config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"pumice-agent: the config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"pumice-agent: the config file {path} must be a YAML mapping")
-    unknown = sorted(set(map(str, data)) - set(_SETTINGS))
-    if unknown:
-        raise SystemExit(f"pumice-agent: {path}: unknown setting(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(_SETTINGS)}")
-    return {key: _convert(key, value, _SETTINGS[key][1], path)
-            for key, value in data.items() if value is not None}
-
-
-def build_config(options: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> AgentConfig:
-    """Command line, then environment, then config file, then defaults."""
-    config_path = options.config or environ.get("PUMICE_AGENT_CONFIG")
-    from_file: dict[str, Any] = {}
-    if config_path or os.path.exists(DEFAULT_CONFIG):
-        from_file = read_config_file(config_path or DEFAULT_CONFIG)
-    values: dict[str, Any] = {}
-    for name, (variables, kind) in _SETTINGS.items():
-        value = getattr(options, name, None)
-        if value is None:
-            for variable in variables:
-                if environ.get(variable):
-                    value = _convert(name, environ[variable], kind, f"${variable}")
-                    break
-        if value is None:
-            value = from_file.get(name)
-        if value is not None:
-            values[name] = value
-    if not values.get("master"):
-        raise SystemExit("pumice-agent: no master: give --master tcp://HOST:5556, set MASTER_URL, or set "
-                         f"'master:' in {config_path or DEFAULT_CONFIG}")
-    values.setdefault("hostname", socket.gethostname())
-    values["spool"] = Path(values.get("spool") or DEFAULT_SPOOL)
-    encrypt = values.pop("encrypt", None)
-    if values.get("insecure_plain") and (encrypt or values.get("join")):
-        other = "--join" if values.get("join") else "--encrypt"
-        raise SystemExit(f"pumice-agent: --insecure-plain contradicts {other}")
-    if values.get("join") and not values.get("url"):
-        raise SystemExit("pumice-agent: --join needs --url, the master's REST API (e.g. http://master:8000), "
-                         "where the agent checks the master's key and registers its own")
-    config = AgentConfig(**values)
-    if options.heartbeat:
-        config.heartbeat = options.heartbeat
-    return config
-
-
-# ---- the job's environment ----
-
-
-def job_environment(spec: Mapping[str, Any], base: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The environment of a job's ``pumice-run`` from the worker's env held by the master, in
-    LAVA's env.yaml shape: ``purge`` (start empty; PATH is kept so tools are found unless
-    overridden), ``removes`` (names to drop), ``overrides`` (names to set: http_proxy...)."""
-    env = dict(base)
-    if spec.get("purge"):
-        env = {"PATH": base["PATH"]} if "PATH" in base else {}
-    for name in spec.get("removes") or ():
-        env.pop(str(name), None)
-    for name, value in (spec.get("overrides") or {}).items():
-        env[str(name)] = "" if value is None else str(value)
-    return env
-
-
-# ---- processes ----
-
-
-def _start_time(pid: int) -> str | None:
-    """The start time of process ``pid`` (field 22 of /proc/PID/stat), None if it is gone (or a
-    zombie): with the pid it names one process, even after pid reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2:].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
-_prctl: Any = None
-
-
-def _runner_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # SIGTERM (not SIGKILL) when the daemon dies: pumice-run then cancels and powers the board off
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _prepare_runner_setup() -> None:
-    """Resolve prctl in the daemon, once: the child only calls it (loading libc between fork and
-    exec would cost milliseconds on every job start)."""
-    global _prctl
-    if _prctl is None:
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _final_result(logfile: LogFile) -> tuple[str | None, str | None, str | None]:
-    """``(result, error_type, error_msg)`` of the ``lava/job`` result near the end of the log
-    (all None when there is none)."""
-    count = logfile.count()
-    for line in reversed(logfile.read(max(0, count - 500), count)):
-        if '"results"' not in line or '"job"' not in line:
-            continue
-        try:
-            record = LogRecord.from_line(line)
-        except ValueError:
-            continue
-        msg = record.msg
-        if record.lvl == "results" and isinstance(msg, dict) and msg.get("definition") == "lava" \
-                and msg.get("case") == "job":
-            return msg.get("result"), msg.get("error_type"), msg.get("error_msg")
-    return None, None, None
-
-
-class LocalJob:
-    """One job in the spool: its runner process, its state file and its log stream."""
-
-    def __init__(self, directory: Path, state: dict[str, Any]) -> None:
-        self.dir = directory
-        self.state = state
-        self.job_id: int = int(state["job_id"])
-        self.proc: subprocess.Popen | None = None
-        self.logfile = LogFile(directory / "output.yaml")
-        #: lines the master acknowledged, lines sent (streaming position)
-        self.acked = 0
-        self.sent = 0
-        self.progress_at = time.monotonic()
-        #: resends of log lines (and of END) since the master last acknowledged something
-        self.resends = 0
-        self.end_resends = 0
-        self.end_sent_at = 0.0
-        self.term_at: float | None = None
-
-    # -- state file --
-
-    @property
-    def status(self) -> str:
-        """running (the runner may run), exited (END to deliver), ended (the master has it all)."""
-        return self.state["status"]
-
-    def save(self) -> None:
-        _write_json(self.dir / "state.json", self.state)
-
-    def update(self, **changes: Any) -> None:
-        self.state.update(changes)
-        self.save()
-
-    # -- the runner --
-
-    def alive(self) -> bool:
-        """Whether the runner process still exists."""
-        if self.proc is not None:
-            return self.proc.poll() is None
-        pid = self.state.get("pid")
-        started = _start_time(pid) if pid else None
-        return started is not None and started == self.state.get("pid_start")
-
-    def signal(self, signum: int) -> None:
-        pid = self.state.get("pid")
-        if pid and self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    def exited(self, exit_code: int | None, *, lost: str | None = None) -> None:
-        """The runner is gone: record the job's outcome (``lost``: why it ended without a status)."""
-        _, error_type, error_msg = _final_result(self.logfile)
-        cancel = self.state.get("cancel")
-        if lost:
-            health, error_type, error_msg = "Incomplete", "Infrastructure", lost
-        elif exit_code in EXIT_HEALTH:
-            health = EXIT_HEALTH[exit_code]
-            if self.state.get("overrun") and health != "Complete":
-                health, error_type, error_msg = "Incomplete", "Infrastructure", self.state["overrun"]
-        elif cancel:
-            health = "Canceled"
-            error_type, error_msg = "Canceled", "the job was canceled (its runner was killed)"
-        else:
-            health, error_type = "Incomplete", "Infrastructure"
-            error_msg = self.state.get("overrun") or (
-                f"pumice-run was killed by signal {signal.Signals(-exit_code).name}"
-                if exit_code and exit_code < 0
-                else f"pumice-run ended with the unexpected exit status {exit_code}")
-        if health != "Complete" and (lost or self.state.get("overrun") or exit_code not in EXIT_HEALTH):
-            # pumice-run could not say it: the daemon does, in the job's own log (streamed like any line)
-            self.logfile.append([LogRecord(now_dt(), "error", f"{error_type} error: {error_msg}")])
-        if lost or exit_code not in EXIT_HEALTH:
-            self._sweep_scratch()  # pumice-run did not get to remove its scratch directories
-        self.update(status="exited", exit_code=exit_code, health=health, error_type=error_type,
-                    error_msg=error_msg)
-        log.info("job %d: pumice-run ended (%s): %s%s", self.job_id,
-                 "lost" if lost else f"exit status {exit_code}", health,
-                 f", {error_type}: {error_msg}" if error_type and health != "Complete" else "")
-
-    def _sweep_scratch(self) -> None:
-        try:
-            dispatcher = json.loads((self.dir / "dispatcher.yaml").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            dispatcher = None
-        if not isinstance(dispatcher, dict):
-            dispatcher = {}
-        for path in scratch.sweep(self.job_id, dispatcher):
-            log.info("job %d: removed %s, left by its runner", self.job_id, path)
-
-    def end_message(self) -> End:
-        description = self.dir / "description.yaml"
-        return End(job_id=self.job_id, health=self.state["health"], lines=self.logfile.count(),
-                   error_type=self.state.get("error_type"), error_msg=self.state.get("error_msg"),
-                   description=description.read_text(encoding="utf-8", errors="replace")
-                   if description.exists() else None)
-
-
-class Worker:
+class AgentDaemon:
     """The daemon's state and loop: ``loop_once()`` handles messages, runners and log streams."""
 
     def __init__(self, config: AgentConfig, transport: Transport | None = None) -> None:
@@ -532,13 +210,13 @@ class Worker:
         command = [*self.config.runner, "--device", str(directory / "device.yaml"), *own,
                    "--output-dir", str(directory), "--job-id", str(msg.job_id),
                    "--dispatcher", str(directory / "dispatcher.yaml"), str(directory / "job.yaml")]
-        _prepare_runner_setup()
+        prepare_runner_setup()
         try:
             with open(directory / "runner.log", "ab") as runner_log:
                 # its own session: a Ctrl-C meant for the daemon does not reach the job
                 job.proc = subprocess.Popen(command, cwd=directory, env=job_environment(msg.env),
                                             stdin=subprocess.DEVNULL, stdout=runner_log,
-                                            stderr=subprocess.STDOUT, preexec_fn=_runner_setup,
+                                            stderr=subprocess.STDOUT, preexec_fn=runner_setup,
                                             start_new_session=True, close_fds=True)
         except OSError as exc:
             state.update(pid=None)
@@ -546,7 +224,7 @@ class Worker:
             self.jobs[msg.job_id] = job
             job.exited(None, lost=f"cannot start pumice-run ({command[0]}): {exc.strerror or exc}")
         else:
-            state.update(pid=job.proc.pid, pid_start=_start_time(job.proc.pid))
+            state.update(pid=job.proc.pid, pid_start=start_time(job.proc.pid))
             job.save()
             self.jobs[msg.job_id] = job
             log.info("job %d: started on %s (pumice-run pid %d)", msg.job_id, msg.device_name or "its device",
@@ -600,7 +278,7 @@ class Worker:
             job.proc = None
             return
         # a runner of the previous daemon: its exit status is lost, its log is not
-        result, error_type, _ = _final_result(job.logfile)
+        result, error_type, _ = final_result(job.logfile)
         # pumice-run writes results.yaml last: if it is there, the job ended on its own, unless it
         # was canceled by the SIGTERM the daemon's death sent it
         finished = (job.dir / "results.yaml").exists()
@@ -705,7 +383,7 @@ class Worker:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pumice-agent",
-        description="The Pumice worker daemon: runs jobs from the master on this box's boards. "
+        description="The Pumice agent daemon: runs jobs from the master on this box's boards. "
                     "'pumice-agent create-certificate NAME' writes a CURVE key pair.")
     p.add_argument("--master", help="the master's broker, e.g. tcp://master:5556 (env MASTER_URL)")
     p.add_argument("--logger", help="a separate endpoint for logs, e.g. tcp://master:5555 (env LOGGER_URL)")
@@ -764,14 +442,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pumice-agent: enrolment failed: {exc}", file=sys.stderr)
             return 1
     try:
-        worker = Worker(config)
+        daemon = AgentDaemon(config)
     except CertificateError as exc:
         print(f"pumice-agent: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"pumice-agent: cannot use the spool {config.spool}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    worker.run()
+    daemon.run()
     return 0
 
 
