@@ -103,16 +103,12 @@ def _convert(name: str, value: Any, kind: type, where: str) -> Any:
 
 def read_config_file(path: str) -> dict[str, Any]:
     """The settings of an agent config file (YAML mapping); unknown keys are refused."""
-    import yaml  # only when there is a file: the idle daemon stays small
+    from results.bounded import load_mapping_file  # only when there is a file: the idle daemon stays small
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise SystemExit(f"pumice-agent: cannot read the config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"pumice-agent: the config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"pumice-agent: the config file {path} must be a YAML mapping")
+        data = load_mapping_file(path, "config file")
+    except ValueError as exc:
+        raise SystemExit(f"pumice-agent: {exc}") from None
     unknown = sorted(set(map(str, data)) - set(_SETTINGS))
     if unknown:
         raise SystemExit(f"pumice-agent: {path}: unknown setting(s) {', '.join(unknown)}; "

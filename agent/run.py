@@ -47,21 +47,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def read_yaml(path: Path, what: str) -> dict:
-    import yaml
-
     # libyaml when present (a device configuration is large, the pure-Python parser takes tens of
     # ms), within the limits of what users send (a job's context is rendered into the device's)
-    from results.bounded import load_data
+    from results.bounded import load_mapping_file
 
     try:
-        data = load_data(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SystemExit(f"pumice-run: cannot read the {what} {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"pumice-run: the {what} {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"pumice-run: the {what} {path} is not a YAML mapping")
-    return data
+        return load_mapping_file(path, what)
+    except ValueError as exc:
+        raise SystemExit(f"pumice-run: {exc}") from None
 
 
 class Canceller:

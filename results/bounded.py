@@ -25,7 +25,9 @@ errors with their line reports these too.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
@@ -325,6 +327,22 @@ def load(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Document:
 def load_data(text: str | bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """The data of one YAML document within ``limits`` (``yaml.safe_load``, bounded)."""
     return load(text, limits).data
+
+
+def load_mapping_file(path: str | os.PathLike, what: str, limits: Limits = DEFAULT_LIMITS) -> dict:
+    """The YAML mapping in the file ``path`` (``what`` it is, for the messages), within ``limits``:
+    ValueError saying what is wrong with which file."""
+    import yaml
+
+    try:
+        data = load_data(Path(path).read_text(encoding="utf-8"), limits)
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the {what} {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"the {what} {path} must be a YAML mapping")
+    return data
 
 
 # ---- JSON ----
