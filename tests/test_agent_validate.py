@@ -65,7 +65,7 @@ def test_corpus_sample_job_validates(lava_corpus: Path, name: str) -> None:
         assert faults == [], "\n".join(map(str, faults))
     else:
         assert faults, f"{name} should be refused: it uses {expected}"
-        assert all(expected in str(f) or "not supported" in str(f) or "unknown" in str(f) for f in faults)
+        assert all(expected in str(f) or "not implemented" in str(f) or "unknown" in str(f) for f in faults)
         assert any(expected in str(f) for f in faults), "\n".join(map(str, faults))
 
 
@@ -135,4 +135,4 @@ def test_validate_command_line(lava_corpus: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 1
-    assert "unknown deploy to 'nfs'; known: " in bad.stderr and "tmpfs" in bad.stderr
+    assert "not implemented: deploy to 'nfs'" in bad.stderr and "tmpfs" in bad.stderr

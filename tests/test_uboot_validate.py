@@ -185,7 +185,7 @@ def test_ramdisk_job_is_valid(device: dict) -> None:
     ((", type: image}", ", type: bzimage}"), "actions[0].deploy.kernel.type"),
     (("compression: gz}", "compression: gz, header: fit}"), "actions[0].deploy.ramdisk.header"),
     (("    prompts: ['/ # ']", "    prompts: ['/ # ']\n    transfer_overlay: {download_command: wget, "
-                                "unpack_command: tar}"), "transfer_overlay is not supported"),
+                                "unpack_command: tar}"), "not implemented: transfer_overlay"),
     (("    dtb: {url: 'file:///images/virt.dtb'}",
       "    dtb: {url: 'file:///images/virt.dtb'}\n    nfsrootfs: {url: 'file:///rootfs.tgz'}"), "NFS root"),
     (("- boot:", "- deploy:\n    to: tftp\n    kernel: {url: 'file:///k'}\n"

@@ -139,7 +139,7 @@ class BootQEMUImageAction(RetryAction):
     def validate(self) -> None:
         super().validate()
         if "docker" in self.parameters:
-            self.errors.append("boot qemu 'docker' is not supported by Pumice")
+            self.errors.append("not implemented: boot qemu 'docker'")
 
 
 class BootQemuRetry(RetryAction):

@@ -154,7 +154,7 @@ class TftpAction(Action):
         for key, what in (("nfsrootfs", "an NFS root filesystem"), ("persistent_nfs", "a persistent NFS "
                           "root"), ("preseed", "an installer preseed file")):
             if key in self.parameters:
-                self.errors.append(f"{key}: booting with {what} is not supported by Pumice yet")
+                self.errors.append(f"{key}: not implemented: booting with {what}")
         ramdisk = self.parameters.get("ramdisk")
         if "modules" in self.parameters and not ramdisk:
             self.errors.append("modules: there is no ramdisk to install them into")

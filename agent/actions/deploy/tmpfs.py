@@ -37,7 +37,7 @@ class DeployImagesAction(Action):
     def validate(self) -> None:
         super().validate()
         if "uefi" in self.parameters:
-            self.errors.append("deploy 'uefi' firmware is not supported by Pumice")
+            self.errors.append("not implemented: deploy 'uefi' firmware")
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
