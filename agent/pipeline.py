@@ -196,6 +196,26 @@ class Action:
         return data
 
 
+class LevelOnly(Action):
+    """An action LAVA 2023.01 has at this place that has nothing to do on a Pumice worker (or
+    not for this job): it holds LAVA's level, since results and test run uuids are keyed by
+    levels, and says so in the log. Subclass it, or name one in place: ``LevelOnly("name", why)``."""
+
+    #: why it has nothing to do here
+    reason = ""
+
+    def __init__(self, name: str | None = None, reason: str | None = None) -> None:
+        super().__init__()
+        if name:
+            self.name = self.description = self.summary = name
+        if reason:
+            self.reason = reason
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        self.logger.debug(f"{self.name}: nothing to do here ({self.reason})")
+        return connection
+
+
 class RetryAction(Action):
     """Runs its children again, up to ``failure_retry`` times, when they fail (not when canceled)."""
 

@@ -158,7 +158,8 @@ def job_schema(limits: Limits = DEFAULT_LIMITS) -> v.Schema:
         v.Required("visibility"): v.Any("public", "personal", {"group": [str]},
                                         msg="expected public, personal or {group: [names]}"),
         v.Optional("context"): {str: _CONTEXT_VALUE},
-        v.Optional("metadata"): {str: object},
+        v.Optional("metadata"): v.Any(None, {str: object}),  # generators write an empty mapping as null
+        v.Optional("target"): object,  # written by LAVA's scheduler into each MultiNode sub-job
         v.Optional("priority"): v.Any("high", "medium", "low", v.All(int, v.Range(min=0, max=100)),
                                       msg="expected high, medium, low or 0-100"),
         v.Optional("tags"): [str],

@@ -28,7 +28,7 @@ EXPECTED = {
     "kvm-qcow2.yaml": None,
     "kvm-uefi.yaml": "uefi",
     "kvm.yaml": None,
-    "kvm-multinode-client.yaml": "target",  # a MultiNode sub-job as LAVA's scheduler writes it
+    "kvm-multinode-client.yaml": "lava-multinode",  # a MultiNode sub-job as LAVA's scheduler writes it
     "kvm-multinode-server.yaml": "lava-multinode",
     "qemu-debian-installer.yaml": "iso-installer",
     "qemu-download-postprocess.yaml": "downloads",
@@ -92,6 +92,20 @@ def test_pipeline_matches_lava_reference(lava_corpus: Path, name: str) -> None:
     ours = load_job(text, device).describe()["pipeline"]
     reference = yaml.safe_load((lava_corpus / "pipeline-refs" / name).read_text())
     assert two_levels(ours) == two_levels(reference)
+
+
+@pytest.mark.parametrize("change", [
+    ("    - test:\n", "    - test:\n        name: smoke\n        connection: serial\n"),  # name, connection
+    ("username: root}", "username: root, password: secret}"),  # a password without password_prompt
+    ("image_arg: -drive format=raw,file={disk2}", "image_arg: -drive format=raw,file={disk1},snapshot=on"),
+    ("device_type: qemu\n", "device_type: qemu\ntarget: 1234\n"),  # LAVA's scheduler writes it
+])  # fmt: skip
+def test_what_lava_accepts_in_a_qemu_job_is_accepted(lava_corpus: Path, change: tuple[str, str]) -> None:
+    text = (lava_corpus / "sample-jobs" / "kvm.yaml").read_text()
+    changed = text.replace(*change, 1)
+    assert changed != text
+    device = corpus_device(lava_corpus, "qemu", yaml.safe_load(text).get("context"))
+    assert validate_job(changed, device) == []
 
 
 def test_validate_command_line(lava_corpus: Path, tmp_path: Path) -> None:
