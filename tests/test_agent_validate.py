@@ -19,7 +19,7 @@ EXPECTED = {
     "kvm-inline.yaml": None,
     "kvm-install.yaml": None,
     "kvm-local.yaml": None,
-    "kvm-multi.yaml": None,
+    "kvm-multi.yaml": "need to be unique",  # LAVA refuses it too: smoke-tests twice
     "kvm-noos.yaml": None,
     "kvm-notest-noprompts.yaml": None,
     "kvm-notest.yaml": None,

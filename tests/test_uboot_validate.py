@@ -243,6 +243,28 @@ def test_modules_with_an_nfs_root_do_not_ask_for_a_ramdisk(device: dict) -> None
     assert any("not implemented: booting with an NFS root filesystem" in f for f in faults), faults
 
 
+@pytest.mark.parametrize(("usb", "fault"), [
+    ({"board_id": "0000000000"}, "device_info has no board_id"), ({}, "device_info has no board_id"),
+    ({"board_id": "1a2b", "usb_vendor_id": "0000"}, "device_info has usb_vendor_id 0000"),
+    ({"board_id": "1a2b", "usb_product_id": "0000"}, "device_info has usb_product_id 0000"),
+    ({"board_id": "1a2b", "usb_vendor_id": "18d1"}, None),
+])  # fmt: skip
+def test_device_info_is_checked_as_lava_checks_it(device: dict, usb: dict, fault: str | None) -> None:
+    """LAVA's lxc-create-udev-rule-action, in every tftp deploy, refuses a device whose USB ids
+    are placeholders (KernelCI's meson-sm1-sei610 as rendered)."""
+    faults = faults_of(JOB, {**device, "device_info": [usb]})
+    assert (faults == []) if fault is None else any(f"lxc-create-udev-rule-action: the device's {fault}" in f
+                                                    for f in faults), faults
+
+
+def test_test_definition_names_are_unique_in_an_overlay_as_in_lava(device: dict) -> None:
+    test = ("- test:\n    definitions:\n    - {from: inline, name: same, path: t.yaml, repository: "
+            "{metadata: {format: Lava-Test Test Definition 1.0, name: t}, run: {steps: [true]}}}\n")
+    assert faults_of(JOB + test, device) == []
+    faults = faults_of(JOB + test + test, device)
+    assert any("test definition names need to be unique (as in LAVA): same appear" in f for f in faults), faults
+
+
 def test_tests_need_the_overlay_in_a_ramdisk(device: dict) -> None:
     text = JOB.replace("    ramdisk: {url: 'file:///images/initramfs.cpio.gz', compression: gz}\n", "")
     text += ("- test:\n    definitions:\n    - {from: inline, name: t, path: t.yaml, repository: "

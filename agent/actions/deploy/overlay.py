@@ -89,6 +89,16 @@ class TestDefinitionAction(Action):
     def __init__(self, stages: list[tuple[int, dict]]) -> None:
         super().__init__()
         self.stages = stages
+        #: the name of each definition, in order
+        self.names: list[str] = []
+
+    def validate(self) -> None:
+        super().validate()
+        # LAVA's rule: the overlay holds every definition of the tests it serves by name
+        repeated = sorted({name for name in self.names if self.names.count(name) > 1})
+        if repeated:
+            self.errors.append(f"test definition names need to be unique (as in LAVA): {', '.join(repeated)} "
+                               "appear more than once in the tests after this deploy")
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
@@ -100,6 +110,7 @@ class TestDefinitionAction(Action):
                     raise JobError(f"test definition {definition.get('name')!r}: unknown source "
                                    f"{kind!r}; known: {', '.join(kinds)}")
                 pipeline.add(kinds[kind](stage, index, definition))
+                self.names.append(definition.get("name"))
                 pipeline.add(TestOverlayAction())
                 pipeline.add(TestInstallAction())
                 pipeline.add(TestRunnerAction())

@@ -147,7 +147,7 @@ class TftpAction(Action):
                 pipeline.add(DownloaderAction(key, image))
         download_together(pipeline)
         pipeline.add(PrepareOverlayTftp(self.has_tests))
-        pipeline.add(LevelOnly("lxc-create-udev-rule-action", "the job uses no lava-lxc protocol"))
+        pipeline.add(LxcCreateUdevRule())
         if self.has_tests:
             pipeline.add(DeployDeviceEnvironment())
 
@@ -203,6 +203,35 @@ class TftpAction(Action):
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+
+class LxcCreateUdevRule(LevelOnly):
+    """LAVA's lxc-create-udev-rule-action: no container here, but the same check of the device's
+    ``device_info`` LAVA makes (a placeholder USB id is a device that is not set up)."""
+
+    name = "lxc-create-udev-rule-action"
+    description = "create lxc udev rule action"
+    summary = "create lxc udev rule"
+    reason = "the job uses no lava-lxc protocol"
+
+    def validate(self) -> None:
+        super().validate()
+        info = self.device.device_info
+        if info is None:
+            return
+        if not isinstance(info, list):
+            self.errors.append("the device's device_info is not a list")
+            return
+        # devices identified by a file system label (mps, recovery) need no board id, as in LAVA
+        by_label = any(method in self.device.boot_methods or method in self.device.deploy_methods
+                       for method in ("mps", "recovery"))
+        for usb in info:
+            usb = usb if isinstance(usb, dict) else {}
+            if not by_label and str(usb.get("board_id", "")) in ("", "0000000000"):
+                self.errors.append("the device's device_info has no board_id (unset or 0000000000)")
+            for key in ("usb_vendor_id", "usb_product_id"):
+                if str(usb.get(key, "")) == "0000":
+                    self.errors.append(f"the device's device_info has {key} 0000 (unset)")
 
 
 class PrepareOverlayTftp(Action):
