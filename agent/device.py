@@ -126,6 +126,9 @@ class DeviceConfig:
     boot_character_delay: float = 0.0
     test_character_delay: float = 0.0
     available_architectures: list[str] = field(default_factory=list)
+    #: ``device_info``: the USB devices of the board a LAVA lab passes into an LXC container, as
+    #: written (LAVA checks their ids even when no container is used; see lxc-create-udev-rule-action)
+    device_info: Any = None
 
     @classmethod
     def parse(cls, data: Any) -> DeviceConfig:
@@ -158,7 +161,8 @@ class DeviceConfig:
             environment={str(k): str(v) for k, v in _mapping(data.get("environment"), "environment").items()},
             boot_character_delay=_seconds(delays.get("boot"), "character_delays.boot"),
             test_character_delay=_seconds(delays.get("test"), "character_delays.test"),
-            available_architectures=[str(arch) for arch in data.get("available_architectures") or []])
+            available_architectures=[str(arch) for arch in data.get("available_architectures") or []],
+            device_info=data.get("device_info"))
 
     def boot_parameters(self, method: str) -> Mapping[str, Any]:
         """``actions.boot.methods.<method>.parameters`` ({} when the device has no such method)."""

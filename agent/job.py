@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # results.record is imported once a job runs: validating one 
 CLEANUP_TIMEOUT = 30.0
 
 SECTIONS = ("deploy", "boot", "test", "command")
+#: the protocols LAVA 2023.01's job schema knows
+LAVA_PROTOCOLS = ("lava-lxc", "lava-multinode", "lava-vland", "lava-xnbd")
 
 
 @dataclass
@@ -66,7 +68,9 @@ def method_of(section: str, params: dict) -> str:
     if section == "boot":
         return str(params.get("method", ""))
     if section == "test":
-        for kind in ("definitions", "monitors", "interactive"):
+        if "definitions" in params:  # LAVA: definitions run in a docker container are their own kind
+            return "docker" if "docker" in params else "definitions"
+        for kind in ("monitors", "interactive"):
             if kind in params:
                 return kind
         return ""
@@ -124,7 +128,10 @@ class Job:
         from agent.actions.finalize import FinalizeAction
 
         for protocol in self.definition.get("protocols") or {}:
-            self._fault(("protocols", protocol), f"the {protocol} protocol is not supported by Pumice")
+            if protocol in LAVA_PROTOCOLS:
+                self._fault(("protocols", protocol), f"not implemented: the {protocol} protocol")
+            else:
+                self._fault(("protocols", protocol), f"unknown protocol; LAVA knows: {', '.join(LAVA_PROTOCOLS)}")
         test_stage = 0
         for index, block in enumerate(self.definition.get("actions") or []):
             (section, params), = block.items()

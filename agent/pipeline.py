@@ -26,6 +26,22 @@ ACTION_TIMEOUT = 30.0
 
 _REGISTRY: dict[tuple[str, str], type[Action]] = {}
 
+#: Every deploy ``to:``, boot ``method:`` and test kind LAVA 2023.01's job schema knows (read from
+#: lava_common/schemas): one Pumice has no strategy for is refused as "not implemented", any other
+#: name as "unknown", as LAVA refuses it.
+LAVA_METHODS: dict[str, frozenset[str]] = {
+    "deploy": frozenset((
+        "docker", "download", "downloads", "fastboot", "flasher", "fvp", "iso-installer", "lxc", "mps",
+        "musca", "nbd", "nfs", "overlay", "recovery", "sata", "sd", "ssh", "tftp", "tmpfs", "u-boot-ums",
+        "usb", "uuu", "vemsd")),
+    "boot": frozenset((
+        "barebox", "bootloader", "cmsis-dap", "depthcharge", "dfu", "docker", "fastboot", "fvp", "gdb", "grub",
+        "grub-efi", "ipxe", "jlink", "kexec", "lxc", "minimal", "monitor", "musca", "new_connection",
+        "openocd", "pyocd", "qemu", "qemu-iso", "qemu-nfs", "recovery", "schroot", "ssh", "u-boot", "uefi",
+        "uefi-menu", "uuu")),
+    "test": frozenset(("definitions", "docker", "interactive", "monitors")),
+}
+
 
 def register(section: str, method: str) -> Callable[[type[Action]], type[Action]]:
     """Register a strategy: the top-level action for ``section`` (deploy, boot, test, command)
@@ -47,12 +63,15 @@ def known_methods(section: str) -> list[str]:
 
 
 def strategy(section: str, method: str) -> type[Action]:
-    """The registered strategy for (section, method), or a JobError naming the known ones."""
+    """The registered strategy for (section, method), or a JobError naming the known ones: "not
+    implemented" for a method LAVA 2023.01 has, "unknown" for one it does not know either."""
     try:
         return _REGISTRY[(section, method)]
     except KeyError:
         known = ", ".join(known_methods(section)) or "none"
         noun = {"deploy": "deploy to", "boot": "boot method", "test": "test kind"}.get(section, section)
+        if method in LAVA_METHODS.get(section, ()):
+            raise JobError(f"not implemented: {noun} {method!r} (LAVA has it; Pumice implements: {known})") from None
         raise JobError(f"unknown {noun} {method!r}; known: {known}") from None
 
 
@@ -175,6 +194,26 @@ class Action:
         if self.pipeline is not None:
             data["pipeline"] = self.pipeline.describe()
         return data
+
+
+class LevelOnly(Action):
+    """An action LAVA 2023.01 has at this place that has nothing to do on a Pumice worker (or
+    not for this job): it holds LAVA's level, since results and test run uuids are keyed by
+    levels, and says so in the log. Subclass it, or name one in place: ``LevelOnly("name", why)``."""
+
+    #: why it has nothing to do here
+    reason = ""
+
+    def __init__(self, name: str | None = None, reason: str | None = None) -> None:
+        super().__init__()
+        if name:
+            self.name = self.description = self.summary = name
+        if reason:
+            self.reason = reason
+
+    def run(self, connection: Any, deadline: Deadline) -> Any:
+        self.logger.debug(f"{self.name}: nothing to do here ({self.reason})")
+        return connection
 
 
 class RetryAction(Action):

@@ -17,7 +17,9 @@ from agent.errors import Fault, JobDefinitionError
 from agent.timeout import UNIT_SECONDS
 from results.bounded import DEFAULT_LIMITS, BoundedLoader, LimitExceeded, Limits, format_path
 
-#: device-type template variables a job's ``context:`` may set (LAVA 2023.01's list)
+#: device-type template variables lava-server lets a job's ``context:`` set (LAVA 2023.01's list; a
+#: lab adds its own). The master checks them (:func:`context_variable_faults`); the worker, as
+#: lava-run, takes any variable: the device templates decide what it does.
 CONTEXT_VARIABLES = frozenset((
     "arch", "boot_console", "boot_root", "cpu", "extra_options", "guestfs_driveid", "guestfs_interface",
     "guestfs_size", "machine", "memory", "model", "monitor", "netdevice", "no_kvm", "serial", "vga",
@@ -155,8 +157,9 @@ def job_schema(limits: Limits = DEFAULT_LIMITS) -> v.Schema:
         },
         v.Required("visibility"): v.Any("public", "personal", {"group": [str]},
                                         msg="expected public, personal or {group: [names]}"),
-        v.Optional("context"): {v.In(CONTEXT_VARIABLES, msg="not a known context variable"): _CONTEXT_VALUE},
-        v.Optional("metadata"): {str: object},
+        v.Optional("context"): {str: _CONTEXT_VALUE},
+        v.Optional("metadata"): v.Any(None, {str: object}),  # generators write an empty mapping as null
+        v.Optional("target"): object,  # written by LAVA's scheduler into each MultiNode sub-job
         v.Optional("priority"): v.Any("high", "medium", "low", v.All(int, v.Range(min=0, max=100)),
                                       msg="expected high, medium, low or 0-100"),
         v.Optional("tags"): [str],
@@ -171,6 +174,19 @@ def job_schema(limits: Limits = DEFAULT_LIMITS) -> v.Schema:
                                      v.Length(max=limits.max_actions,
                                               msg=f"at most {limits.max_actions} action blocks (limit max_actions)")),
     })
+
+
+def context_variable_faults(context: object, doc: YamlDocument, extra: tuple[str, ...] = ()) -> list[Fault]:
+    """A fault for each ``context:`` variable neither LAVA's list nor the lab's ``extra`` ones
+    (the master's ``--context-variable`` setting) name: lava-server's check, which lava-run and
+    ``pumice-run`` do not make."""
+    if not isinstance(context, dict):
+        return []
+    known = CONTEXT_VARIABLES.union(extra)
+    return [Fault(format_path(("context", name)), "not a known context variable; a lab allows its own with "
+                                                  "`pumice-master serve --context-variable NAME`",
+                  doc.line(("context", name)))
+            for name in context if name not in known]
 
 
 def _seconds(value: object) -> int | None:

@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the public URL of the published site (job links in bundles)")
     p.add_argument("--max-body", type=int, default=None,
                    help=f"largest request body in bytes: the limit max_bytes (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--context-variable", action="append", default=[], metavar="NAME",
+                   help="a context variable jobs may set besides LAVA's list (repeatable), as lava-server's "
+                        "EXTRA_CONTEXT_VARIABLES")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="change a limit on what users send (repeatable), e.g. max_aliases=200; names: "
                         + ", ".join(Limits.names()) + " (README: Limits)")
@@ -493,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                     limits = limits.replace(max_bytes=args.max_body)
             except ValueError as exc:
                 raise SystemExit(f"pumice-master: {exc}") from None
-            options = {"name": args.instance, "url": args.url, "limits": limits}
+            options = {"name": args.instance, "url": args.url, "limits": limits,
+                       "context_variables": tuple(args.context_variable)}
         open_instance(args.data, args.database, migrate=False, **options)
         _check_schema(args.command)
         return args.func(args)

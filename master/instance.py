@@ -44,6 +44,8 @@ class Instance:
     url: str = ""
     #: the bounds of what users send (``serve --max-body`` sets ``max_bytes``, ``--limit`` the others)
     limits: Limits = DEFAULT_LIMITS
+    #: context variables a job may set besides LAVA's (``serve --context-variable``)
+    context_variables: tuple[str, ...] = ()
     site_dir: Path | None = None
     #: the notification settings (a master.notify.NotifySettings; None: the defaults)
     notify: Any = None
@@ -89,7 +91,7 @@ def current() -> Instance:
 def open_instance(data_dir: str | os.PathLike | None = None, database: str | None = None, *,
                   migrate: bool = True, name: str = "pumice", url: str = "",
                   max_body: int | None = None, limits: Limits = DEFAULT_LIMITS,
-                  device_types: Any = None) -> Instance:
+                  device_types: Any = None, context_variables: tuple[str, ...] = ()) -> Instance:
     """Open the data directory (created if needed) and the database, apply migrations, configure.
     ``max_body`` (if given) replaces ``limits.max_bytes``."""
     data = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -100,5 +102,5 @@ def open_instance(data_dir: str | os.PathLike | None = None, database: str | Non
 
         apply_migrations()
     return configure(Instance(data_dir=data, store=ArtifactStore(data / "store"), device_types=device_types,
-                              name=name, url=url, site_dir=data / "site",
+                              name=name, url=url, site_dir=data / "site", context_variables=context_variables,
                               limits=limits if max_body is None else limits.replace(max_bytes=max_body)))

@@ -39,7 +39,7 @@ from agent.errors import Fault, JobDefinitionError
 from agent.job import parse_job, validate_job
 from agent.policy import REFUSED, Access, FilePolicy, local_accesses
 from agent.qemu_policy import PLACEHOLDER_ROOT
-from agent.schema import format_path, load_yaml
+from agent.schema import context_variable_faults, format_path, load_yaml
 from agent.timeout import parse_duration
 from master import events
 from master.db import db
@@ -340,7 +340,7 @@ def check_definition(text: str, *, device_type: str | None = None) -> JobRequest
     visibility = data.get("visibility", "public")
     context = data.get("context") or {}
     dictionary = device.dictionary or bare_dictionary(name)
-    unsafe = context_faults(context, doc)
+    unsafe = context_variable_faults(context, doc, current().context_variables) + context_faults(context, doc)
     if unsafe:
         raise Invalid("invalid job definition", unsafe)
     try:

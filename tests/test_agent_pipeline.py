@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from agent.errors import Bug, InfrastructureError, JobError, JobTimeout, TestError
-from agent.job import Job, parse_job
+from agent.job import Job, parse_job, validate_job
 from agent.pipeline import Action, Pipeline, RetryAction, register, strategy
 from agent.timeout import Deadline, format_duration, parse_duration
 
@@ -144,6 +144,24 @@ def test_strategy_registry() -> None:
         strategy("boot", "foo")
     with pytest.raises(Bug, match="registered twice"):
         register("boot", "qemu")(type("Again", (Action,), {}))
+
+
+@pytest.mark.parametrize(("section", "method", "noun"), [
+    ("deploy", "downloads", "deploy to"), ("deploy", "nfs", "deploy to"), ("boot", "grub", "boot method"),
+    ("boot", "barebox", "boot method"), ("test", "monitors", "test kind"), ("test", "interactive", "test kind"),
+])
+def test_a_method_lava_has_and_pumice_does_not_is_not_implemented(section: str, method: str, noun: str) -> None:
+    """So the side-by-side report counts it as a method to add, not as a disagreement with LAVA."""
+    with pytest.raises(JobError, match=f"^not implemented: {noun} '{method}' \\(LAVA has it; Pumice implements: "):
+        strategy(section, method)
+
+
+def test_a_protocol_lava_has_is_not_implemented_and_any_other_is_unknown() -> None:
+    text = JOB + "protocols:\n  lava-multinode: {}\n  lava-vland: {}\n  lava-frobnicate: {}\n"
+    faults = {f.path: f.message for f in validate_job(text, DEVICE)}
+    assert faults["protocols.lava-multinode"] == "not implemented: the lava-multinode protocol"
+    assert faults["protocols.lava-vland"] == "not implemented: the lava-vland protocol"
+    assert faults["protocols.lava-frobnicate"].startswith("unknown protocol; LAVA knows: lava-lxc, ")
 
 
 def test_durations() -> None:

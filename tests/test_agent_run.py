@@ -122,8 +122,10 @@ def test_smoke_job_completes_on_the_board(board) -> None:
     assert results[("lava", "job")].result == "pass"
     bundle = load_bundle((out / "results.yaml").read_text())
     lava = {(r.case, r.level): r for r in bundle.results if r.suite == "lava"}
-    for name, lvl in [("deployimages", "1"), ("http-download", "1.3.1"), ("http-download", "1.4.1"),
-                      ("append-overlays", "1.4.2"), ("execute-qemu", "2.1.1"), ("lava-test-shell", "3.1"),
+    # apply-overlay-guest holds LAVA's level though the overlay goes into the ramdisk
+    for name, lvl in [("deployimages", "1"), ("apply-overlay-guest", "1.2"), ("http-download", "1.4.1"),
+                      ("http-download", "1.5.1"), ("append-overlays", "1.5.2"), ("execute-qemu", "2.1.1"),
+                      ("lava-test-shell", "3.1"),
                       ("power-off", "4.1")]:
         action = lava[(name, lvl)]
         assert action.result == "pass", action

@@ -549,6 +549,28 @@ def test_validator_processes_find_what_validate_job_finds(lab) -> None:
         assert validation.check_definition(definition).name == "pooled"
 
 
+def test_the_master_judges_context_variables_as_lava_server_and_a_lab_may_add_its_own(lab) -> None:
+    """lava-server allows LAVA's list of context variables plus a lab's extras; lava-run and
+    pumice-run allow any (TuxLAVA's ``no_network``)."""
+    definition = job_text("context").replace("  arch: amd64\n", "  arch: amd64\n  no_network: true\n", 1)
+    with connection():
+        dictionary = Device.get(Device.hostname == "qemu01").dictionary
+    assert validate_job(definition, validation.device_config(dictionary, {"arch": "amd64"})) == []
+    instance = validation.current()
+    with connection(), pytest.raises(validation.Invalid) as refused:
+        validation.check_definition(definition)
+    (fault,) = refused.value.faults
+    assert (fault.path, fault.line) == ("context.no_network", definition.splitlines().index("  no_network: true") + 1)
+    assert "not a known context variable; a lab allows its own with `pumice-master serve --context-variable NAME`" \
+        in fault.message
+    instance.context_variables = ("no_network",)
+    try:
+        with connection():
+            assert validation.check_definition(definition).context == {"arch": "amd64", "no_network": True}
+    finally:
+        instance.context_variables = ()
+
+
 def test_a_thread_keeps_its_sqlite_connection(lab) -> None:
     """One connection per thread on SQLite (pragmas and schema read once); pooled on PostgreSQL."""
     seen: list[bool] = []

@@ -29,7 +29,7 @@ def test_ramdisk_job_through_ser2net(board, dut_images, tmp_path):
     assert results[("0_smoke", "arch")].result == "pass"
     assert results[("0_smoke", "overlay")].result == "pass"
     lava = {(r.case, r.level): r.result for r in results.values() if r.suite == "lava"}
-    for case, level in [("tftp-deploy", "1"), ("apply-overlay-tftp", "1.4.3"), ("uboot-action", "2"),
+    for case, level in [("tftp-deploy", "1"), ("apply-overlay-tftp", "1.4.5"), ("uboot-action", "2"),
                         ("connect-device", "2.3"), ("pdu-reboot", "2.4.1.1"),
                         ("bootloader-interrupt", "2.4.2"), ("bootloader-commands", "2.4.3"),
                         ("auto-login-action", "2.4.4"), ("power-off", "4.1")]:

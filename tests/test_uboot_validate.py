@@ -146,22 +146,20 @@ def test_boot_pipeline_matches_lava_reference(lava_corpus: Path, name: str, sect
 
 
 def test_tftp_deploy_matches_lava_reference(lava_corpus: Path) -> None:
-    """The deploy's downloads (LAVA's order: ramdisk, kernel, dtb) and its steps; Pumice has no
-    LXC step and appends to the ramdisk instead of unpacking it."""
+    """The deploy's downloads (LAVA's order: ramdisk, kernel, dtb) and its steps at LAVA's levels,
+    lxc-create-udev-rule-action and the prepare steps with nothing to do included (they hold
+    their levels); Pumice appends to the ramdisk instead of unpacking it."""
     text = (lava_corpus / "sample-jobs" / "uboot-ramdisk-inline-commands.yaml").read_text()
     job = build(text, bbb01(lava_corpus))
     ours = job.describe()["pipeline"]
     reference = yaml.safe_load((lava_corpus / "pipeline-refs" / "uboot-ramdisk-inline-commands.yaml")
                                .read_text())
     names = [(a["level"], a["name"]) for a in ours[0]["pipeline"]]
-    lava = [(a["level"], a["name"]) for a in reference[0]["pipeline"]
-            if a["name"] != "lxc-create-udev-rule-action"]
-    assert [n for _, n in names] == [n for _, n in lava]
-    assert names[:4] == lava[:4]
+    lava = [(a["level"], a["name"]) for a in reference[0]["pipeline"]]
+    assert names == lava
     assert [a.key for a in job.pipeline.actions[0].pipeline.actions[:3]] == ["ramdisk", "kernel", "dtb"]
-    prepare = [a["name"] for a in ours[0]["pipeline"][3]["pipeline"]]
-    assert prepare == ["lava-overlay", "extract-overlay-ramdisk", "apply-overlay-tftp", "prepare-kernel",
-                       "compress-ramdisk"]
+    prepare = [(a["level"], a["name"]) for a in ours[0]["pipeline"][3]["pipeline"]]
+    assert prepare == [(a["level"], a["name"]) for a in reference[0]["pipeline"][3]["pipeline"]]
     assert [a["name"] for a in ours[1]["pipeline"]] == [a["name"] for a in reference[1]["pipeline"]]
 
 
@@ -182,21 +180,89 @@ def test_ramdisk_job_is_valid(device: dict) -> None:
                                                  "commands; known: nbd, nfs, ramdisk, sata, ums, usb"),
     ((", type: image}", "}"), "the deploy must give the kernel's type (kernel.type: image, zimage or "
                               "uimage)"),
-    ((", type: image}", ", type: bzimage}"), "actions[0].deploy.kernel.type"),
     (("compression: gz}", "compression: gz, header: fit}"), "actions[0].deploy.ramdisk.header"),
     (("    prompts: ['/ # ']", "    prompts: ['/ # ']\n    transfer_overlay: {download_command: wget, "
-                                "unpack_command: tar}"), "transfer_overlay is not supported"),
+                                "unpack_command: tar}"), "not implemented: transfer_overlay"),
     (("    dtb: {url: 'file:///images/virt.dtb'}",
       "    dtb: {url: 'file:///images/virt.dtb'}\n    nfsrootfs: {url: 'file:///rootfs.tgz'}"), "NFS root"),
     (("- boot:", "- deploy:\n    to: tftp\n    kernel: {url: 'file:///k'}\n"
                  "    modules: {url: 'file:///m.tgz'}\n- boot:"),
      "modules: there is no ramdisk to install them into"),
+    (("    dtb: {url: 'file:///images/virt.dtb'}",
+      "    dtb: {url: 'file:///images/virt.dtb'}\n    nfsrootfs: {url: 'file:///rootfs.tgz'}"),
+     "nfsrootfs: not implemented: booting with an NFS root filesystem"),
 ])  # fmt: skip
 def test_validation_faults(device: dict, change: tuple[str, str], fault: str) -> None:
     text = JOB.replace(*change)
     assert text != JOB
     faults = faults_of(text, device)
     assert any(fault in f for f in faults), faults
+
+
+@pytest.mark.parametrize("change", [
+    # keys LAVA's jobs carry that LAVA accepts (KernelCI's and LKFT's generators write them)
+    ("    dtb: {url: 'file:///images/virt.dtb'}",
+     "    dtb: {url: 'file:///images/virt.dtb'}\n    modules: {url: 'file:///m.tgz', compression: gz, path: /}"),
+    ("visibility: public", "visibility: public\nmetadata:"),
+    ("visibility: public", "visibility: public\nmetadata: {source: kernelci}"),
+])  # fmt: skip
+def test_what_lava_accepts_is_accepted(device: dict, change: tuple[str, str]) -> None:
+    text = JOB.replace(*change)
+    assert text != JOB
+    assert faults_of(text, device) == []
+
+
+@pytest.mark.parametrize("kernel_type", ["zImage", "bzimage"])
+def test_a_kernel_type_lava_does_not_name_is_converted_for_bootm_as_in_lava(kernel_type: str) -> None:
+    text = JOB.replace(", type: image}", f", type: {kernel_type}}}")
+    bootm = render(DICTIONARY + "{% set bootm_kernel_addr = '0x40400000' %}{% set bootm_ramdisk_addr = "
+                                "'0x45000000' %}{% set bootm_dtb_addr = '0x44000000' %}\n")
+    assert faults_of(text, bootm) == []
+    # without bootm load addresses LAVA refuses it too ("kernel boot type 'bootm' is not supported")
+    only_booti = render(DICTIONARY)
+    assert any(f"kernel.type {kernel_type!r} needs the device's bootm load addresses" in f
+               for f in faults_of(text, only_booti))
+
+
+@pytest.mark.parametrize(("kernel_type", "command"), [("image", "booti"), ("zimage", "bootz"), ("uimage", "bootm"),
+                                                       ("zImage", "bootm"), ("bzimage", "bootm"), ("Image", "bootm")])
+def test_kernel_type_is_compared_as_lava_compares_it(kernel_type: str, command: str) -> None:
+    """LAVA maps only the exact lower-case names to a native command; any other is converted to a
+    uImage and booted with bootm."""
+    addresses = {"kernel": "0x40400000", "ramdisk": "0x45000000", "dtb": "0x44000000"}
+    every = DeviceConfig.parse({"parameters": {name: addresses for name in ("booti", "bootm", "bootz")}})
+    assert boot_command(kernel_type, every) == command
+
+
+def test_modules_with_an_nfs_root_do_not_ask_for_a_ramdisk(device: dict) -> None:
+    text = JOB.replace("    ramdisk: {url: 'file:///images/initramfs.cpio.gz', compression: gz}\n",
+                       "    modules: {url: 'file:///m.tgz', compression: gz}\n"
+                       "    nfsrootfs: {url: 'file:///rootfs.tgz', compression: gz, apply-overlay: true}\n")
+    faults = faults_of(text, device)
+    assert faults and not any("ramdisk" in f for f in faults), faults
+    assert any("not implemented: booting with an NFS root filesystem" in f for f in faults), faults
+
+
+@pytest.mark.parametrize(("usb", "fault"), [
+    ({"board_id": "0000000000"}, "device_info has no board_id"), ({}, "device_info has no board_id"),
+    ({"board_id": "1a2b", "usb_vendor_id": "0000"}, "device_info has usb_vendor_id 0000"),
+    ({"board_id": "1a2b", "usb_product_id": "0000"}, "device_info has usb_product_id 0000"),
+    ({"board_id": "1a2b", "usb_vendor_id": "18d1"}, None),
+])  # fmt: skip
+def test_device_info_is_checked_as_lava_checks_it(device: dict, usb: dict, fault: str | None) -> None:
+    """LAVA's lxc-create-udev-rule-action, in every tftp deploy, refuses a device whose USB ids
+    are placeholders (KernelCI's meson-sm1-sei610 as rendered)."""
+    faults = faults_of(JOB, {**device, "device_info": [usb]})
+    assert (faults == []) if fault is None else any(f"lxc-create-udev-rule-action: the device's {fault}" in f
+                                                    for f in faults), faults
+
+
+def test_test_definition_names_are_unique_in_an_overlay_as_in_lava(device: dict) -> None:
+    test = ("- test:\n    definitions:\n    - {from: inline, name: same, path: t.yaml, repository: "
+            "{metadata: {format: Lava-Test Test Definition 1.0, name: t}, run: {steps: [true]}}}\n")
+    assert faults_of(JOB + test, device) == []
+    faults = faults_of(JOB + test + test, device)
+    assert any("test definition names need to be unique (as in LAVA): same appear" in f for f in faults), faults
 
 
 def test_tests_need_the_overlay_in_a_ramdisk(device: dict) -> None:

@@ -162,8 +162,8 @@ class BootloaderCommandOverlay(Action):
         if used:
             what = sorted({UNSUPPORTED[key] for key in used})
             name = repr(commands) if isinstance(commands, str) else "(inline)"
-            self.errors.append(f"commands {name} boot from {' and '.join(what)} ({', '.join(used)}), which "
-                               "Pumice does not support yet")
+            self.errors.append(f"not implemented: commands {name} boot from {' and '.join(what)} "
+                               f"({', '.join(used)})")
         if not self.kernel_type and any(key in text for key in NEEDS_KERNEL_TYPE):
             self.errors.append("the boot commands use the kernel's load address or bootX command: the deploy "
                                "must give the kernel's type (kernel.type: image, zimage or uimage)")
@@ -448,7 +448,7 @@ class BootBootloaderRetry(RetryAction):
     def validate(self) -> None:
         super().validate()
         if self.parameters.get("use_bootscript"):
-            self.errors.append("use_bootscript is not supported by Pumice")
+            self.errors.append("not implemented: use_bootscript")
 
 
 class BootBootloaderAction(Action):

@@ -92,7 +92,8 @@ class AutoLoginAction(Action):
         super().validate()
         login = self.parameters.get("auto_login") or {}
         if "password" in login and "password_prompt" not in login:
-            self.errors.append("auto_login: 'password' needs 'password_prompt'")
+            # LAVA accepts it and sends no password: so do we, and say so
+            self.logger.warning("auto_login: a 'password' without 'password_prompt' is not sent (as in LAVA)")
 
 
 class LoginAction(Action):

@@ -58,10 +58,10 @@ class UBootAction(RetryAction):
     def validate(self) -> None:
         super().validate()
         if "transfer_overlay" in self.parameters:
-            self.errors.append("transfer_overlay is not supported by Pumice: the overlay goes into the "
-                               "ramdisk")
+            self.errors.append("not implemented: transfer_overlay (Pumice puts the overlay into the "
+                               "ramdisk)")
         if self.parameters.get("use_bootscript"):
-            self.errors.append("use_bootscript is not supported by Pumice")
+            self.errors.append("not implemented: use_bootscript")
 
 
 class UBootSecondaryMedia(Action):

@@ -19,6 +19,8 @@ from agent.timeout import Deadline
 CHECKSUMS = ("md5sum", "sha256sum", "sha512sum")
 #: compression -> module whose open() decompresses (imported when a download needs it)
 DECOMPRESSORS = {"gz": "gzip", "xz": "lzma", "bz2": "bz2"}
+#: the compressions LAVA 2023.01's job schema knows
+LAVA_COMPRESSIONS = ("bz2", "gz", "xz", "zip", "zstd")
 #: bytes read, hashed and written at a time: 256 KiB takes a quarter of the Python-level steps
 #: (reads, hand-overs to the hashing thread, writes) of 64 KiB, for the same peak RSS (at most 4
 #: chunks wait to be hashed); larger gains nothing measurable
@@ -94,18 +96,19 @@ class DownloadHandler(Action):
     def validate(self) -> None:
         compression = self.params.get("compression")
         if compression and compression not in DECOMPRESSORS:
-            self.errors.append(f"images.{self.key}.compression: {compression!r} is not supported; "
-                               f"known: {', '.join(DECOMPRESSORS)}")
+            done = "not implemented" if compression in LAVA_COMPRESSIONS else "unknown"
+            self.errors.append(f"images.{self.key}.compression: {done}: {compression!r}; "
+                               f"Pumice implements: {', '.join(DECOMPRESSORS)}")
         for name in CHECKSUMS:
             value = self.params.get(name)
             if value is not None and not _is_hex(value, name):
                 self.errors.append(f"images.{self.key}.{name}: not a hexadecimal {name[:-3]} digest")
         if self.params.get("archive"):
-            self.errors.append(f"images.{self.key}.archive: unpacking archives at deploy is not supported")
+            self.errors.append(f"images.{self.key}.archive: not implemented: unpacking archives at deploy")
         for overlay in self.params.get("overlays") or {}:
             if overlay != "lava":
-                self.errors.append(f"images.{self.key}.overlays.{overlay}: only the 'lava' overlay is supported; "
-                                   "file and tar overlays are not")
+                self.errors.append(f"images.{self.key}.overlays.{overlay}: not implemented: file and tar "
+                                   "overlays (Pumice implements the 'lava' overlay)")
 
     def destination(self) -> Path:
         name = Path(urlparse(self.url).path).name or self.key

@@ -41,13 +41,23 @@ class ApplyOverlayGuest(Action):
     summary = "build a guest filesystem with the overlay"
     timeout_exception = InfrastructureError
 
+    def __init__(self, into_ramdisk: bool = False) -> None:
+        super().__init__()
+        #: the overlay goes into a ramdisk (``overlays: {lava: true}``): no guest disk to build
+        self.into_ramdisk = into_ramdisk
+
     def validate(self) -> None:
+        if self.into_ramdisk:
+            return
         self.require_tool("mke2fs", "mkfs.ext4", why="e2fsprogs builds the guest disk of the test overlay")
 
     def run(self, connection: Any, deadline: Deadline) -> Any:
         import subprocess
 
         root = self.job.data.overlay_root
+        if self.into_ramdisk:
+            self.logger.debug(f"{self.name}: nothing to do here (the test overlay goes into the ramdisk)")
+            return connection
         if root is None:
             return connection
         guest = guest_parameters(self.device)

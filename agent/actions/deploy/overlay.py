@@ -10,7 +10,7 @@ import yaml
 
 from agent.errors import InfrastructureError, JobError, TestError
 from agent.overlay import DEFAULT_RESULTS_DIR, TestDefinition, append_to_ramdisk, build_overlay
-from agent.pipeline import Action
+from agent.pipeline import Action, LevelOnly
 from agent.policy import Access, PolicyRefusal, host_of, inside, scheme_of, target
 from agent.timeout import Deadline
 from results.bounded import DEFAULT_LIMITS, LimitExceeded, load_data
@@ -33,8 +33,50 @@ class OverlayAction(Action):
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
         self.stages = self.context.tests_after
+        # LAVA's children, in LAVA's order, so that the levels below line up with LAVA's
+        if any("ssh" in method for method in self.device.deploy_methods):
+            pipeline.add(SshAuthorize())
+        pipeline.add(VlandOverlayAction())
+        pipeline.add(MultinodeOverlayAction())
         pipeline.add(TestDefinitionAction(self.stages))
         pipeline.add(CompressOverlay(self.stages))
+        pipeline.add(PersistentNFSOverlay())
+
+
+class SshAuthorize(LevelOnly):
+    """LAVA's ssh-authorize, on a device with an ssh deploy method."""
+
+    name = "ssh-authorize"
+    description = "include public key in overlay and authorize root user"
+    summary = "add public key to authorized_keys"
+    reason = "Pumice does not deploy over ssh"
+
+
+class VlandOverlayAction(LevelOnly):
+    """LAVA's lava-vland-overlay."""
+
+    name = "lava-vland-overlay"
+    description = "Populate specific vland scripts for tests to lookup vlan data."
+    summary = "Add files detailing vlan configuration."
+    reason = "the job uses no lava-vland protocol"
+
+
+class MultinodeOverlayAction(LevelOnly):
+    """LAVA's lava-multinode-overlay."""
+
+    name = "lava-multinode-overlay"
+    description = "add lava scripts during deployment for multinode test shell use"
+    summary = "overlay the lava multinode scripts"
+    reason = "the job uses no lava-multinode protocol"
+
+
+class PersistentNFSOverlay(LevelOnly):
+    """LAVA's persistent-nfs-overlay."""
+
+    name = "persistent-nfs-overlay"
+    description = "unpack overlay into persistent NFS"
+    summary = "add test overlay to NFS"
+    reason = "the job has no persistent NFS root"
 
 
 class TestDefinitionAction(Action):
@@ -47,6 +89,16 @@ class TestDefinitionAction(Action):
     def __init__(self, stages: list[tuple[int, dict]]) -> None:
         super().__init__()
         self.stages = stages
+        #: the name of each definition, in order
+        self.names: list[str] = []
+
+    def validate(self) -> None:
+        super().validate()
+        # LAVA's rule: the overlay holds every definition of the tests it serves by name
+        repeated = sorted({name for name in self.names if self.names.count(name) > 1})
+        if repeated:
+            self.errors.append(f"test definition names need to be unique (as in LAVA): {', '.join(repeated)} "
+                               "appear more than once in the tests after this deploy")
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
@@ -58,6 +110,40 @@ class TestDefinitionAction(Action):
                     raise JobError(f"test definition {definition.get('name')!r}: unknown source "
                                    f"{kind!r}; known: {', '.join(kinds)}")
                 pipeline.add(kinds[kind](stage, index, definition))
+                self.names.append(definition.get("name"))
+                pipeline.add(TestOverlayAction())
+                pipeline.add(TestInstallAction())
+                pipeline.add(TestRunnerAction())
+
+
+class DoneByCompressOverlay(LevelOnly):
+    """One of LAVA's three per-definition overlay steps: compress-overlay writes what they write."""
+
+    reason = "compress-overlay writes this definition's files"
+
+
+class TestOverlayAction(DoneByCompressOverlay):
+    """LAVA's test-overlay: a definition's run directory."""
+
+    name = "test-overlay"
+    description = "overlay test support files onto image"
+    summary = "applying LAVA test overlay"
+
+
+class TestInstallAction(DoneByCompressOverlay):
+    """LAVA's test-install-overlay: a definition's install.sh."""
+
+    name = "test-install-overlay"
+    description = "overlay dependency installation support files onto image"
+    summary = "applying LAVA test install scripts"
+
+
+class TestRunnerAction(DoneByCompressOverlay):
+    """LAVA's test-runscript-overlay: a definition's run.sh."""
+
+    name = "test-runscript-overlay"
+    description = "overlay run script onto image"
+    summary = "applying LAVA test run script"
 
 
 class RepoAction(Action):

@@ -29,7 +29,7 @@ from agent.actions.deploy.overlay import DeployDeviceEnvironment, OverlayAction
 from agent.device import DeviceConfig, Needs
 from agent.errors import InfrastructureError, JobError
 from agent.overlay import append_to_ramdisk
-from agent.pipeline import Action, register
+from agent.pipeline import Action, LevelOnly, register
 from agent.schema import action_base
 from agent.timeout import Deadline
 
@@ -39,7 +39,6 @@ TFTP_SIZE_LIMIT = 4 * 1024 * 1024 * 1024
 TFTP_IMAGES = ("ramdisk", "kernel", "dtb", "modules", "tee")
 #: the files placed in the TFTP directory for the bootloader
 TFTP_FILES = ("kernel", "ramdisk", "dtb", "tee")
-KERNEL_TYPES = ("image", "zimage", "uimage")
 #: kernel type -> the U-Boot command that boots it natively
 NATIVE_BOOT = {"image": "booti", "zimage": "bootz", "uimage": "bootm"}
 
@@ -89,8 +88,10 @@ def add_uimage_header(source: Path, dest: Path, image_type: str, arch: str, load
 
 def boot_command(kernel_type: str, device: DeviceConfig) -> str:
     """The ``bootX`` command for a kernel of ``kernel_type`` on ``device`` (LAVA's rule): the native
-    command when the device has load addresses for it, else ``bootm`` (after a conversion)."""
-    native = NATIVE_BOOT[kernel_type]
+    command when the device has load addresses for it, else ``bootm`` (after a conversion). As in
+    LAVA, only the exact names ``image``, ``zimage`` and ``uimage`` are native: any other type
+    (``zImage``, ``bzimage``) is booted with ``bootm`` after a conversion to a uImage."""
+    native = NATIVE_BOOT.get(kernel_type, "bootm")
     return native if native in device.parameters else "bootm"
 
 
@@ -115,13 +116,13 @@ class TftpAction(Action):
             **action_base(),
             v.Required("to"): "tftp",
             v.Required("kernel", msg="a tftp deploy needs a kernel"): _image(
-                {v.Optional("type"): v.Any(*KERNEL_TYPES, msg=f"expected {', '.join(KERNEL_TYPES)}")}),
+                {v.Optional("type"): str}),  # any: see boot_command
             v.Optional("ramdisk"): _image({v.Optional("header"): v.Any("u-boot", msg="expected u-boot")}),
             v.Optional("dtb"): _image(),
-            v.Optional("modules"): _image(),
+            v.Optional("modules"): _image({v.Optional("path"): str}),  # LAVA's jobs carry it; unused
             v.Optional("tee"): _image(),
             v.Optional("preseed"): _image(),
-            v.Exclusive("nfsrootfs", "nfs"): _image({v.Optional("prefix"): str}),
+            v.Exclusive("nfsrootfs", "nfs"): _image({v.Optional("prefix"): str, v.Optional("apply-overlay"): bool}),
             v.Exclusive("persistent_nfs", "nfs"): {v.Required("address"): str,
                                                    v.Optional("install_overlay"): bool},
             v.Optional("os"): str,
@@ -146,6 +147,7 @@ class TftpAction(Action):
                 pipeline.add(DownloaderAction(key, image))
         download_together(pipeline)
         pipeline.add(PrepareOverlayTftp(self.has_tests))
+        pipeline.add(LxcCreateUdevRule())
         if self.has_tests:
             pipeline.add(DeployDeviceEnvironment())
 
@@ -154,11 +156,11 @@ class TftpAction(Action):
         for key, what in (("nfsrootfs", "an NFS root filesystem"), ("persistent_nfs", "a persistent NFS "
                           "root"), ("preseed", "an installer preseed file")):
             if key in self.parameters:
-                self.errors.append(f"{key}: booting with {what} is not supported by Pumice yet")
+                self.errors.append(f"{key}: not implemented: booting with {what}")
         ramdisk = self.parameters.get("ramdisk")
-        if "modules" in self.parameters and not ramdisk:
-            self.errors.append("modules: there is no ramdisk to install them into")
         nfs = "nfsrootfs" in self.parameters or "persistent_nfs" in self.parameters
+        if "modules" in self.parameters and not ramdisk and not nfs:  # with an NFS root: they go there
+            self.errors.append("modules: there is no ramdisk to install them into")
         if self.has_tests and not nfs and (not ramdisk or ramdisk.get("install_overlay") is False):
             self.errors.append("the test actions after this deploy need the test overlay in a ramdisk: "
                                "deploy a ramdisk (without install_overlay: false)")
@@ -203,6 +205,35 @@ class TftpAction(Action):
             self.directory = None
 
 
+class LxcCreateUdevRule(LevelOnly):
+    """LAVA's lxc-create-udev-rule-action: no container here, but the same check of the device's
+    ``device_info`` LAVA makes (a placeholder USB id is a device that is not set up)."""
+
+    name = "lxc-create-udev-rule-action"
+    description = "create lxc udev rule action"
+    summary = "create lxc udev rule"
+    reason = "the job uses no lava-lxc protocol"
+
+    def validate(self) -> None:
+        super().validate()
+        info = self.device.device_info
+        if info is None:
+            return
+        if not isinstance(info, list):
+            self.errors.append("the device's device_info is not a list")
+            return
+        # devices identified by a file system label (mps, recovery) need no board id, as in LAVA
+        by_label = any(method in self.device.boot_methods or method in self.device.deploy_methods
+                       for method in ("mps", "recovery"))
+        for usb in info:
+            usb = usb if isinstance(usb, dict) else {}
+            if not by_label and str(usb.get("board_id", "")) in ("", "0000000000"):
+                self.errors.append("the device's device_info has no board_id (unset or 0000000000)")
+            for key in ("usb_vendor_id", "usb_product_id"):
+                if str(usb.get(key, "")) == "0000":
+                    self.errors.append(f"the device's device_info has {key} 0000 (unset)")
+
+
 class PrepareOverlayTftp(Action):
     """Put the test overlay and the modules into the ramdisk, and prepare kernel and ramdisk for
     the bootloader."""
@@ -216,20 +247,21 @@ class PrepareOverlayTftp(Action):
         self.has_tests = has_tests
 
     def populate(self, parameters: dict) -> None:
+        # LAVA's children, each always there: one with nothing to do for this job holds its level
         pipeline = self.child_pipeline(parameters)
         ramdisk = parameters.get("ramdisk")
-        if self.has_tests:
-            pipeline.add(OverlayAction())
-        if ramdisk:
-            pipeline.add(ExtractRamdisk(self.has_tests))
-        if ramdisk and "modules" in parameters:
-            pipeline.add(ExtractModules())
-        if ramdisk and self.has_tests:
-            pipeline.add(ApplyOverlayTftp())
+        pipeline.add(LevelOnly("extract-nfsrootfs", "the job has no NFS root"))
+        pipeline.add(OverlayAction() if self.has_tests else LevelOnly("lava-overlay", "no test action follows"))
+        pipeline.add(ExtractRamdisk(self.has_tests) if ramdisk else
+                     LevelOnly("extract-overlay-ramdisk", "the job has no ramdisk"))
+        pipeline.add(ExtractModules() if ramdisk and "modules" in parameters else
+                     LevelOnly("extract-modules", "no modules to put into a ramdisk"))
+        pipeline.add(ApplyOverlayTftp() if ramdisk and self.has_tests else
+                     LevelOnly("apply-overlay-tftp", "no overlay to put into a ramdisk"))
         if "u-boot" in self.device.boot_methods:
             pipeline.add(PrepareKernelAction())
-        if ramdisk:
-            pipeline.add(CompressRamdisk())
+        pipeline.add(LevelOnly("configure-preseed-file", "the job has no preseed file"))
+        pipeline.add(CompressRamdisk() if ramdisk else LevelOnly("compress-ramdisk", "the job has no ramdisk"))
 
 
 def _installs(parameters: dict, what: str) -> bool:
@@ -359,8 +391,9 @@ class UBootPrepareKernelAction(Action):
         command = boot_command(kernel_type, self.device)
         if command not in params:
             known = [name for name in ("booti", "bootm", "bootz") if name in params]
-            self.errors.append(f"kernel.type {kernel_type!r} needs the device's {NATIVE_BOOT[kernel_type]} "
-                               f"(or bootm) load addresses; the device has: {', '.join(known) or 'none'}")
+            native = f"{NATIVE_BOOT[kernel_type]} (or bootm)" if kernel_type in NATIVE_BOOT else "bootm"
+            self.errors.append(f"kernel.type {kernel_type!r} needs the device's {native} load addresses; the "
+                               f"device has: {', '.join(known) or 'none'}")
         if command == "bootm" and kernel_type != "uimage":
             arch = self.device.deploy_parameters.get("mkimage_arch")
             if not arch:
@@ -394,7 +427,8 @@ class UBootPrepareKernelAction(Action):
             entry = load + UIMAGE_HEADER_SIZE if options.get("use_xip") else load
             uimage = kernel.with_name("uImage")
             add_uimage_header(kernel, uimage, "kernel", options["mkimage_arch"], load, entry)
-            self.logger.info(f"no {NATIVE_BOOT[kernel_type]} load addresses on this device: {kernel.name} "
+            self.logger.info(f"no {NATIVE_BOOT.get(kernel_type, 'native')} load addresses on this device: "
+                             f"{kernel.name} "
                              f"converted to a uImage (load 0x{load:x}, entry 0x{entry:x})")
             downloads["kernel"] = uimage
         self.results["bootcommand"] = command

@@ -37,7 +37,7 @@ class DeployImagesAction(Action):
     def validate(self) -> None:
         super().validate()
         if "uefi" in self.parameters:
-            self.errors.append("deploy 'uefi' firmware is not supported by Pumice")
+            self.errors.append("not implemented: deploy 'uefi' firmware")
 
     def populate(self, parameters: dict) -> None:
         pipeline = self.child_pipeline(parameters)
@@ -46,8 +46,8 @@ class DeployImagesAction(Action):
         lava_in_image = any((image.get("overlays") or {}).get("lava") for image in images.values())
         if has_tests:
             pipeline.add(OverlayAction())
-            if not lava_in_image:
-                pipeline.add(ApplyOverlayGuest())
+            # LAVA keeps it when the overlay goes into a ramdisk (and does nothing): so do we, for its level
+            pipeline.add(ApplyOverlayGuest(into_ramdisk=lava_in_image))
             pipeline.add(DeployDeviceEnvironment())
         # the overlay is built first, so a ramdisk that carries it gets it right after download
         for key, image in images.items():

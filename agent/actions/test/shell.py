@@ -49,8 +49,9 @@ class TestShellRetry(RetryAction):
 
     @classmethod
     def schema(cls) -> dict:
+        # name and connection: LAVA's jobs carry them; informational there too
         return {**action_base(), v.Required("definitions"): v.All([DEFINITION], v.Length(min=1)),
-                v.Optional("stage"): int}
+                v.Optional("name"): str, v.Optional("connection"): str, v.Optional("stage"): int}
 
     def populate(self, parameters: dict) -> None:
         super().populate(parameters)
