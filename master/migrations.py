@@ -17,7 +17,16 @@ from playhouse.migrate import migrate as migrate_columns
 
 from agent.timeout import parse_duration
 from master.db import db
-from master.models import JOB_QUEUE_INDEX, MODELS, Device, Job, JoinToken, MasterKey, SchemaVersion
+from master.models import (
+    JOB_QUEUE_INDEX,
+    MODELS,
+    Device,
+    DeviceHealthChange,
+    Job,
+    JoinToken,
+    MasterKey,
+    SchemaVersion,
+)
 from master.states import DEFAULT_JOB_TIMEOUT, JobState
 
 log = logging.getLogger("pumice.migrations")
@@ -86,7 +95,11 @@ def _job_start_fields(database: Database) -> None:
         Job.update(context=context, timeout=timeout).where(Job.id == job_id).execute()
 
 
-#: (version, name, step); versions are consecutive from 1
+def _device_health_changes(database: Database) -> None:
+    database.create_tables([DeviceHealthChange])
+
+
+#: (version, name, step); versions increase from 1 (7 is issue 17's)
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
     (2, "jobs.source: where an imported job comes from", _job_source),
@@ -94,6 +107,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (4, "jobs.local_urls: what a job reads from its worker itself (the file policy)", _job_local_urls),
     (5, "join_tokens, master_keys: worker enrolment with one-time join tokens", _worker_enrolment),
     (6, "jobs.context, jobs.timeout: what START needs, kept at submission", _job_start_fields),
+    (8, "device_health_changes: each device's health transitions, for its page", _device_health_changes),
 ]
 
 LATEST = MIGRATIONS[-1][0]

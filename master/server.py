@@ -22,7 +22,7 @@ from waitress.channel import HTTPChannel
 from master.api import make_app
 from master.broker import Broker
 from master.instance import current
-from master.publish import SitePublisher
+from master.publish import LabPublisher, SitePublisher
 from master.scheduler import Scheduler
 from master.validation import ValidatorPool, default_validators
 
@@ -57,6 +57,7 @@ class MasterServer:
         self.broker = broker
         self.scheduler = Scheduler(interval=scheduler_interval) if scheduler else None
         self.publisher = SitePublisher() if publish_site else None
+        self.lab_publisher = LabPublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
         self.validators = ValidatorPool(processes) if processes > 0 else None
         self._server = waitress.create_server(
@@ -81,6 +82,8 @@ class MasterServer:
             self.scheduler.start()
         if self.publisher:
             self.publisher.start()
+        if self.lab_publisher:
+            self.lab_publisher.start()
         if self.broker is not None:
             self.broker.start()
 
@@ -125,6 +128,8 @@ class MasterServer:
             self.scheduler.stop()
         if self.publisher:
             self.publisher.stop()
+        if self.lab_publisher:
+            self.lab_publisher.stop()
         if self.validators is not None:
             self.validators.stop()
 

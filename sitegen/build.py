@@ -8,6 +8,7 @@ the per-suite histories in ``data/suites/``, so publishing one job reads one job
 Site layout (all links are relative, so the site also works from a file system or any static host)::
 
     index.html                     recent jobs, with state/health filters
+    lab/index.html, lab/now.txt    the lab now (sitegen.labnow), republished by the master on every change
     jobs/index.html                all jobs, by id range (jobs/archive-<n>.html) and filter pages
     jobs/<id>/index.html           the job page; log.html, log-2.html... the log
     jobs/<id>/{job,output,results,description}.yaml, junit.xml, results.tap, results.csv
@@ -33,11 +34,13 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from results.export import to_csv, to_junit, to_tap13
 from results.record import RESULTS
 from results.store import ArtifactStore
 from sitegen.bundles import job_url, site_base_url, site_bundle
+from sitegen.labnow import lab_lock, load_lab, render_lab
 from sitegen.logpage import LOG_PAGE_LINES, RenderedLog, log_page_name, page_of_line, render_log
 from sitegen.model import (
     HEALTHS,
@@ -72,7 +75,7 @@ FILTERS = (
     ("queued", "Queued", "state", ("submitted", "scheduling", "scheduled")),
 )
 # Top-level entries of the site that builds own (a full build prunes stale files under these only).
-OWNED = ("index.html", "jobs", "devices", "device-types", "workers", "suites", "data", "static")
+OWNED = ("index.html", "lab", "jobs", "devices", "device-types", "workers", "suites", "data", "static")
 RAW_LABELS = {
     "job.yaml": "job definition",
     "output.yaml": "log (raw)",
@@ -735,6 +738,11 @@ def build_site(
         site.static()
         site.render_lists(jobs, suites, site.store.read_lab())
         site.write_jobs_data(jobs)
+        with lab_lock(site_root):
+            lab = load_lab(site)
+            if (site_root / "data" / "lab.json").exists():
+                site.writer.written.add(site_root / "data" / "lab.json")  # the master's: kept
+            render_lab(site, lab)
         if not incremental:
             report.removed = site.prune()
         report.written = len(site.writer.written)
@@ -807,6 +815,9 @@ def publish_job(
             archives = None  # a new or vanished archive page: every archive's navigation changes
         if not (site_root / "static" / "site.css").exists():
             site.static()
+        if not (site_root / "lab" / "index.html").exists():  # the master's lab publisher keeps it current
+            with lab_lock(site_root):
+                render_lab(site, load_lab(site))
         site.render_lists(
             jobs,
             suites,
@@ -829,4 +840,36 @@ def publish_job(
     return report
 
 
-__all__ = ["HEALTHS", "BuildReport", "Site", "SiteConfig", "build_site", "publish_job"]
+def publish_lab(
+    store_root: str | os.PathLike,
+    site_root: str | os.PathLike,
+    lab: dict[str, Any],
+    *,
+    instance: str = "",
+    base_url: str = "",
+    template_dirs: Iterable[str] = (),
+    devices: Iterable[str] = (),
+    device_types: Iterable[str] = (),
+    workers: Iterable[str] = (),
+) -> float:
+    """Publish the lab-now page from ``lab`` (and the named device, type and worker pages); return
+    the seconds the lab-now page took."""
+    started = time.perf_counter()
+    config = SiteConfig(instance=instance, base_url=base_url, template_dirs=tuple(map(str, template_dirs)))
+    site_root = Path(site_root)
+    with lab_lock(site_root):
+        site = Site(store_root, site_root, config)
+        site.writer.write("data/lab.json", json.dumps(lab, separators=(",", ":"), default=str))
+        render_lab(site, lab)
+    seconds = time.perf_counter() - started
+    devices, device_types, workers = set(devices), set(device_types), set(workers)
+    if devices or device_types or workers:
+        with site_lock(site_root):
+            site = Site(store_root, site_root, config)
+            site.render_lists(site.load_jobs_data(), {}, lab, devices=devices, device_types=device_types,
+                              workers=workers, suite_names=(), archives=(), filters=())
+    log.debug("lab now published in %.0f ms", seconds * 1000)
+    return seconds
+
+
+__all__ = ["HEALTHS", "BuildReport", "Site", "SiteConfig", "build_site", "publish_job", "publish_lab"]

@@ -65,6 +65,7 @@ def serve_site(site: Path, tmp: Path, csp: bool = True) -> Iterator[str]:
         [NGINX, "-t", "-c", str(conf), "-g", "daemon off;"], capture_output=True, text=True, timeout=30
     )
     assert check.returncode == 0, f"nginx -t rejected the config:\n{check.stderr}"
+    assert "[warn]" not in check.stderr, f"nginx -t warns about the shipped config:\n{check.stderr}"
     stderr = open(tmp / "stderr.log", "wb")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr)
     try:

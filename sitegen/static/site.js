@@ -14,6 +14,39 @@
     });
   }
 
+  // Lab now: poll the tiny stamp the master rewrites with the page; when it changes, fetch the page
+  // as a document (parsed by the browser, never an HTML string: Trusted Types) and swap it in.
+  var lab = document.getElementById("lab-now");
+  if (lab && window.fetch) {
+    var stamp = lab.dataset.stamp;
+    var loading = false;
+    var reload = function () {
+      var request = new XMLHttpRequest();
+      request.open("GET", "index.html");
+      request.responseType = "document";
+      request.setRequestHeader("Cache-Control", "no-cache");
+      request.onloadend = function () {
+        loading = false;
+        var fresh = request.response && request.response.getElementById("lab-now");
+        var current = document.getElementById("lab-now");
+        if (!fresh || !current) { return; }
+        current.replaceWith(document.adoptNode(fresh));
+        stamp = fresh.dataset.stamp;
+      };
+      request.send();
+    };
+    window.setInterval(function () {
+      if (loading || document.hidden) { return; }
+      fetch("now.txt", { cache: "no-cache" })
+        .then(function (r) { return r.ok ? r.text() : ""; })
+        .then(function (text) {
+          text = text.trim();
+          if (text && text !== stamp && !loading) { loading = true; reload(); }
+        })
+        .catch(function () { /* the master is publishing, or the site is read from files */ });
+    }, 250);
+  }
+
   var log = document.getElementById("log");
   if (!log) { return; }
 
