@@ -861,6 +861,8 @@ def publish_lab(
         site = Site(store_root, site_root, config)
         site.writer.write("data/lab.json", json.dumps(lab, separators=(",", ":"), default=str))
         render_lab(site, lab)
+        if not (site_root / "static" / "site.css").exists():  # a new lab: no job published yet
+            site.static()
     seconds = time.perf_counter() - started
     devices, device_types, workers = set(devices), set(device_types), set(workers)
     if devices or device_types or workers:

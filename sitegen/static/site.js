@@ -19,12 +19,14 @@
   var lab = document.getElementById("lab-now");
   if (lab && window.fetch) {
     var stamp = lab.dataset.stamp;
+    var next = stamp;
     var loading = false;
     var reload = function () {
       var request = new XMLHttpRequest();
-      request.open("GET", "index.html");
+      // a new URL each time: a page rewritten within the second it was read, at the same size, has
+      // the same ETag and Last-Modified, and a revalidation would hand back the old one
+      request.open("GET", "index.html?" + encodeURIComponent(next));
       request.responseType = "document";
-      request.setRequestHeader("Cache-Control", "no-cache");
       request.onloadend = function () {
         loading = false;
         var fresh = request.response && request.response.getElementById("lab-now");
@@ -37,11 +39,11 @@
     };
     window.setInterval(function () {
       if (loading || document.hidden) { return; }
-      fetch("now.txt", { cache: "no-cache" })
+      fetch("now.txt", { cache: "no-store" })  // never revalidated: see above
         .then(function (r) { return r.ok ? r.text() : ""; })
         .then(function (text) {
           text = text.trim();
-          if (text && text !== stamp && !loading) { loading = true; reload(); }
+          if (text && text !== stamp && !loading) { loading = true; next = text; reload(); }
         })
         .catch(function () { /* the master is publishing, or the site is read from files */ });
     }, 250);
