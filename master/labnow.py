@@ -117,8 +117,13 @@ def lab_model() -> dict[str, Any]:
     queued_total = Job.select().where(Job.state == JobState.SUBMITTED).count()
     workers = {w["hostname"]: w for w in model["workers"]}
     checked = {t["name"] for t in model["device_types"] if t.get("health_check")}
+    reasons: dict[tuple, str] = {}  # most queued jobs share a type and tags: one answer each
     for job in queued:
-        job["why"] = why_waiting(job, model["devices"], workers, checked)
+        key = (job["device_type"], tuple(job["tags"]), job["device"] if job["health_check"] else None)
+        if key not in reasons:
+            reasons[key] = why_waiting({"device_type": key[0], "tags": key[1], "device": key[2]},
+                                       model["devices"], workers, checked)
+        job["why"] = reasons[key]
     model.update(as_of=iso(utcnow()), running=running, running_private=running_private, queued=queued,
                  queued_total=queued_total, queued_private=queued_private)
     return model

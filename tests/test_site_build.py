@@ -378,3 +378,14 @@ def test_republishing_a_job_leaves_no_temporary_file_behind(tmp_path: Path) -> N
     left = [p.name for p in (tmp_path / "site/jobs/1").iterdir() if p.name.endswith(".tmp")]
     assert left == []
     assert (tmp_path / "site/jobs/1/output.yaml").read_bytes() == (store.job_dir(1) / "output.yaml").read_bytes()
+
+
+def test_an_empty_filter_in_a_lab_with_jobs_says_what_it_filtered(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "store", 2, cases=2, log_lines=20)
+    build_site(store.root, tmp_path / "site", processes=1, **SITE)
+    empty = [stem for stem in ("complete", "incomplete", "canceled", "running", "queued")
+             if 'class="empty"' in (tmp_path / f"site/jobs/{stem}.html").read_text()]
+    assert empty
+    for stem in empty:
+        text = (tmp_path / f"site/jobs/{stem}.html").read_text()
+        assert "No jobs yet." not in text and f"No {stem} jobs." in text
