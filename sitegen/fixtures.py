@@ -497,10 +497,10 @@ _SHELL_LINES = (
 )
 
 
-def make_job(store: ArtifactStore, spec: JobSpec, seed: int = 0) -> None:
+def make_job(store: ArtifactStore, spec: JobSpec, seed: int = 0, name: str | None = None) -> None:
     """Write one job (definition, meta, description, log, results) into ``store``."""
     rng = random.Random(seed * 100003 + spec.job_id)
-    name = f"{spec.device_type} smoke #{spec.job_id}"
+    name = name or f"{spec.device_type} smoke #{spec.job_id}"
     if spec.nasty:
         name = f'nasty <script>alert("job")</script> & "{spec.job_id}"'
     submit = EPOCH + _dt.timedelta(minutes=7 * spec.job_id)
@@ -593,22 +593,24 @@ def make_store(
     """A store of ``count`` generated jobs plus lab.yaml.
 
     With ``variants`` > 0 only that many distinct logs are generated and the other jobs reuse them (a
-    copy of output.yaml and its index): the site does the same work, the fixture is built much faster.
+    copy of output.yaml and its index): the site does the same work, the fixture is built much faster;
+    the jobs then have that many names, as a lab runs the same job definitions again and again.
     """
     store = ArtifactStore(root)
     store.write_lab(LAB)
     specs = default_specs(count, cases, log_lines, nasty, first_id)
     for index, spec in enumerate(specs):
+        name = f"{spec.device_type} smoke #{first_id + index % variants}" if variants else None
         if variants and index >= variants and spec.outcome != "running":
             source = specs[index % variants]
             if source.outcome == spec.outcome and source.device_type == spec.device_type:
-                make_job_like(store, spec, source, seed)
+                make_job_like(store, spec, source, seed, name)
                 continue
-        make_job(store, spec, seed)
+        make_job(store, spec, seed, name)
     return store
 
 
-def make_job_like(store: ArtifactStore, spec: JobSpec, source: JobSpec, seed: int = 0) -> None:
+def make_job_like(store: ArtifactStore, spec: JobSpec, source: JobSpec, seed: int = 0, name: str | None = None) -> None:
     """Like :func:`make_job`, but the log is a copy of an already generated job's log (fast)."""
     rng = random.Random(seed * 100003 + spec.job_id)
     results, _records, _end = _results_and_log(
@@ -641,7 +643,7 @@ def make_job_like(store: ArtifactStore, spec: JobSpec, source: JobSpec, seed: in
             meta[key] = (_dt.datetime.fromisoformat(str(meta[key])) + offset).isoformat()
     meta.update(
         id=spec.job_id,
-        name=f"{spec.device_type} smoke #{spec.job_id}",
+        name=name or f"{spec.device_type} smoke #{spec.job_id}",
         device=spec.device,
         worker=spec.worker,
         health_check=spec.job_id % 10 == 0,
