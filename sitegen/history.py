@@ -9,8 +9,8 @@ the set and the case (joined by :data:`SEP`). The ``lava`` suite (one result per
 has no history here.
 
 :func:`case_marks` is pure: a job's cases against the series, the mark of each and the first job of
-a failing streak. :func:`render_case_pages` writes ``cases/<series>/<case>.html``: a pass/fail strip
-over the runs and, for a measured case, its trend.
+a failing streak. :func:`render_case_pages` writes ``cases/<series>/<definition>.html``: for each
+case (an anchor of its own), a pass/fail strip over the runs and, when it is measured, its trend.
 """
 
 from __future__ import annotations
@@ -96,11 +96,21 @@ def case_marks(series: dict, run: dict) -> tuple[int | None, dict[str, tuple[str
     return previous["id"], marks
 
 
+def definition_href(series: str, definition: str) -> str:
+    """The history page of a test definition in ``series``, relative to the site root."""
+    return f"cases/{series}/{slug(definition)}.html"
+
+
+def case_anchor(key: str) -> str:
+    """The id of a case on its definition's history page (the set, if any, and the case)."""
+    _definition, test_set, case = key.split(SEP, 2)
+    return "case-" + (slug(f"{test_set}/{case}") if test_set else slug(case))
+
+
 def case_href(series: str, key: str) -> str:
-    """The case page of ``key`` in ``series``, relative to the site root: a directory per definition
-    (and set), so that no two cases share a page."""
-    definition, test_set, case = key.split(SEP, 2)
-    return f"cases/{series}/{slug(definition)}/{slug(test_set) + '/' if test_set else ''}{slug(case)}.html"
+    """Where case ``key`` of ``series`` is: its row on its definition's history page (one page per
+    definition: publishing a job rewrites one page per definition it ran, not one per case)."""
+    return f"{definition_href(series, key.split(SEP, 1)[0])}#{case_anchor(key)}"
 
 
 def load_series(site_root: Path, key: str) -> dict:
@@ -114,38 +124,46 @@ def write_series(site: Any, key: str, series: dict) -> None:
     site.writer.write(f"data/history/{key}.json", json.dumps(series, separators=(",", ":"), sort_keys=True))
 
 
+#: runs shown in each case's strip (the measurement trend shows every run kept)
+STRIP_RUNS = 50
+
+
 def render_case_pages(site: Any, key: str, series: dict, cases: Iterable[str] | None = None) -> None:
-    """Write the case pages of ``series`` (``cases``: only those keys)."""
+    """Write the history pages of the definitions of ``series`` (``cases``: only the definitions of
+    those case keys): per case, a pass/fail strip and, when measured, its trend."""
     runs = list(reversed(series.get("runs", [])))  # oldest first
-    wanted = set(cases) if cases is not None else {c for r in runs for c in r["cases"]}
-    for case in sorted(wanted):
-        strip = [(r["id"], r["cases"][case][0], r.get("time")) for r in runs if case in r["cases"]]
-        if not strip:
-            continue
-        points = [(r["id"], float(r["cases"][case][1])) for r in runs
-                  if case in r["cases"] and r["cases"][case][1] is not None]
-        units = next((r["cases"][case][2] for r in runs if case in r["cases"] and r["cases"][case][2]), "")
-        definition, test_set, name = case.split(SEP, 2)
+    everything = {c for r in runs for c in r["cases"]}
+    definitions = {c.split(SEP, 1)[0] for c in (everything if cases is None else cases)}
+    for definition in sorted(definitions):
+        rel = definition_href(key, definition)
+        href = "../" * rel.count("/") + "jobs/{id}/index.html"
+        rows = []
+        for case in sorted(c for c in everything if c.split(SEP, 1)[0] == definition):
+            strip = [(r["id"], r["cases"][case][0]) for r in runs if case in r["cases"]]
+            points = [(r["id"], float(r["cases"][case][1])) for r in runs
+                      if case in r["cases"] and r["cases"][case][1] is not None]
+            units = next((r["cases"][case][2] for r in runs if case in r["cases"] and r["cases"][case][2]), "")
+            _definition, test_set, name = case.split(SEP, 2)
+            rows.append({
+                "anchor": case_anchor(case), "name": name, "set": test_set, "strip": strip[-STRIP_RUNS:],
+                "runs": len(strip), "last": strip[-1][1], "failing_since": failing_since(strip),
+                "plot": measurement_plot(points, units, href) if len(points) > 1 else "", "units": units,
+            })
         site.page(
-            case_href(key, case),
+            rel,
             "case.html",
-            name=name,
             definition=definition,
-            test_set=test_set,
             job_name=series.get("name", ""),
             device_type=series.get("device_type", ""),
-            strip=strip,
-            plot=measurement_plot(points, units, "../" * case_href(key, case).count("/") + "jobs/{id}/index.html")
-            if points else "",
-            units=units,
-            failing_since=failing_since(strip),
+            runs=len(runs),
+            cases=rows,
         )
 
 
-def failing_since(strip: list[tuple[int, str, object]]) -> int | None:
+def failing_since(strip: list[tuple[int, str]]) -> int | None:
     """The first job of the failing streak the case is in now (None: its latest run did not fail)."""
     since = None
-    for job_id, result, _time in reversed(strip):
+    for job_id, result in reversed(strip):
         if result != "fail":
             break
         since = job_id

@@ -69,11 +69,12 @@ def test_a_case_that_flips_is_a_new_failure_on_the_job_page_and_on_its_case_page
     row = re.search(r'<tr class="r-fail" data-mark="new failure">.*?</tr>', page, re.S)
     assert row and "linux-posix-pwd" in row.group(0)
     assert 'id="compared"' in page and 'href="../../jobs/1/index.html">#1</a>' in page
-    href = re.search(r'<a href="\.\./\.\./(cases/[^"]+)">linux-posix-pwd</a>', row.group(0)).group(1)
-    case_page = (tmp_path / "site" / href).read_text()
-    strip = re.findall(r'<a class="(\w+)" href="[./]*jobs/(\d+)/index.html"', case_page)
+    href = re.search(r'<a href="\.\./\.\./(cases/[^"#]+)#([^"]+)">linux-posix-pwd</a>', row.group(0))
+    case_page = (tmp_path / "site" / href.group(1)).read_text()
+    case_row = re.search(rf'<tr id="{href.group(2)}">.*?</tr>', case_page, re.S).group(0)
+    assert "linux-posix-pwd" in case_row and "failing since" in case_row
+    strip = re.findall(r'<a class="(\w+)" href="[./]*jobs/(\d+)/index.html"', case_row)
     assert strip == [("pass", "1"), ("fail", "2")]
-    assert "failing since" in case_page
     assert "data-mark" not in (tmp_path / "site/jobs/1/index.html").read_text()  # nothing to compare with
 
 
