@@ -653,3 +653,42 @@ def test_lab_now_shows_a_device_set_to_maintenance_within_a_second_of_the_api_ca
         admin.close()
         stop_server(master)
     assert browser.violations == [] and browser.errors == []
+
+
+def test_a_case_that_flips_is_a_new_failure_on_the_job_page_and_its_history_shows_it(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """Job 2 runs the job of job 1 again on the same device type and one case fails: its page marks
+    it "new failure"; its link lands on the case's row of the definition's history (desktop, 390 px)."""
+    from test_site_history import history_store
+
+    shots = Path(os.environ.get("PUMICE_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    browser.errors.clear()
+    browser.violations.clear()
+    store = history_store(tmp_path / "store")
+    build_site(store.root, tmp_path / "site", instance="lab-a.example.org", processes=1)
+    try:
+        with serve_site(tmp_path / "site", tmp_path / "nginx") as url:
+            for name, is_phone in (("desktop", False), ("phone", True)):
+                phone(browser, is_phone)
+                browser.open(f"{url}/jobs/2/index.html")
+                row = "document.querySelector('tr[data-mark=\"new failure\"]')"
+                assert "linux-posix-pwd" in browser.js(f"{row}.textContent")
+                assert "1 new failure" in browser.js("document.getElementById('compared').textContent")
+                browser.screenshot(shots / f"job-new-failure-{name}.png")
+                if is_phone:
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+                href = browser.js(f"{row}.querySelector('td.name a').href")
+                browser.open(href)
+                target = "document.querySelector('tr:target')"
+                assert "linux-posix-pwd" in browser.js(f"{target}.textContent")
+                assert "failing since" in browser.js(f"{target}.textContent")
+                strip = browser.js(f"[...{target}.querySelectorAll('.strip a')].map(a => a.className)")
+                assert strip == ["pass", "fail"]
+                browser.screenshot(shots / f"case-history-{name}.png")
+                if is_phone:
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+    finally:
+        phone(browser, False)
+    assert browser.violations == [] and browser.errors == []

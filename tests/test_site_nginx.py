@@ -130,7 +130,7 @@ def test_index_job_log_and_bundle_with_content_types(served: tuple[str, Path, Pa
 
     status, headers, body = curl(f"{url}/jobs/2/")
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
-    assert b"0_smoke-tests" in body and b'<table class="results list">' in body
+    assert b"0_smoke-tests" in body and b'<table class="results list cards">' in body
     assert b"&lt;script&gt;alert(&#34;job&#34;)&lt;/script&gt;" in body  # the nasty job name, escaped
     assert b"<script>alert" not in body
 
