@@ -44,7 +44,9 @@ from sitegen.history import (
     add_run,
     case_href,
     case_key,
+    case_label,
     case_marks,
+    compare_runs,
     load_series,
     render_case_pages,
     run_of,
@@ -122,6 +124,8 @@ class Compared:
     series: str
     previous: int | None = None
     marks: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: the previous run itself (its cases), for the "compare with previous run" page
+    previous_run: dict | None = None
 
 
 def job_series(job: JobView) -> str:
@@ -208,9 +212,16 @@ class Site:
             log_pages=[(p.number, p.first, p.last, log_page_name(p.number)) for p in rendered.pages],
         )
         self._log_pages(job, summary, rendered, base)
+        if compared.previous_run is not None:
+            self.compare_page(f"{base}/compare.html", compared.previous_run, job_run(job), compared.series)
         self._prune_dir(self.root / base)
         entries = {suite: suite_entry(job, suite) for suite in summary["suites"]}
         return summary, entries
+
+    def compare_page(self, rel: str, before: dict, after: dict, series: str | None = None) -> None:
+        """What changed between two runs: regressions, fixes, still failing, measurement deltas."""
+        self.page(rel, "compare.html", before=before, after=after, diff=compare_runs(before, after),
+                  label=case_label, case_page=(lambda key: case_href(series, key)) if series else None)
 
     def _job_files(self, job: JobView, base: str) -> list[tuple[str, str]]:
         """Publish the raw files and exports next to the job page; return (file, label) pairs."""
@@ -643,8 +654,12 @@ def _series_of_build(site: Site, run_map: Callable, todo: list[int], previous: d
     compared = {}
     for job_id, key, run, _name, _type in runs:
         previous_id, marks = case_marks(series[key], run)
-        compared[job_id] = Compared(key, previous_id, marks)
+        compared[job_id] = Compared(key, previous_id, marks, _run_of_series(series[key], previous_id))
     return series, compared
+
+
+def _run_of_series(series: dict, job_id: int | None) -> dict | None:
+    return next((r for r in series.get("runs", []) if r["id"] == job_id), None) if job_id else None
 
 
 def _summary_with_suite_counts(summary: dict, entries: dict[str, dict]) -> dict:
@@ -887,7 +902,8 @@ def publish_job(
                 series = add_run(load_series(site_root, key), run, job_id)
                 series.update(name=job.name, device_type=str(job.meta.get("device_type") or ""))
                 previous_id, marks = case_marks(series, run)
-                summary, entries = site.render_job(job, Compared(key, previous_id, marks))
+                summary, entries = site.render_job(
+                    job, Compared(key, previous_id, marks, _run_of_series(series, previous_id)))
                 jobs[job_id] = _summary_with_suite_counts(summary, entries)
                 write_series(site, key, series)
                 render_case_pages(site, key, series, run["cases"])

@@ -96,6 +96,36 @@ def case_marks(series: dict, run: dict) -> tuple[int | None, dict[str, tuple[str
     return previous["id"], marks
 
 
+def compare_runs(before: dict, after: dict) -> dict[str, list]:
+    """What changed from run ``before`` to run ``after`` (any two runs, comparable or not): cases that
+    now fail and passed (regressions), now pass and failed (fixes), fail in both, measurements that
+    moved, and cases only one of them has. Each entry names the case by its key."""
+    old, new = before.get("cases", {}), after.get("cases", {})
+    out: dict[str, list] = {"regressions": [], "fixes": [], "still_failing": [], "deltas": [], "added": [],
+                            "removed": sorted(set(old) - set(new))}
+    for key in sorted(new):
+        if key not in old:
+            out["added"].append(key)
+            continue
+        (was, was_m, units), (now, now_m, _units) = old[key], new[key]
+        if now == "fail" and was == "pass":
+            out["regressions"].append(key)
+        elif now == "pass" and was == "fail":
+            out["fixes"].append(key)
+        elif now == "fail" and was == "fail":
+            out["still_failing"].append(key)
+        if was_m is not None and now_m is not None and was_m != now_m:
+            change = (now_m - was_m) / abs(was_m) * 100 if was_m else None
+            out["deltas"].append((key, was_m, now_m, now_m - was_m, change, units))
+    return out
+
+
+def case_label(key: str) -> tuple[str, str, str]:
+    """(definition, set, case) of a case key."""
+    definition, test_set, case = key.split(SEP, 2)
+    return definition, test_set, case
+
+
 def definition_href(series: str, definition: str) -> str:
     """The history page of a test definition in ``series``, relative to the site root."""
     return f"cases/{series}/{slug(definition)}.html"

@@ -659,7 +659,8 @@ def test_a_case_that_flips_is_a_new_failure_on_the_job_page_and_its_history_show
     tmp_path: Path, browser: Browser
 ) -> None:
     """Job 2 runs the job of job 1 again on the same device type and one case fails: its page marks
-    it "new failure"; its link lands on the case's row of the definition's history (desktop, 390 px)."""
+    it "new failure"; its link lands on the case's row of the definition's history; "compare with
+    previous run" lists it as a regression (desktop, 390 px)."""
     from test_site_history import history_store
 
     shots = Path(os.environ.get("PUMICE_SCREENSHOTS") or tmp_path / "shots")
@@ -687,6 +688,13 @@ def test_a_case_that_flips_is_a_new_failure_on_the_job_page_and_its_history_show
                 strip = browser.js(f"[...{target}.querySelectorAll('.strip a')].map(a => a.className)")
                 assert strip == ["pass", "fail"]
                 browser.screenshot(shots / f"case-history-{name}.png")
+                if is_phone:
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+                # "compare with previous run": the regression is listed
+                browser.open(f"{url}/jobs/2/index.html")
+                browser.open(browser.js("document.getElementById('compare-previous').href"))
+                assert "linux-posix-pwd" in browser.js("document.getElementById('regressions').textContent")
+                browser.screenshot(shots / f"compare-{name}.png")
                 if is_phone:
                     assert browser.js("document.documentElement.scrollWidth") <= 390
     finally:

@@ -10,7 +10,16 @@ from results.bundle import dump_bundle, load_bundle
 from results.record import Result
 from sitegen import build_site, publish_job
 from sitegen.fixtures import make_store
-from sitegen.history import FIXED, NEW_FAILURE, SEP, STILL_FAILING, case_marks, definition_name, run_of
+from sitegen.history import (
+    FIXED,
+    NEW_FAILURE,
+    SEP,
+    STILL_FAILING,
+    case_marks,
+    compare_runs,
+    definition_name,
+    run_of,
+)
 
 SITE = {"instance": "lab-a.example.org", "now": "2024-01-01 00:00:00"}
 
@@ -40,6 +49,23 @@ def test_new_failure_fixed_and_still_failing_against_the_previous_comparable_run
     assert previous == 2
     assert marks == {key("a"): (NEW_FAILURE, 3), key("b"): (STILL_FAILING, 1), key("c"): (NEW_FAILURE, 3)}
     assert case_marks(series, runs[1])[1] == {key("b"): (STILL_FAILING, 1), key("c"): (FIXED, 2)}
+
+
+def test_compare_names_regressions_fixes_and_measurement_deltas() -> None:
+    before = run_of(1, None, "complete", [
+        Result(job="1", level="3.1", suite="0_smoke", case="a", result="pass"),
+        Result(job="1", level="3.1", suite="0_smoke", case="b", result="fail"),
+        Result(job="1", level="3.1", suite="1_bench", case="boot", result="pass", measurement=10.0, units="s"),
+        Result(job="1", level="3.1", suite="1_bench", case="gone", result="pass")])
+    after = run_of(2, None, "complete", [
+        Result(job="2", level="3.1", suite="0_smoke", case="a", result="fail"),
+        Result(job="2", level="3.1", suite="0_smoke", case="b", result="pass"),
+        Result(job="2", level="3.1", suite="1_bench", case="boot", result="pass", measurement=12.5, units="s"),
+        Result(job="2", level="3.1", suite="1_bench", case="new", result="skip")])
+    diff = compare_runs(before, after)
+    assert diff["regressions"] == [key("a")] and diff["fixes"] == [key("b")] and diff["still_failing"] == []
+    assert diff["deltas"] == [(f"bench{SEP}{SEP}boot", 10.0, 12.5, 2.5, 25.0, "s")]
+    assert diff["added"] == [f"bench{SEP}{SEP}new"] and diff["removed"] == [f"bench{SEP}{SEP}gone"]
 
 
 def flip(store, job_id: int, name: str, case: str, result: str) -> None:
@@ -76,6 +102,10 @@ def test_a_case_that_flips_is_a_new_failure_on_the_job_page_and_on_its_case_page
     strip = re.findall(r'<a class="(\w+)" href="[./]*jobs/(\d+)/index.html"', case_row)
     assert strip == [("pass", "1"), ("fail", "2")]
     assert "data-mark" not in (tmp_path / "site/jobs/1/index.html").read_text()  # nothing to compare with
+    assert not (tmp_path / "site/jobs/1/compare.html").exists()
+    compare = (tmp_path / "site/jobs/2/compare.html").read_text()
+    regressions = re.search(r'<table class="list cards" id="regressions">.*?</table>', compare, re.S).group(0)
+    assert "linux-posix-pwd" in regressions and 'id="fixes"' not in compare
 
 
 def test_publishing_jobs_one_by_one_gives_the_full_builds_history(tmp_path: Path) -> None:
