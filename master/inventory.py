@@ -23,7 +23,7 @@ from master import events
 from master.db import db
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
-from master.models import Device, DeviceTag, DeviceType, Tag, User, Worker, iso, utcnow
+from master.models import Device, DeviceHealthChange, DeviceTag, DeviceType, Job, Tag, User, Worker, iso, utcnow
 from master.states import (
     DEFAULT_HEALTH_DENOMINATOR,
     DEFAULT_HEALTH_FREQUENCY,
@@ -81,10 +81,21 @@ def _yaml_mapping(what: str, text: str | None) -> str | None:
 # ---- lab.yaml ----
 
 def lab_snapshot() -> dict[str, Any]:
-    """Devices, device types and workers as plain data (``lab.yaml``, read by the site)."""
+    """Devices, device types and workers as plain data (``lab.yaml``, read by the site); each device
+    with its latest health transitions and health checks (for its page)."""
+    # not the dictionaries: a thousand of them would be most of the time spent here
+    devices = list(Device.select(Device.id, Device.hostname, Device.device_type, Device.worker, Device.description,
+                                 Device.state, Device.health, Device.current_job_id, Device.last_health_check)
+                   .order_by(Device.hostname))
+    records = device_records(devices)
+    transitions = health_history(d.id for d in devices)
+    checks = health_checks(d.id for d in devices)
+    for device, record in zip(devices, records, strict=True):
+        record["transitions"] = transitions.get(device.id, [])
+        record["health_checks"] = checks.get(device.id, [])
     return {
         "device_types": [device_type_record(dt) for dt in DeviceType.select().order_by(DeviceType.name)],
-        "devices": device_records(Device.select().order_by(Device.hostname)),
+        "devices": records,
         "workers": [worker_record(w) for w in Worker.select().order_by(Worker.hostname)],
     }
 
@@ -375,6 +386,52 @@ def device_records(devices: Iterable[Device]) -> list[dict[str, Any]]:
     } for d in devices]
 
 
+#: health transitions and health checks kept per device on the site's view of the lab
+DEVICE_HISTORY = 20
+
+
+def record_health_change(device_id: int, old: str, new: str, reason: str, job_id: int | None = None) -> None:
+    """Note a change of a device's health (inside the transaction that makes it)."""
+    DeviceHealthChange.create(device=device_id, old=old, new=new, reason=reason[:200], job_id=job_id)
+
+
+def _latest_per_device(model: Any, device_field: Any, where: Any, columns: list[Any]) -> list[tuple]:
+    """Rows of ``model`` (``columns`` then the device id), the latest :data:`DEVICE_HISTORY` per device."""
+    rank = fn.ROW_NUMBER().over(partition_by=[device_field], order_by=[model.id.desc()])
+    inner = model.select(*columns, device_field.alias("device_id"), rank.alias("rank")).where(where)
+    return list(model.select(*[inner.c[c.column_name] for c in columns], inner.c.device_id).from_(inner)
+                .where(inner.c.rank <= DEVICE_HISTORY).order_by(inner.c.device_id, inner.c.id.desc()).tuples())
+
+
+def health_history(device_ids: Iterable[int]) -> dict[int, list[dict[str, Any]]]:
+    """The latest :data:`DEVICE_HISTORY` health transitions of each device, newest first."""
+    ids = list(device_ids)
+    history: dict[int, list[dict[str, Any]]] = {}
+    if not ids:
+        return history
+    change = DeviceHealthChange
+    for _id, time, old, new, reason, job_id, device_id in _latest_per_device(
+            change, change.device, change.device.in_(ids),
+            [change.id, change.time, change.old, change.new, change.reason, change.job_id]):
+        history.setdefault(device_id, []).append({"time": iso(time), "old": old, "new": new,
+                                                  "reason": reason, "job": job_id})
+    return history
+
+
+def health_checks(device_ids: Iterable[int]) -> dict[int, list[dict[str, Any]]]:
+    """The latest :data:`DEVICE_HISTORY` health-check jobs of each device, newest first."""
+    ids = list(device_ids)
+    checks: dict[int, list[dict[str, Any]]] = {}
+    if not ids:
+        return checks
+    for job_id, state, health, end_time, device_id in _latest_per_device(
+            Job, Job.actual_device, Job.health_check & Job.actual_device.in_(ids),
+            [Job.id, Job.state, Job.health, Job.end_time]):
+        checks.setdefault(device_id, []).append({"id": job_id, "state": state, "health": health,
+                                                 "end_time": iso(end_time)})
+    return checks
+
+
 def get_device(hostname: str) -> Device:
     device = Device.get_or_none(Device.hostname == hostname)
     if device is None:
@@ -445,7 +502,10 @@ def update_device(user: User | None, hostname: str, *, health: str | None = None
     with db.atomic():
         device = get_device(hostname)
         if health is not None:
-            device.health = check_choice("device health", health, DeviceHealth.ALL)
+            new = check_choice("device health", health, DeviceHealth.ALL)
+            if new != device.health:
+                record_health_change(device.id, device.health, new, f"set by {user.username}")
+            device.health = new
         if worker is not _UNSET:
             device.worker = get_worker(worker) if worker else None
         if description is not None:

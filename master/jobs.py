@@ -23,7 +23,20 @@ from master import diskfull, events, notify
 from master.db import db, is_postgres
 from master.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
 from master.instance import current
-from master.models import Device, DeviceType, Job, JobTag, Tag, TestCase, TestSuite, User, Worker, iso, utcnow
+from master.models import (
+    Device,
+    DeviceHealthChange,
+    DeviceType,
+    Job,
+    JobTag,
+    Tag,
+    TestCase,
+    TestSuite,
+    User,
+    Worker,
+    iso,
+    utcnow,
+)
 from master.states import (
     MAX_COUNT,
     DeviceState,
@@ -542,6 +555,11 @@ def record_end(job_id: int, health: str, error: str | None = None, error_type: s
             fields: dict[Any, Any] = {Device.state: DeviceState.IDLE, Device.current_job_id: None}
             if outcome.device_health:
                 fields[Device.health] = outcome.device_health
+                if outcome.device_health != device.health:
+                    reason = (f"health check job {job.id}: {outcome.job_health}" if job.health_check
+                              else f"job {job.id}: {error_type} error")
+                    DeviceHealthChange.create(device=device.id, old=device.health, new=outcome.device_health,
+                                              reason=reason, job_id=job.id)
             if job.health_check:
                 fields[Device.last_health_check] = utcnow()
                 fields[Device.jobs_since_check] = 0

@@ -22,6 +22,7 @@ from master.models import (
     MODELS,
     NOTIFY_MODELS,
     Device,
+    DeviceHealthChange,
     Job,
     JoinToken,
     MasterKey,
@@ -100,6 +101,10 @@ def _notifications(database: Database) -> None:
     database.create_tables(NOTIFY_MODELS, safe=True)
 
 
+def _device_health_changes(database: Database) -> None:
+    database.create_tables([DeviceHealthChange], safe=True)
+
+
 #: (version, name, step); versions are consecutive from 1
 MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (1, "initial schema", _initial),
@@ -109,6 +114,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Database], None]]] = [
     (5, "join_tokens, master_keys: worker enrolment with one-time join tokens", _worker_enrolment),
     (6, "jobs.context, jobs.timeout: what START needs, kept at submission", _job_start_fields),
     (7, "notifications: job_notify, the notifications outbox and its attempts, remote_tokens", _notifications),
+    (8, "device_health_changes: each device's health transitions, for its page", _device_health_changes),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -284,6 +284,21 @@ class MasterKey(BaseModel):
         table_name = "master_keys"
 
 
+class DeviceHealthChange(BaseModel):
+    """One change of a device's health, for its page: when, from what to what, and why (an admin,
+    a health check job, a job's infrastructure error)."""
+
+    device = ForeignKeyField(Device, backref="health_changes", on_delete="CASCADE")
+    time = DateTimeField(default=utcnow)
+    old = CharField(max_length=20)
+    new = CharField(max_length=20)
+    reason = CharField(max_length=200, default="")
+    job_id = IntegerField(null=True)
+
+    class Meta:
+        table_name = "device_health_changes"
+
+
 class SchemaVersion(BaseModel):
     """One row per applied migration (see :mod:`master.migrations`)."""
 
@@ -298,7 +313,7 @@ class SchemaVersion(BaseModel):
 #: every table, in creation order (referenced before referencing)
 MODELS: tuple[type[BaseModel], ...] = (
     User, Token, Tag, DeviceType, Worker, Device, DeviceTag, Job, JobTag, TestSuite, TestCase, JoinToken,
-    MasterKey,
+    MasterKey, DeviceHealthChange,
 )
 
 

@@ -4,6 +4,10 @@
 :class:`SitePublisher`, run by :class:`~master.server.MasterServer`, calls it off the request path
 when a job starts (its log page tails ``output.yaml`` live) and when it finishes. A failure is
 logged, not raised: the job is recorded, and ``pumice-site build`` catches up.
+
+:class:`LabPublisher` republishes the lab-now page (and the pages of the devices, device types and
+workers that changed) after any job, device or worker change: its event listener only notes what
+changed, so the scheduler and log ingestion never wait; a burst of events is one publish.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from master import diskfull, events
+from master.db import connection
 from master.instance import current
-from sitegen import publish_job
+from sitegen import publish_job, publish_lab
 
 log = logging.getLogger("pumice.server")
 
@@ -69,5 +75,88 @@ class SitePublisher:
         events.unsubscribe(self.on_event)
         self._stop.set()
         self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+#: events that change what the lab-now page shows
+LAB_EVENTS = frozenset({"job_submitted", "job_scheduled", "job_started", "job_canceling", "job_finished",
+                        "device_freed", "device_changed", "worker_online", "worker_offline", "worker_changed",
+                        "lab_changed"})
+#: how long a publish waits for more events of the same burst
+COALESCE = 0.05
+
+
+class LabPublisher:
+    """Republishes the lab-now page within a second of a change, coalescing bursts, off every loop."""
+
+    def __init__(self, coalesce: float = COALESCE) -> None:
+        self.coalesce = coalesce
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._devices: set[str] = set()
+        self._workers: set[str] = set()
+        self._all_pages = True  # at start: every device, type and worker page once
+        self._thread: threading.Thread | None = None
+
+    def on_event(self, event: str, data: dict[str, Any]) -> None:
+        if event not in LAB_EVENTS:
+            return
+        with self._lock:
+            if event in ("device_changed", "lab_changed"):
+                if data.get("devices"):
+                    self._devices.update(map(str, data["devices"]))
+                else:
+                    self._all_pages = True
+            elif event.startswith("worker_"):
+                self._workers.update(map(str, data.get("workers") or ()))
+        self._wake.set()
+
+    def publish_once(self) -> None:
+        """Publish the lab now (and the pages noted since the last publish)."""
+        from master.labnow import lab_model
+
+        with self._lock:
+            devices, workers, everything = self._devices, self._workers, self._all_pages
+            self._devices, self._workers, self._all_pages = set(), set(), False
+        instance = current()
+        if instance.site_dir is None:
+            return
+        with connection():
+            lab = lab_model()
+        lab["instance"] = instance.name
+        types: set[str] = set()
+        if everything:
+            devices = {str(d["hostname"]) for d in lab["devices"]}
+            workers = {str(w["hostname"]) for w in lab["workers"]}
+            types = {str(t["name"]) for t in lab["device_types"]}
+        else:
+            types = {str(d["device_type"]) for d in lab["devices"] if d["hostname"] in devices and d["device_type"]}
+        publish_lab(instance.store.root, instance.site_dir, lab, instance=instance.name, base_url=instance.url,
+                    devices=devices, device_types=types, workers=workers)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            if self._stop.is_set():
+                return
+            time.sleep(self.coalesce)
+            self._wake.clear()
+            try:
+                self.publish_once()
+            except Exception:
+                log.exception("publishing the lab-now page failed; the next change retries")
+
+    def start(self) -> None:
+        events.subscribe(self.on_event)
+        self._wake.set()
+        self._thread = threading.Thread(target=self._run, name="pumice-lab-now", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        events.unsubscribe(self.on_event)
+        self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)

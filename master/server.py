@@ -22,7 +22,7 @@ from waitress.channel import HTTPChannel
 from master.api import make_app
 from master.broker import Broker
 from master.instance import current
-from master.publish import SitePublisher
+from master.publish import LabPublisher, SitePublisher
 from master.scheduler import Scheduler
 from master.validation import ValidatorPool, default_validators
 
@@ -67,6 +67,7 @@ class MasterServer:
         # LAVA's event stream (master.publisher) on a PUB socket of its own, when configured
         self.events = EventPublisher(event_socket) if event_socket else None
         self.publisher = SitePublisher() if publish_site else None
+        self.lab_publisher = LabPublisher() if publish_site else None
         processes = default_validators() if validators is None else validators
         self.validators = ValidatorPool(processes) if processes > 0 else None
         self._server = waitress.create_server(
@@ -91,6 +92,8 @@ class MasterServer:
             self.scheduler.start()
         if self.publisher:
             self.publisher.start()
+        if self.lab_publisher:
+            self.lab_publisher.start()
         if self.broker is not None:
             self.broker.start()
         if self.outbox:
@@ -141,6 +144,8 @@ class MasterServer:
             self.scheduler.stop()
         if self.publisher:
             self.publisher.stop()
+        if self.lab_publisher:
+            self.lab_publisher.stop()
         if self.outbox:
             self.outbox.stop()
         if self.events:

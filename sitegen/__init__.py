@@ -4,6 +4,6 @@ Public entry points: :func:`build_site` (``pumice-site build``), :func:`publish_
 when a job finishes) and :func:`results.imports.import_bundle` (bundle upload).
 """
 
-from sitegen.build import BuildReport, SiteConfig, build_site, publish_job
+from sitegen.build import BuildReport, SiteConfig, build_site, publish_job, publish_lab
 
-__all__ = ["BuildReport", "SiteConfig", "build_site", "publish_job"]
+__all__ = ["BuildReport", "SiteConfig", "build_site", "publish_job", "publish_lab"]

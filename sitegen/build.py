@@ -8,6 +8,7 @@ the per-suite histories in ``data/suites/``, so publishing one job reads one job
 Site layout (all links are relative, so the site also works from a file system or any static host)::
 
     index.html                     recent jobs, with state/health filters
+    lab/index.html, lab/now.txt    the lab now (sitegen.labnow), republished by the master on every change
     jobs/index.html                all jobs, by id range (jobs/archive-<n>.html) and filter pages
     jobs/<id>/index.html           the job page; log.html, log-2.html... the log
     jobs/<id>/{job,output,results,description}.yaml, junit.xml, results.tap, results.csv
@@ -28,16 +29,31 @@ import shutil
 import socket
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from results.export import to_csv, to_junit, to_tap13
 from results.record import RESULTS
 from results.store import ArtifactStore
 from sitegen.bundles import job_url, site_base_url, site_bundle
+from sitegen.history import (
+    add_run,
+    case_href,
+    case_key,
+    case_label,
+    case_marks,
+    compare_runs,
+    load_series,
+    render_case_pages,
+    run_of,
+    series_key,
+    write_series,
+)
+from sitegen.labnow import lab_lock, load_lab, render_lab
 from sitegen.logpage import LOG_PAGE_LINES, RenderedLog, log_page_name, page_of_line, render_log
 from sitegen.model import (
     HEALTHS,
@@ -47,6 +63,7 @@ from sitegen.model import (
     job_stamp,
     job_summary,
     load_job,
+    load_results,
     pipeline_rows,
     suite_entry,
 )
@@ -72,7 +89,7 @@ FILTERS = (
     ("queued", "Queued", "state", ("submitted", "scheduling", "scheduled")),
 )
 # Top-level entries of the site that builds own (a full build prunes stale files under these only).
-OWNED = ("index.html", "jobs", "devices", "device-types", "workers", "suites", "data", "static")
+OWNED = ("index.html", "lab", "jobs", "cases", "devices", "device-types", "workers", "suites", "data", "static")
 RAW_LABELS = {
     "job.yaml": "job definition",
     "output.yaml": "log (raw)",
@@ -98,6 +115,25 @@ class SiteConfig:
         if not self.instance:
             self.instance = socket.getfqdn() or "localhost"
         self.base_url = site_base_url(self.instance, self.base_url)
+
+
+@dataclass
+class Compared:
+    """A job against its series: the previous comparable run and each case's mark (see sitegen.history)."""
+
+    series: str
+    previous: int | None = None
+    marks: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: the previous run itself (its cases), for the "compare with previous run" page
+    previous_run: dict | None = None
+
+
+def job_series(job: JobView) -> str:
+    return series_key(job.name, job.meta.get("device_type"))
+
+
+def job_run(job: JobView) -> dict:
+    return run_of(job.id, job.meta.get("end_time") and str(job.meta.get("end_time")), job.health, job.results)
 
 
 @dataclass
@@ -147,12 +183,16 @@ class Site:
 
     # -- one job -----------------------------------------------------------------------------------------
 
-    def render_job(self, job: JobView) -> tuple[dict, dict[str, dict]]:
-        """Write the job's page, log pages and files; return its summary and its run of each suite."""
+    def render_job(self, job: JobView, compared: Compared | None = None) -> tuple[dict, dict[str, dict]]:
+        """Write the job's page, log pages and files; return its summary and its run of each suite.
+
+        ``compared``: the job against its series (the previous comparable run, each case's mark)."""
         base = f"jobs/{job.id}"
         rendered = render_log(job.log_path, self.config.log_page_lines) if job.log_path else RenderedLog()
         files = self._job_files(job, base)
         summary = job_summary(job)
+        compared = compared or Compared(job_series(job))
+        summary["series"] = compared.series
         rows = pipeline_rows(job, rendered.start_lines)
         self.page(
             f"{base}/index.html",
@@ -160,7 +200,9 @@ class Site:
             job=job,
             s=summary,
             rows=rows,
-            suites=self._result_groups(job, rendered),
+            suites=self._result_groups(job, rendered, compared),
+            compared=compared,
+            marked=Counter(mark for mark, _first in compared.marks.values()),
             files=files,
             log=rendered,
             metadata=job.job_metadata(),
@@ -170,9 +212,16 @@ class Site:
             log_pages=[(p.number, p.first, p.last, log_page_name(p.number)) for p in rendered.pages],
         )
         self._log_pages(job, summary, rendered, base)
+        if compared.previous_run is not None:
+            self.compare_page(f"{base}/compare.html", compared.previous_run, job_run(job), compared.series)
         self._prune_dir(self.root / base)
         entries = {suite: suite_entry(job, suite) for suite in summary["suites"]}
         return summary, entries
+
+    def compare_page(self, rel: str, before: dict, after: dict, series: str | None = None) -> None:
+        """What changed between two runs: regressions, fixes, still failing, measurement deltas."""
+        self.page(rel, "compare.html", before=before, after=after, diff=compare_runs(before, after),
+                  label=case_label, case_page=(lambda key: case_href(series, key)) if series else None)
 
     def _job_files(self, job: JobView, base: str) -> list[tuple[str, str]]:
         """Publish the raw files and exports next to the job page; return (file, label) pairs."""
@@ -194,8 +243,9 @@ class Site:
         order = list(RAW_LABELS)
         return [(name, RAW_LABELS[name]) for name in sorted(files, key=order.index)]
 
-    def _result_groups(self, job: JobView, rendered: RenderedLog) -> list[dict]:
-        """Results per suite (test suites first, ``lava`` last), each with the log line it was reported on."""
+    def _result_groups(self, job: JobView, rendered: RenderedLog, compared: Compared) -> list[dict]:
+        """Results per suite (test suites first, ``lava`` last), each with the log line it was reported on,
+        its case page and its mark against the previous comparable run."""
         seen: Counter = Counter()
         groups: dict[str, dict] = {}
         for result in job.results:
@@ -206,7 +256,11 @@ class Site:
             group = groups.setdefault(
                 result.suite, {"suite": result.suite, "rows": [], "counts": dict.fromkeys(RESULTS, 0)}
             )
-            group["rows"].append((result, line))
+            if result.suite == "lava":
+                group["rows"].append((result, line, None, None))
+            else:
+                ckey = case_key(result)
+                group["rows"].append((result, line, compared.marks.get(ckey), case_href(compared.series, ckey)))
             if result.result in group["counts"]:
                 group["counts"][result.result] += 1
         return sorted(groups.values(), key=lambda g: g["suite"] == "lava")
@@ -580,6 +634,34 @@ def _add_run(history: dict, entry: dict | None, job_id: int) -> dict:
     return history
 
 
+def _series_of_build(site: Site, run_map: Callable, todo: list[int], previous: dict[int, dict], ids: set[int],
+                     incremental: bool) -> tuple[dict[str, dict], dict[int, Compared]]:
+    """The test-case history of a build: every series with the runs of ``todo`` put in (an
+    incremental build starts from the series files of the last one), and each todo job's comparison."""
+    runs = [r for r in run_map(_series_run, todo) if r is not None]
+    series: dict[str, dict] = {}
+    if incremental:
+        for summary in previous.values():
+            key = summary.get("series")
+            if key and key not in series:
+                series[key] = load_series(site.root, key)
+        for data in series.values():
+            for job_id in set(todo) | (set(previous) - ids):
+                add_run(data, None, job_id)
+    for job_id, key, run, name, device_type in runs:
+        data = series.setdefault(key, {"name": name, "device_type": device_type, "runs": []})
+        add_run(data, run, job_id)
+    compared = {}
+    for job_id, key, run, _name, _type in runs:
+        previous_id, marks = case_marks(series[key], run)
+        compared[job_id] = Compared(key, previous_id, marks, _run_of_series(series[key], previous_id))
+    return series, compared
+
+
+def _run_of_series(series: dict, job_id: int | None) -> dict | None:
+    return next((r for r in series.get("runs", []) if r["id"] == job_id), None) if job_id else None
+
+
 def _summary_with_suite_counts(summary: dict, entries: dict[str, dict]) -> dict:
     summary["suites"] = {suite: entry["counts"] for suite, entry in entries.items()}
     return summary
@@ -596,8 +678,18 @@ def _init_worker(store_root: str, site_root: str, config: SiteConfig) -> None:
     _WORKER_SITE = Site(store_root, site_root, config)
 
 
-def _render_one(job_id: int) -> tuple[int, dict | None, dict, list[str], str | None]:
+def _series_run(job_id: int) -> tuple[int, str, dict, str, str] | None:
+    """A job's place in the test-case history, read in a worker: (id, series, run), None if it has none."""
+    site = _WORKER_SITE
+    assert site is not None
+    job = load_results(site.store, job_id)
+    return None if job is None else (job.id, job_series(job), job_run(job), job.name,
+                                     str(job.meta.get("device_type") or ""))
+
+
+def _render_one(item: tuple[int, Compared | None]) -> tuple[int, dict | None, dict, list[str], str | None]:
     """Render one job in a worker: (id, summary or None when not public, suite entries, paths, error)."""
+    job_id, compared = item
     site = _WORKER_SITE
     assert site is not None
     site.writer = Writer(site.root)
@@ -608,7 +700,7 @@ def _render_one(job_id: int) -> tuple[int, dict | None, dict, list[str], str | N
         if not is_public(job.meta):
             site.remove_job(job_id)
             return job_id, None, {}, [], None
-        summary, entries = site.render_job(job)
+        summary, entries = site.render_job(job, compared)
     except SiteError as exc:
         return job_id, None, {}, [str(p) for p in site.writer.written], str(exc)
     except Exception as exc:  # one broken job must not stop the build; the report names it
@@ -617,19 +709,21 @@ def _render_one(job_id: int) -> tuple[int, dict | None, dict, list[str], str | N
     return job_id, _summary_with_suite_counts(summary, entries), entries, [str(p) for p in site.writer.written], None
 
 
-def _render_many(
-    store_root: Path, site_root: Path, config: SiteConfig, ids: list[int], processes: int
-) -> Iterator[tuple[int, dict | None, dict, list[str], str | None]]:
-    if processes <= 1 or len(ids) < 32:
+@contextmanager
+def _workers(store_root: Path, site_root: Path, config: SiteConfig, count: int, processes: int) -> Iterator:
+    """A ``map(func, items)`` over ``count`` items of work: in this process for a few, else in a pool of
+    ``processes`` (spawned once for every phase of a build)."""
+    if processes <= 1 or count < 32:
         _init_worker(str(store_root), str(site_root), config)
-        yield from map(_render_one, ids)
+        yield map
         return
     # spawn, not fork: build_site may run inside the master, which has threads and ZeroMQ sockets
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         processes, mp_context=context, initializer=_init_worker, initargs=(str(store_root), str(site_root), config)
     ) as pool:
-        yield from pool.map(_render_one, ids, chunksize=max(1, min(64, len(ids) // (processes * 8))))
+        chunks = max(1, min(64, count // (processes * 8)))
+        yield lambda func, items: pool.map(func, items, chunksize=chunks)
 
 
 @contextmanager
@@ -699,9 +793,21 @@ def build_site(
             for gone in set(previous) - set(ids):
                 changed_suites.update(previous[gone].get("suites", {}))
         processes = processes if processes is not None else (os.cpu_count() or 1)
-        for job_id, summary, entries, written, error in _render_many(
-            site.store.root, site_root, config, todo, processes
-        ):
+        workers = _workers(site.store.root, site_root, config, len(todo), processes)
+        run_map = workers.__enter__()
+        try:
+            series, compared = _series_of_build(site, run_map, todo, previous, set(ids), incremental)
+            rendered = list(run_map(_render_one, [(job_id, compared.get(job_id)) for job_id in todo]))
+        finally:
+            workers.__exit__(None, None, None)
+        for key, data in series.items():
+            write_series(site, key, data)
+        touched_series = {c.series for c in compared.values()} | {
+            previous[j].get("series") for j in set(previous) - set(ids) if previous[j].get("series")}
+        for key in sorted(touched_series if incremental else series):
+            if key in series:
+                render_case_pages(site, key, series[key])
+        for job_id, summary, entries, written, error in rendered:
             site.writer.written.update(Path(p) for p in written)
             if error:
                 report.errors.append(error)
@@ -735,6 +841,11 @@ def build_site(
         site.static()
         site.render_lists(jobs, suites, site.store.read_lab())
         site.write_jobs_data(jobs)
+        with lab_lock(site_root):
+            lab = load_lab(site)
+            if (site_root / "data" / "lab.json").exists():
+                site.writer.written.add(site_root / "data" / "lab.json")  # the master's: kept
+            render_lab(site, lab)
         if not incremental:
             report.removed = site.prune()
         report.written = len(site.writer.written)
@@ -783,16 +894,29 @@ def publish_job(
         jobs = site.load_jobs_data()
         old = jobs.pop(job_id, None)
         entries: dict[str, dict] = {}
+        old_series = (old or {}).get("series")
         if (site.store.job_dir(job_id) / "meta.yaml").exists():
             job = load_job(site.store, job_id)
             if is_public(job.meta):
-                summary, entries = site.render_job(job)
+                key, run = job_series(job), job_run(job)
+                series = add_run(load_series(site_root, key), run, job_id)
+                series.update(name=job.name, device_type=str(job.meta.get("device_type") or ""))
+                previous_id, marks = case_marks(series, run)
+                summary, entries = site.render_job(
+                    job, Compared(key, previous_id, marks, _run_of_series(series, previous_id)))
                 jobs[job_id] = _summary_with_suite_counts(summary, entries)
+                write_series(site, key, series)
+                render_case_pages(site, key, series, run["cases"])
                 report.rendered = 1
             else:
                 site.remove_job(job_id)
         else:
             site.remove_job(job_id)
+        new_series = (jobs.get(job_id) or {}).get("series")
+        if old_series and old_series != new_series:  # the job left a series (renamed, other device type)
+            series = add_run(load_series(site_root, old_series), None, job_id)
+            write_series(site, old_series, series)
+            render_case_pages(site, old_series, series)
         new = jobs.get(job_id)
         touched = [s for s in (old, new) if s]
         suites: dict[str, dict] = {}
@@ -807,6 +931,9 @@ def publish_job(
             archives = None  # a new or vanished archive page: every archive's navigation changes
         if not (site_root / "static" / "site.css").exists():
             site.static()
+        if not (site_root / "lab" / "index.html").exists():  # the master's lab publisher keeps it current
+            with lab_lock(site_root):
+                render_lab(site, load_lab(site))
         site.render_lists(
             jobs,
             suites,
@@ -829,4 +956,38 @@ def publish_job(
     return report
 
 
-__all__ = ["HEALTHS", "BuildReport", "Site", "SiteConfig", "build_site", "publish_job"]
+def publish_lab(
+    store_root: str | os.PathLike,
+    site_root: str | os.PathLike,
+    lab: dict[str, Any],
+    *,
+    instance: str = "",
+    base_url: str = "",
+    template_dirs: Iterable[str] = (),
+    devices: Iterable[str] = (),
+    device_types: Iterable[str] = (),
+    workers: Iterable[str] = (),
+) -> float:
+    """Publish the lab-now page from ``lab`` (and the named device, type and worker pages); return
+    the seconds the lab-now page took."""
+    started = time.perf_counter()
+    config = SiteConfig(instance=instance, base_url=base_url, template_dirs=tuple(map(str, template_dirs)))
+    site_root = Path(site_root)
+    with lab_lock(site_root):
+        site = Site(store_root, site_root, config)
+        site.writer.write("data/lab.json", json.dumps(lab, separators=(",", ":"), default=str))
+        render_lab(site, lab)
+        if not (site_root / "static" / "site.css").exists():  # a new lab: no job published yet
+            site.static()
+    seconds = time.perf_counter() - started
+    devices, device_types, workers = set(devices), set(device_types), set(workers)
+    if devices or device_types or workers:
+        with site_lock(site_root):
+            site = Site(store_root, site_root, config)
+            site.render_lists(site.load_jobs_data(), {}, lab, devices=devices, device_types=device_types,
+                              workers=workers, suite_names=(), archives=(), filters=())
+    log.debug("lab now published in %.0f ms", seconds * 1000)
+    return seconds
+
+
+__all__ = ["HEALTHS", "BuildReport", "Site", "SiteConfig", "build_site", "publish_job", "publish_lab"]

@@ -497,10 +497,10 @@ _SHELL_LINES = (
 )
 
 
-def make_job(store: ArtifactStore, spec: JobSpec, seed: int = 0) -> None:
+def make_job(store: ArtifactStore, spec: JobSpec, seed: int = 0, name: str | None = None) -> None:
     """Write one job (definition, meta, description, log, results) into ``store``."""
     rng = random.Random(seed * 100003 + spec.job_id)
-    name = f"{spec.device_type} smoke #{spec.job_id}"
+    name = name or f"{spec.device_type} smoke #{spec.job_id}"
     if spec.nasty:
         name = f'nasty <script>alert("job")</script> & "{spec.job_id}"'
     submit = EPOCH + _dt.timedelta(minutes=7 * spec.job_id)
@@ -593,22 +593,24 @@ def make_store(
     """A store of ``count`` generated jobs plus lab.yaml.
 
     With ``variants`` > 0 only that many distinct logs are generated and the other jobs reuse them (a
-    copy of output.yaml and its index): the site does the same work, the fixture is built much faster.
+    copy of output.yaml and its index): the site does the same work, the fixture is built much faster;
+    the jobs then have that many names, as a lab runs the same job definitions again and again.
     """
     store = ArtifactStore(root)
     store.write_lab(LAB)
     specs = default_specs(count, cases, log_lines, nasty, first_id)
     for index, spec in enumerate(specs):
+        name = f"{spec.device_type} smoke #{first_id + index % variants}" if variants else None
         if variants and index >= variants and spec.outcome != "running":
             source = specs[index % variants]
             if source.outcome == spec.outcome and source.device_type == spec.device_type:
-                make_job_like(store, spec, source, seed)
+                make_job_like(store, spec, source, seed, name)
                 continue
-        make_job(store, spec, seed)
+        make_job(store, spec, seed, name)
     return store
 
 
-def make_job_like(store: ArtifactStore, spec: JobSpec, source: JobSpec, seed: int = 0) -> None:
+def make_job_like(store: ArtifactStore, spec: JobSpec, source: JobSpec, seed: int = 0, name: str | None = None) -> None:
     """Like :func:`make_job`, but the log is a copy of an already generated job's log (fast)."""
     rng = random.Random(seed * 100003 + spec.job_id)
     results, _records, _end = _results_and_log(
@@ -641,7 +643,7 @@ def make_job_like(store: ArtifactStore, spec: JobSpec, source: JobSpec, seed: in
             meta[key] = (_dt.datetime.fromisoformat(str(meta[key])) + offset).isoformat()
     meta.update(
         id=spec.job_id,
-        name=f"{spec.device_type} smoke #{spec.job_id}",
+        name=name or f"{spec.device_type} smoke #{spec.job_id}",
         device=spec.device,
         worker=spec.worker,
         health_check=spec.job_id % 10 == 0,
@@ -668,3 +670,39 @@ def hostile_bundle(source_url: str = HOSTILE_URLS["javascript"], safe_url: str =
             )
         )
     return dump_bundle("1", results, header)
+
+
+def make_lab_model(devices: int = 200, workers: int = 20, running: int = 50, queued: int = 200) -> dict:
+    """A lab-now model of the shape the master hands :func:`sitegen.publish_lab` (for benches and
+    tests that need a big lab without a master): every tenth device Bad or Maintenance, one worker
+    offline, transitions on the unhealthy devices."""
+    healths = ["Good"] * 8 + ["Bad", "Maintenance"]
+    stamp = "2024-05-01T10:00:00.000000Z"
+    lab_workers = [{"hostname": f"worker-{w:02d}", "state": "Offline" if w == 0 else "Online", "health": "Active",
+                    "last_seen": stamp, "version": "0.1.0"} for w in range(workers)]
+    lab_devices = []
+    for d in range(devices):
+        health = healths[d % len(healths)]
+        lab_devices.append({
+            "hostname": f"board-{d:03d}", "device_type": f"type-{d % 10}", "worker": f"worker-{d % workers:02d}",
+            "state": "Running" if d < running else "Idle", "health": health, "tags": ["usb"] if d % 3 else [],
+            "transitions": [] if health == "Good" else [
+                {"time": stamp, "old": "Good", "new": health, "reason": "set by admin", "job": None}],
+            "health_checks": [],
+        })
+
+    def job(n: int, state: str) -> dict:
+        return {"id": n, "name": f"job {n}", "state": state, "priority": 50, "submit_time": stamp,
+                "start_time": stamp if state == "Running" else None, "device_type": f"type-{n % 10}",
+                "tags": ["usb"] if n % 2 else [], "device": f"board-{n % devices:03d}" if state == "Running" else None,
+                "worker": f"worker-{n % workers:02d}" if state == "Running" else None, "submitter": "alice",
+                "health_check": False, "why": f"all usable devices of type type-{n % 10} are busy"}
+
+    return {
+        "as_of": stamp, "instance": "bench.example.org",
+        "device_types": [{"name": f"type-{t}", "health_check": False} for t in range(10)],
+        "devices": lab_devices, "workers": lab_workers,
+        "running": [job(n, "Running") for n in range(1, running + 1)], "running_private": 0,
+        "queued": [job(n, "Submitted") for n in range(running + 1, running + queued + 1)],
+        "queued_total": queued, "queued_private": 0,
+    }

@@ -174,6 +174,23 @@ def _yaml_file(store: ArtifactStore, job_id: int, name: str, load: Any) -> Any:
         raise SiteError(f"{store.job_dir(job_id) / name}: not valid YAML: {exc}") from exc
 
 
+def load_results(store: ArtifactStore, job_id: int) -> JobView | None:
+    """A job's meta and results only (what its place in the test-case history needs); None when it
+    is not a public job with readable files (its render reports why)."""
+    job_dir = store.job_dir(job_id)
+    try:
+        meta = _yaml_load((job_dir / "meta.yaml").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or not is_public(meta):
+            return None
+        job = JobView(id=int(job_id), meta=meta)
+        bundle_text = store.read_file(job_id, "results.yaml")
+        if bundle_text:
+            job.results = list(load_bundle(bundle_text).results)
+        return job
+    except Exception:  # the render of this job names the problem
+        return None
+
+
 def _yaml_load(text: str) -> object:
     """safe_load with libyaml when it can (10x faster); PyYAML's own parser for what libyaml refuses
     (an escaped lone surrogate that PyYAML itself wrote, for example)."""

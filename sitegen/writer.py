@@ -55,6 +55,13 @@ class Writer:
         """Publish ``source`` as ``root/rel``: a hard link when possible (free, and an append-only log
         stays live through it), else a copy; either way swapped in atomically."""
         path = self._claim(rel)
+        try:
+            if os.path.samefile(source, path):
+                # already this very file: renaming a link over another link of the same file does
+                # nothing (POSIX), which left the temporary link behind in every republished job
+                return path
+        except OSError:
+            pass
         tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
         try:

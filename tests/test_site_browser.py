@@ -595,3 +595,108 @@ def test_a_bundle_uploaded_to_a_real_master_with_hostile_links_runs_nothing_when
         assert spot["link"] == safe
         browser.wait_js(f"location.href === {json.dumps(safe)}")
     assert browser.violations == [] and browser.dialogs == [] and browser.errors == []
+
+
+# -- lab now ------------------------------------------------------------------------------------------
+
+def phone(browser: Browser, on: bool) -> None:
+    """A 390 px wide phone screen (on), or the desktop window back (off)."""
+    width, height, mobile = (390, 844, True) if on else (1400, 1000, False)
+    browser.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                 mobile=mobile)
+
+
+def test_lab_now_shows_a_device_set_to_maintenance_within_a_second_of_the_api_call(
+    lab, tmp_path: Path, browser: Browser
+) -> None:
+    """An open lab-now page (nginx, the shipped CSP) shows the change, timed from the API call to the
+    DOM update; desktop and 390 px wide; the device's own page has the transition."""
+    from support.master import stop_server
+
+    from master.client import Client
+    from master.server import MasterServer
+
+    shots = Path(os.environ.get("PUMICE_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    browser.errors.clear()
+    browser.violations.clear()
+    master = MasterServer("127.0.0.1", 0, threads=4, scheduler_interval=3600, validators=0).start()
+    admin = Client(master.url, lab.tokens["admin"])
+    site_dir = lab.instance.site_dir
+    try:
+        deadline = time.monotonic() + 20
+        while not (site_dir / "lab/index.html").exists():  # the lab publisher's first publish
+            assert time.monotonic() < deadline, "no lab-now page"
+            time.sleep(0.05)
+        with serve_site(site_dir, tmp_path / "nginx") as url:
+            for name, is_phone in (("desktop", False), ("phone", True)):
+                phone(browser, is_phone)
+                device, health = ("qemu02", "Maintenance") if not is_phone else ("qemu01", "Bad")
+                browser.open(f"{url}/lab/index.html")
+                assert browser.js(f"!!document.querySelector('tr[data-device=\"{device}\"]')") is False
+                browser.settle(0.3)  # the page polls its stamp from now on
+                start = time.monotonic()
+                admin.call("PATCH", f"/devices/{device}/", json_body={"health": health})
+                browser.wait_js(f"!!document.querySelector('tr[data-device=\"{device}\"]')", timeout=5)
+                elapsed = time.monotonic() - start
+                assert elapsed < 1.0, f"{name}: the open page showed {device} after {elapsed:.2f} s"
+                row = browser.js(f"document.querySelector('tr[data-device=\"{device}\"]').textContent")
+                assert health in row and "set by admin" in row
+                browser.screenshot(shots / f"lab-now-{name}.png", full=True)
+                if is_phone:  # cards: nothing wider than the screen
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+            browser.open(f"{url}/devices/qemu02.html")
+            assert "set by admin" in browser.js("document.getElementById('transitions').textContent")
+            browser.screenshot(shots / "device-phone.png", full=True)
+    finally:
+        phone(browser, False)
+        admin.close()
+        stop_server(master)
+    assert browser.violations == [] and browser.errors == []
+
+
+def test_a_case_that_flips_is_a_new_failure_on_the_job_page_and_its_history_shows_it(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """Job 2 runs the job of job 1 again on the same device type and one case fails: its page marks
+    it "new failure"; its link lands on the case's row of the definition's history; "compare with
+    previous run" lists it as a regression (desktop, 390 px)."""
+    from test_site_history import history_store
+
+    shots = Path(os.environ.get("PUMICE_SCREENSHOTS") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    browser.errors.clear()
+    browser.violations.clear()
+    store = history_store(tmp_path / "store")
+    build_site(store.root, tmp_path / "site", instance="lab-a.example.org", processes=1)
+    try:
+        with serve_site(tmp_path / "site", tmp_path / "nginx") as url:
+            for name, is_phone in (("desktop", False), ("phone", True)):
+                phone(browser, is_phone)
+                browser.open(f"{url}/jobs/2/index.html")
+                row = "document.querySelector('tr[data-mark=\"new failure\"]')"
+                assert "linux-posix-pwd" in browser.js(f"{row}.textContent")
+                assert "1 new failure" in browser.js("document.getElementById('compared').textContent")
+                browser.screenshot(shots / f"job-new-failure-{name}.png")
+                if is_phone:
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+                href = browser.js(f"{row}.querySelector('td.name a').href")
+                browser.open(href)
+                target = "document.querySelector('tr:target')"
+                assert "linux-posix-pwd" in browser.js(f"{target}.textContent")
+                assert "failing since" in browser.js(f"{target}.textContent")
+                strip = browser.js(f"[...{target}.querySelectorAll('.strip a')].map(a => a.className)")
+                assert strip == ["pass", "fail"]
+                browser.screenshot(shots / f"case-history-{name}.png")
+                if is_phone:
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+                # "compare with previous run": the regression is listed
+                browser.open(f"{url}/jobs/2/index.html")
+                browser.open(browser.js("document.getElementById('compare-previous').href"))
+                assert "linux-posix-pwd" in browser.js("document.getElementById('regressions').textContent")
+                browser.screenshot(shots / f"compare-{name}.png")
+                if is_phone:
+                    assert browser.js("document.documentElement.scrollWidth") <= 390
+    finally:
+        phone(browser, False)
+    assert browser.violations == [] and browser.errors == []

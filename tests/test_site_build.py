@@ -367,3 +367,25 @@ def test_lava_written_log_and_mangled_lines(tmp_path: Path) -> None:
     assert rendered.result_lines == {("0_smoke", "pwd"): [4]}
     assert '<span class="m">OK &lt;b&gt;</span>' in rows  # colours dropped, tags escaped
     assert '<div id="L3" class="error">' in rows and "this is not a record &lt;i&gt;" in rows
+
+
+def test_republishing_a_job_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
+    """The log is published as a hard link of the store's: linking it again over itself (a rename of
+    one link over another of the same file does nothing) left .output.yaml.<pid>.tmp in the directory."""
+    store = make_store(tmp_path / "store", 2, cases=2, log_lines=20)
+    for _ in range(3):
+        publish_job(store.root, tmp_path / "site", 1, **SITE)
+    left = [p.name for p in (tmp_path / "site/jobs/1").iterdir() if p.name.endswith(".tmp")]
+    assert left == []
+    assert (tmp_path / "site/jobs/1/output.yaml").read_bytes() == (store.job_dir(1) / "output.yaml").read_bytes()
+
+
+def test_an_empty_filter_in_a_lab_with_jobs_says_what_it_filtered(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "store", 2, cases=2, log_lines=20)
+    build_site(store.root, tmp_path / "site", processes=1, **SITE)
+    empty = [stem for stem in ("complete", "incomplete", "canceled", "running", "queued")
+             if 'class="empty"' in (tmp_path / f"site/jobs/{stem}.html").read_text()]
+    assert empty
+    for stem in empty:
+        text = (tmp_path / f"site/jobs/{stem}.html").read_text()
+        assert "No jobs yet." not in text and f"No {stem} jobs." in text

@@ -65,6 +65,7 @@ def serve_site(site: Path, tmp: Path, csp: bool = True) -> Iterator[str]:
         [NGINX, "-t", "-c", str(conf), "-g", "daemon off;"], capture_output=True, text=True, timeout=30
     )
     assert check.returncode == 0, f"nginx -t rejected the config:\n{check.stderr}"
+    assert "[warn]" not in check.stderr, f"nginx -t warns about the shipped config:\n{check.stderr}"
     stderr = open(tmp / "stderr.log", "wb")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([NGINX, "-c", str(conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -129,7 +130,7 @@ def test_index_job_log_and_bundle_with_content_types(served: tuple[str, Path, Pa
 
     status, headers, body = curl(f"{url}/jobs/2/")
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
-    assert b"0_smoke-tests" in body and b'<table class="results list">' in body
+    assert b"0_smoke-tests" in body and b'<table class="results list cards">' in body
     assert b"&lt;script&gt;alert(&#34;job&#34;)&lt;/script&gt;" in body  # the nasty job name, escaped
     assert b"<script>alert" not in body
 

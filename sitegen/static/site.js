@@ -14,6 +14,41 @@
     });
   }
 
+  // Lab now: poll the tiny stamp the master rewrites with the page; when it changes, fetch the page
+  // as a document (parsed by the browser, never an HTML string: Trusted Types) and swap it in.
+  var lab = document.getElementById("lab-now");
+  if (lab && window.fetch) {
+    var stamp = lab.dataset.stamp;
+    var next = stamp;
+    var loading = false;
+    var reload = function () {
+      var request = new XMLHttpRequest();
+      // a new URL each time: a page rewritten within the second it was read, at the same size, has
+      // the same ETag and Last-Modified, and a revalidation would hand back the old one
+      request.open("GET", "index.html?" + encodeURIComponent(next));
+      request.responseType = "document";
+      request.onloadend = function () {
+        loading = false;
+        var fresh = request.response && request.response.getElementById("lab-now");
+        var current = document.getElementById("lab-now");
+        if (!fresh || !current) { return; }
+        current.replaceWith(document.adoptNode(fresh));
+        stamp = fresh.dataset.stamp;
+      };
+      request.send();
+    };
+    window.setInterval(function () {
+      if (loading || document.hidden) { return; }
+      fetch("now.txt", { cache: "no-store" })  // never revalidated: see above
+        .then(function (r) { return r.ok ? r.text() : ""; })
+        .then(function (text) {
+          text = text.trim();
+          if (text && text !== stamp && !loading) { loading = true; next = text; reload(); }
+        })
+        .catch(function () { /* the master is publishing, or the site is read from files */ });
+    }, 250);
+  }
+
   var log = document.getElementById("log");
   if (!log) { return; }
 

@@ -178,3 +178,5 @@ def stop_server(server) -> None:
             server.scheduler.stop()
         if server.publisher:
             server.publisher.stop()
+        if getattr(server, "lab_publisher", None):
+            server.lab_publisher.stop()
