@@ -79,6 +79,8 @@ class SitePublisher:
             self._thread.join(10)
 
 
+#: how long the lab-now publisher waits before trying again after a storage failure (seconds)
+STORAGE_RETRY = 5.0
 #: events that change what the lab-now page shows
 LAB_EVENTS = frozenset({"job_submitted", "job_scheduled", "job_started", "job_canceling", "job_finished",
                         "device_freed", "device_changed", "worker_online", "worker_offline", "worker_changed",
@@ -145,8 +147,15 @@ class LabPublisher:
             self._wake.clear()
             try:
                 self.publish_once()
-            except Exception:
-                log.exception("publishing the lab-now page failed; the next change retries")
+            except Exception as exc:
+                with self._lock:  # what was noted is published by the next attempt
+                    self._all_pages = True
+                if diskfull.is_storage_error(exc):  # a full disk: said once a minute, retried in a while
+                    diskfull.report(exc, "publishing the lab-now page (retried)")
+                    self._stop.wait(STORAGE_RETRY)
+                    self._wake.set()
+                else:
+                    log.exception("publishing the lab-now page failed; the next change retries")
 
     def start(self) -> None:
         events.subscribe(self.on_event)
