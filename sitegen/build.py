@@ -20,7 +20,6 @@ Site layout (all links are relative, so the site also works from a file system o
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import logging
 import multiprocessing
@@ -31,7 +30,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from sitegen.history import (
     series_key,
     write_series,
 )
-from sitegen.labnow import lab_lock, load_lab, render_lab
+from sitegen.labnow import lab_lock, load_lab, render_lab, site_file_lock
 from sitegen.logpage import LOG_PAGE_LINES, RenderedLog, log_page_name, page_of_line, render_log
 from sitegen.model import (
     HEALTHS,
@@ -726,16 +725,9 @@ def _workers(store_root: Path, site_root: Path, config: SiteConfig, count: int, 
         yield lambda func, items: pool.map(func, items, chunksize=chunks)
 
 
-@contextmanager
-def site_lock(site_root: Path) -> Iterator[None]:
+def site_lock(site_root: Path) -> AbstractContextManager[None]:
     """Serialise builds and publishes of one site (the master publishes from several threads)."""
-    site_root.mkdir(parents=True, exist_ok=True)
-    with open(site_root / ".pumice-site.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return site_file_lock(site_root, ".pumice-site.lock")
 
 
 def build_site(

@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,20 @@ ATTENTION = ("Bad", "Maintenance", "Looping")
 
 
 @contextmanager
-def lab_lock(site_root: Path) -> Iterator[None]:
+def site_file_lock(site_root: Path, name: str) -> Iterator[None]:
+    """An exclusive lock on the site's lock file ``name`` (between threads and processes)."""
     site_root.mkdir(parents=True, exist_ok=True)
-    with open(site_root / ".pumice-lab.lock", "a") as handle:
+    with open(site_root / name, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lab_lock(site_root: Path) -> AbstractContextManager[None]:
+    """The lab pages' own lock (they never wait behind a job's publish)."""
+    return site_file_lock(site_root, ".pumice-lab.lock")
 
 
 def attention(lab: dict) -> list[tuple[dict, str]]:
